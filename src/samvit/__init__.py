@@ -1,0 +1,13 @@
+"""samvit: the Segment Anything (SAM) ViT image encoder, faithful, fast and at scale."""
+from .config import PRESETS, EncoderConfig, preset
+from .modeling.encoder import ImageEncoder
+from .runtime import tune_allocator
+from .transforms import ImageError, PreparedImage, load_image, preprocess
+from .weights import CheckpointError, load_encoder, save_encoder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "EncoderConfig", "preset", "ImageEncoder", "tune_allocator", "ImageError", "PreparedImage",
+    "load_image", "preprocess", "CheckpointError", "load_encoder", "save_encoder", "__version__",
+]

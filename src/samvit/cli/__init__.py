@@ -1,0 +1,57 @@
+"""The one `samvit` command; each sub-command lives in its own module, imported only when it runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module under samvit.cli, one-line help). Each module has add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "embed": ("embed", "embed images into SAM image embeddings (one .safetensors per image)"),
+    "info": ("info", "print a preset's or a checkpoint's architecture and parameter count"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="samvit", description="The Segment Anything ViT image encoder: "
+                                     "embeddings, masks, weights and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"samvit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(f"samvit.cli.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the `samvit` command."""
+    from ..runtime import tune_allocator
+    from ..transforms import ImageError
+    from ..weights import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    tune_allocator()
+    try:
+        return importlib.import_module(f"samvit.cli.{args._module}").run(args)
+    except (UserError, CheckpointError, ImageError, ValueError, FileNotFoundError) as e:
+        print(f"samvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"samvit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""EncoderConfig and the named presets (official SAM checkpoints and the spec's own arrangement)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Every architectural choice of the SAM ViT image encoder."""
+
+    img_size: int = 1024
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 14  # 0 = every block global
+    global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)  # 0-based blocks with global attention
+    out_chans: Optional[int] = 256  # neck output channels; None = no neck, (B,64,64,C) features out
+    norm_eps: float = 1e-6
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"global_attn_indexes {bad} are outside 0..{self.depth - 1}")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid (64 for 1024 / 16)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def block_window_size(self, i: int) -> int:
+        """Window size of block i (0 = global attention)."""
+        return 0 if i in self.global_attn_indexes else self.window_size
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["global_attn_indexes"] = list(self.global_attn_indexes)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "EncoderConfig":
+        return cls.from_dict(json.loads(s))
+
+
+PRESETS = {
+    # The three released SAM image encoders (segment-anything build_sam.py).
+    "vit_b": EncoderConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), name="vit_b"),
+    "vit_l": EncoderConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23), name="vit_l"),
+    "vit_h": EncoderConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31), name="vit_h"),
+    # The spec's own arrangement: 8x8 windows in blocks 1-16, global in 17-32, no relative position, no neck.
+    # No released weights exist for it; it is for training.
+    "vit_h_spec": EncoderConfig(
+        embed_dim=1280, depth=32, num_heads=16, use_rel_pos=False, window_size=8,
+        global_attn_indexes=tuple(range(16, 32)), out_chans=None, name="vit_h_spec",
+    ),
+}
+
+
+def preset(name: str, **overrides) -> EncoderConfig:
+    """Return the named preset, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

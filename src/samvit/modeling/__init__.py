@@ -1,0 +1,5 @@
+"""nn.Modules of samvit."""
+from .attention import Attention
+from .encoder import Block, ImageEncoder, LayerNorm2d
+
+__all__ = ["Attention", "Block", "ImageEncoder", "LayerNorm2d"]
