@@ -1,0 +1,96 @@
+"""Shared test helpers: random weights for official and samvit models, tiny configs, real test images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samvit import EncoderConfig
+
+TINY = EncoderConfig(img_size=256, embed_dim=64, depth=3, num_heads=2, window_size=4, global_attn_indexes=(1,),
+                     out_chans=32, name="tiny")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter and floating buffer random values (norm scales near 1), so nothing stays zero."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim == 1 and leaf == "weight" and _is_norm(module, name):
+            p.copy_(1.0 + 0.1 * r)
+        elif "pos" in name:
+            p.copy_(0.1 * r)
+        else:
+            p.copy_(0.02 * r if p.ndim > 1 else 0.05 * r)
+    for name, b in module.named_buffers():
+        if b.is_floating_point() and not name.endswith(("pixel_mean", "pixel_std")):
+            b.copy_(torch.randn(b.shape, generator=g))
+    return module
+
+
+def _is_norm(module: torch.nn.Module, param_name: str) -> bool:
+    owner = module.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else module
+    return "Norm" in type(owner).__name__
+
+
+def official_sam(model_type: str = "vit_b", seed: int = 0, **encoder_overrides):
+    """The official segment-anything Sam of a released type, every parameter randomised, in eval mode."""
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(seed)
+    sam = sam_model_registry[model_type]()
+    return randomize_(sam, seed).eval()
+
+
+def official_tiny_sam(cfg: EncoderConfig = TINY, seed: int = 0):
+    """An official Sam whose image encoder has the given (small) config, every parameter randomised."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    enc = ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                          num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.out_chans,
+                          qkv_bias=cfg.qkv_bias, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps),
+                          use_abs_pos=cfg.use_abs_pos, use_rel_pos=cfg.use_rel_pos, window_size=cfg.window_size,
+                          global_attn_indexes=cfg.global_attn_indexes)
+    grid = cfg.grid_size
+    sam = Sam(image_encoder=enc,
+              prompt_encoder=PromptEncoder(embed_dim=cfg.out_chans, image_embedding_size=(grid, grid),
+                                           input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=16),
+              mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                       transformer=TwoWayTransformer(depth=2, embedding_dim=cfg.out_chans,
+                                                                     mlp_dim=64, num_heads=2),
+                                       transformer_dim=cfg.out_chans, iou_head_depth=3, iou_head_hidden_dim=64))
+    torch.manual_seed(seed)
+    return randomize_(sam, seed).eval()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """A real photo, 512x512 RGB uint8."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    """A real photo of non-square size, 400x600 RGB uint8."""
+    from skimage import data
+
+    return data.coffee()
