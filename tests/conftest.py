@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+import samvit
 from samvit import EncoderConfig
+
+samvit.tune_allocator()  # the same allocator setting for samvit and the reference packages in every test
 
 TINY = EncoderConfig(img_size=256, embed_dim=64, depth=3, num_heads=2, window_size=4, global_attn_indexes=(1,),
                      out_chans=32, name="tiny")

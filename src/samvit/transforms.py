@@ -130,7 +130,7 @@ def resize_longest_side(rgb: np.ndarray, long_side: int = 1024) -> np.ndarray:
     """Pillow bilinear resize of a uint8 RGB image so its long side is long_side (official ResizeLongestSide)."""
     h, w = rgb.shape[:2]
     newh, neww = get_preprocess_shape(h, w, long_side)
-    return np.asarray(Image.fromarray(rgb).resize((neww, newh), Image.BILINEAR))
+    return np.array(Image.fromarray(rgb).resize((neww, newh), Image.BILINEAR))
 
 
 def normalize_and_pad(resized: np.ndarray, img_size: int = 1024) -> torch.Tensor:
