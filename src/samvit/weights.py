@@ -27,7 +27,12 @@ class CheckpointError(ValueError):
 
 
 def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes (taken from the download cache's marker for a verified registry file)."""
+    from .hub import known_sha256
+
+    known = known_sha256(path)
+    if known:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -82,7 +87,10 @@ def _unwrap_state_dict(obj, path: str) -> StateDict:
 
 
 def encoder_state_dict(sd: StateDict) -> StateDict:
-    """The encoder's tensors under official key names: strips `image_encoder.` from a full SAM checkpoint."""
+    """The encoder's tensors under official key names, from an official, transformers or timm state dict."""
+    from .convert import to_official
+
+    sd = to_official(sd)
     if any(k.startswith(ENCODER_PREFIX) for k in sd):
         return {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
     return dict(sd)
@@ -141,7 +149,9 @@ def _resolve_config(model: ModelSpec) -> Optional[EncoderConfig]:
 def load_encoder(model: ModelSpec = None, checkpoint: Union[str, os.PathLike, None] = None,
                  device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
                  attn_impl: str = "fast") -> ImageEncoder:
-    """Build an ImageEncoder and load its weights (official .pth, encoder-only state dict or safetensors).
+    """Build an ImageEncoder and load its weights (official, transformers or timm layout; .pth/.bin/.safetensors).
+
+    `checkpoint` is a file, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache.
 
     With no checkpoint, the preset's freshly initialised weights are returned. With no model, the preset is
     taken from the safetensors metadata or inferred from the tensors' names and shapes.
@@ -152,6 +162,9 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[str, os.PathLike, No
             raise ValueError("load_encoder needs a model preset, a checkpoint, or both")
         encoder = ImageEncoder(cfg, attn_impl=attn_impl)
     else:
+        from .hub import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(checkpoint)
         sd, metadata = read_checkpoint(checkpoint)
         sd = encoder_state_dict(sd)
         if cfg is None and CONFIG_METADATA_KEY in metadata:
@@ -178,7 +191,9 @@ def save_encoder(encoder: ImageEncoder, path: Union[str, os.PathLike], metadata:
 
 def checkpoint_info(path: Union[str, os.PathLike]) -> Dict[str, object]:
     """Config, parameter count and tensor keys of a checkpoint, without building the model on real memory."""
-    sd, metadata = read_checkpoint(path)
+    from .hub import resolve_checkpoint
+
+    sd, metadata = read_checkpoint(resolve_checkpoint(path))
     sd = encoder_state_dict(sd)
     cfg = EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else infer_config(sd)
     return {"config": cfg, "num_parameters": sum(v.numel() for v in sd.values()),

@@ -10,6 +10,8 @@ from typing import List, Optional
 COMMANDS = {
     "embed": ("embed", "embed images into SAM image embeddings (one .safetensors per image)"),
     "info": ("info", "print a preset's or a checkpoint's architecture and parameter count"),
+    "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
+    "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
 }
 
 

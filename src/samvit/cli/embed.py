@@ -11,8 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h, vit_h_spec); inferred from the "
                    "checkpoint when omitted")
     p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="checkpoint file (official .pth, encoder state dict or .safetensors); "
-                   "default: $SAMVIT_CHECKPOINT")
+                   help="checkpoint file (official, transformers or timm layout; .pth/.bin/.safetensors) or a "
+                   "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
     p.add_argument("--out", default="embeddings", help="output directory (default: ./embeddings)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.checkpoint:
         raise UserError("no checkpoint: pass --checkpoint PATH or set SAMVIT_CHECKPOINT")
+    from ..hub import resolve_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     items = collect_inputs(args.inputs)

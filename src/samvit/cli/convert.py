@@ -1,0 +1,33 @@
+"""`samvit convert`: rewrite a checkpoint between the official, transformers, timm and samvit layouts."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="checkpoint file (.pth/.bin/.safetensors; official, transformers or "
+                   "timm layout, detected from the keys) or a registry name (vit_b, vit_l, vit_h)")
+    p.add_argument("output", metavar="OUT", help="file to write: safetensors if it ends in .safetensors, "
+                   "else a torch.save dict of tensors")
+    p.add_argument("--to", default="safetensors", choices=["safetensors", "official", "transformers", "timm"],
+                   help="layout to write (default safetensors: samvit's own file, encoder weights + config)")
+    p.add_argument("--model", default=None, help="preset, needed only if no preset fits and IN has no config")
+    p.add_argument("--cache-dir", default=None, help="cache folder for registry names (default: $SAMVIT_CACHE "
+                   "or ~/.cache/samvit)")
+    p.add_argument("--base-url", default=None, help="mirror to fetch registry names from (default: "
+                   "$SAMVIT_BASE_URL or the public SAM release host)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..convert import convert_checkpoint
+    from ..hub import resolve_checkpoint
+
+    src = resolve_checkpoint(args.input, cache=args.cache_dir, base_url=args.base_url,
+                             progress=False if args.quiet else None)
+    fmt = convert_checkpoint(src, args.output, to=args.to, model=args.model)
+    if not args.quiet:
+        print(f"{args.input} ({fmt} layout) -> {args.output} ({args.to})", file=sys.stderr)
+    return 0

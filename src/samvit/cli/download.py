@@ -1,0 +1,37 @@
+"""`samvit download`: fetch official SAM checkpoints into the verified cache (resumable, sha256-checked)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="checkpoints to fetch: vit_b, vit_l, vit_h or all; none: list them and their cache state")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $SAMVIT_CACHE or ~/.cache/samvit)")
+    p.add_argument("--base-url", default=None, help="download from this mirror instead (default: $SAMVIT_BASE_URL "
+                   "or the public SAM release host); the file name is appended")
+    p.add_argument("--force", action="store_true", help="delete the cached file and fetch it again")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hub import REGISTRY, _is_verified, cache_dir, download_checkpoint
+    from . import UserError
+
+    folder = cache_dir(args.cache_dir)
+    if not args.names:
+        for e in REGISTRY.values():
+            path = folder / e.filename
+            state = ("verified" if _is_verified(path, e) else "present, not yet verified") if path.exists() \
+                else "not downloaded"
+            print(f"{e.name:6s} {e.size / 2**20:8.1f} MiB  {state:25s} {path}")
+        return 0
+    names = list(REGISTRY) if "all" in args.names else args.names
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown checkpoint {', '.join(unknown)}; known: {', '.join(REGISTRY)}, all")
+    for name in names:
+        path = download_checkpoint(name, cache=folder, base_url=args.base_url, force=args.force,
+                                   progress=False if args.quiet else None)
+        print(path)
+    return 0

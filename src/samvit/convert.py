@@ -1,0 +1,236 @@
+"""Key maps between the official SAM layout and the transformers (SamModel / SamVisionModel) and timm (samvit_*)
+layouts, layout detection, and checkpoint conversion. Only names change: every tensor is passed through as is
+(all three keep the fused qkv projection and the same relative position tables)."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .weights import CheckpointError, ModelSpec, StateDict
+
+FORMATS = ("official", "transformers", "timm")
+OUTPUTS = ("safetensors",) + FORMATS
+
+# (official, transformers) name pairs, matched as whole keys; {n} is a number.
+_HF_ENCODER = [
+    ("image_encoder.pos_embed", "vision_encoder.pos_embed"),
+    ("image_encoder.patch_embed.proj.{p}", "vision_encoder.patch_embed.projection.{p}"),
+    ("image_encoder.blocks.{n}.norm1.{p}", "vision_encoder.layers.{n}.layer_norm1.{p}"),
+    ("image_encoder.blocks.{n}.norm2.{p}", "vision_encoder.layers.{n}.layer_norm2.{p}"),
+    ("image_encoder.blocks.{n}.attn.{p}", "vision_encoder.layers.{n}.attn.{p}"),
+    ("image_encoder.blocks.{n}.mlp.{p}", "vision_encoder.layers.{n}.mlp.{p}"),
+    ("image_encoder.neck.0.{p}", "vision_encoder.neck.conv1.{p}"),
+    ("image_encoder.neck.1.{p}", "vision_encoder.neck.layer_norm1.{p}"),
+    ("image_encoder.neck.2.{p}", "vision_encoder.neck.conv2.{p}"),
+    ("image_encoder.neck.3.{p}", "vision_encoder.neck.layer_norm2.{p}"),
+]
+_HF_PROMPT_DECODER = [
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "shared_image_embedding.positional_embedding"),
+    ("prompt_encoder.point_embeddings.{n}.{p}", "prompt_encoder.point_embed.{n}.{p}"),
+    ("prompt_encoder.mask_downscaling.0.{p}", "prompt_encoder.mask_embed.conv1.{p}"),
+    ("prompt_encoder.mask_downscaling.1.{p}", "prompt_encoder.mask_embed.layer_norm1.{p}"),
+    ("prompt_encoder.mask_downscaling.3.{p}", "prompt_encoder.mask_embed.conv2.{p}"),
+    ("prompt_encoder.mask_downscaling.4.{p}", "prompt_encoder.mask_embed.layer_norm2.{p}"),
+    ("prompt_encoder.mask_downscaling.6.{p}", "prompt_encoder.mask_embed.conv3.{p}"),
+    ("prompt_encoder.{p}", "prompt_encoder.{p}"),
+    ("mask_decoder.transformer.layers.{n}.norm{m}.{p}", "mask_decoder.transformer.layers.{n}.layer_norm{m}.{p}"),
+    ("mask_decoder.transformer.norm_final_attn.{p}", "mask_decoder.transformer.layer_norm_final_attn.{p}"),
+    ("mask_decoder.output_upscaling.0.{p}", "mask_decoder.upscale_conv1.{p}"),
+    ("mask_decoder.output_upscaling.1.{p}", "mask_decoder.upscale_layer_norm.{p}"),
+    ("mask_decoder.output_upscaling.3.{p}", "mask_decoder.upscale_conv2.{p}"),
+    ("mask_decoder.{p}", "mask_decoder.{p}"),
+]
+# transformers keeps this tensor twice (tied); the copy is dropped on the way in and written back on the way out.
+_HF_TIED = ("prompt_encoder.shared_embedding.positional_embedding", "shared_image_embedding.positional_embedding")
+# The decoder's MLPs: official layers.0..L-1 <-> transformers proj_in, layers.0..L-3, proj_out.
+_HF_MLP = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(.+)$")
+_TIMM = [("blocks.{n}.mlp.lin{m}.{p}", "blocks.{n}.mlp.fc{m}.{p}")]
+# timm's samvit_* carries a classifier head (`head.*`) that SAM does not have.
+_TIMM_HEAD = "head."
+
+
+def _compile(pattern: str) -> "re.Pattern[str]":
+    rx = re.escape(pattern).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{m\}", r"(?P<m>\d+)")
+    return re.compile("^" + rx.replace(r"\{p\}", r"(?P<p>.+)") + "$")
+
+
+def _rename(sd: StateDict, pairs: List[Tuple[str, str]], reverse: bool) -> Tuple[StateDict, StateDict]:
+    """Rename keys by the first matching pair; returns (renamed, unmatched)."""
+    rules = [(_compile(b if reverse else a), a if reverse else b) for a, b in pairs]
+    out, rest = {}, {}
+    for k, v in sd.items():
+        for rx, target in rules:
+            m = rx.match(k)
+            if m:
+                out[target.format(**m.groupdict())] = v
+                break
+        else:
+            rest[k] = v
+    return out, rest
+
+
+def _mlp_layers(sd: StateDict, to_hf: bool) -> StateDict:
+    """Renumber the decoder's MLP layers between the two layouts; other keys pass through."""
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    out = {}
+    for k, v in sd.items():
+        m = _HF_MLP.match(k)
+        if m:
+            groups.setdefault(m.group(1), {})[m.group(2)] = v
+        else:
+            out[k] = v
+    for prefix, items in groups.items():
+        if to_hf:
+            last = max(int(k.split(".")[1]) for k in items)
+            for k, v in items.items():
+                i, p = int(k.split(".")[1]), k.split(".", 2)[2]
+                name = "proj_in" if i == 0 else "proj_out" if i == last else f"layers.{i - 1}"
+                out[f"{prefix}.{name}.{p}"] = v
+        else:
+            inner = 1 + max((int(k.split(".")[1]) for k in items if k.startswith("layers.")), default=-1)
+            for k, v in items.items():
+                head, p = k.rsplit(".", 1)
+                i = 0 if head == "proj_in" else inner + 1 if head == "proj_out" else int(head.split(".")[1]) + 1
+                out[f"{prefix}.layers.{i}.{p}"] = v
+    return out
+
+
+def detect_format(sd: StateDict) -> str:
+    """'transformers', 'timm' or 'official', from the key names."""
+    keys = list(sd)
+    if any(k.startswith("vision_encoder.") or re.match(r"^layers\.\d+\.layer_norm1\.", k)
+           or k.startswith("patch_embed.projection.") for k in keys):
+        return "transformers"
+    if any(re.match(r"^blocks\.\d+\.mlp\.fc1\.", k) for k in keys):
+        return "timm"
+    return "official"
+
+
+def _is_full(sd: StateDict) -> bool:
+    return any(k.startswith(("image_encoder.", "vision_encoder.")) for k in sd)
+
+
+def to_official(sd: StateDict, fmt: Optional[str] = None) -> StateDict:
+    """Rename a state dict of any supported layout to the official names.
+
+    A full SAM model gives `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`; an encoder alone gives the
+    bare encoder names (`blocks.0.attn.qkv.weight`, ...).
+    """
+    fmt = fmt or detect_format(sd)
+    if fmt == "official":
+        return dict(sd)
+    if fmt == "timm":
+        head = sorted(k for k in sd if k.startswith(_TIMM_HEAD))
+        if head:
+            warnings.warn(f"dropping timm's classifier head ({', '.join(head)}): SAM has no such layer")
+        out, rest = _rename({k: v for k, v in sd.items() if k not in head}, _TIMM, reverse=True)
+        return {**out, **rest}
+    if fmt != "transformers":
+        raise ValueError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
+    full = _is_full(sd)
+    if not full:  # a bare SamVisionEncoder state dict
+        sd = {"vision_encoder." + k: v for k, v in sd.items()}
+    sd = dict(sd)
+    tied = sd.pop(_HF_TIED[0], None)
+    if tied is not None and _HF_TIED[1] in sd and not torch.equal(tied, sd[_HF_TIED[1]]):
+        raise CheckpointError(f"transformers checkpoint: {_HF_TIED[0]} and {_HF_TIED[1]} should be the same "
+                              f"tensor but differ")
+    if tied is not None and _HF_TIED[1] not in sd:
+        sd[_HF_TIED[1]] = tied
+    out, rest = _rename(sd, _HF_ENCODER + _HF_PROMPT_DECODER, reverse=True)
+    out = _mlp_layers(out, to_hf=False)
+    out.update(rest)
+    if not full:
+        out = {k[len("image_encoder."):] if k.startswith("image_encoder.") else k: v for k, v in out.items()}
+    return out
+
+
+def from_official(sd: StateDict, fmt: str) -> StateDict:
+    """Rename an official-layout state dict (full SAM or encoder alone) to `fmt`.
+
+    transformers: the SamModel names for a full SAM model, the SamVisionModel names (`vision_encoder.*`) for an
+    encoder; timm: the encoder only (other tensors are dropped with a warning); official: `image_encoder.*` keys.
+    """
+    full = any(k.startswith("image_encoder.") for k in sd)
+    enc = {k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.")} if full else sd
+    if fmt == "official":
+        return dict(sd) if full else {"image_encoder." + k: v for k, v in sd.items()}
+    if fmt == "timm":
+        if full and len(enc) < len(sd):
+            warnings.warn("the timm layout holds the image encoder only: the prompt encoder and mask decoder "
+                          "tensors are not written")
+        out, rest = _rename(enc, _TIMM, reverse=False)
+        return {**out, **rest}
+    if fmt != "transformers":
+        raise ValueError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
+    src = sd if full else {"image_encoder." + k: v for k, v in sd.items()}
+    out, rest = _rename(src, _HF_ENCODER + _HF_PROMPT_DECODER, reverse=False)
+    if rest:
+        raise CheckpointError(f"cannot map to the transformers layout: {', '.join(sorted(rest)[:8])}")
+    out = _mlp_layers(out, to_hf=True)
+    if _HF_TIED[1] in out:
+        out[_HF_TIED[0]] = out[_HF_TIED[1]].clone()
+    return out
+
+
+def _write(sd: StateDict, path: str, metadata: Dict[str, str]) -> None:
+    """Write tensors as safetensors (by the .safetensors suffix) or as a plain torch.save dict, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata=metadata)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], to: str = "safetensors",
+                       model: ModelSpec = None) -> str:
+    """Write the checkpoint `src` (any supported layout, .pth/.bin/.safetensors) to `dst` in layout `to`.
+
+    `to`: 'safetensors' (samvit's own file: encoder weights plus config metadata, what save_encoder writes),
+    'official', 'transformers' or 'timm'. `src` may be a registry name (vit_b, ...). `model` (a preset name or
+    EncoderConfig) is needed only when no preset fits and the file carries no config. `dst` is a safetensors file
+    if it ends in .safetensors, else a torch.save dict of tensors. Returns the detected input layout.
+    """
+    from .hub import resolve_checkpoint
+    from .weights import (CONFIG_METADATA_KEY, _resolve_config, check_state_dict, encoder_state_dict,
+                          infer_config, read_checkpoint)
+
+    if to not in OUTPUTS:
+        raise ValueError(f"--to {to!r}: expected one of {', '.join(OUTPUTS)}")
+    src = resolve_checkpoint(src)
+    dst = os.fspath(dst)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: output is the input file; choose another output path")
+    sd, metadata = read_checkpoint(src)
+    fmt = detect_format(sd)
+    official = to_official(sd, fmt)
+    enc = encoder_state_dict(official)
+    cfg = _resolve_config(model)
+    if cfg is None and CONFIG_METADATA_KEY in metadata:
+        from .config import EncoderConfig
+
+        cfg = EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    cfg = cfg or infer_config(enc)
+    check_state_dict(enc, cfg, source=src)
+    if to == "safetensors":
+        if not dst.endswith(".safetensors"):
+            raise ValueError(f"{dst}: --to safetensors writes a .safetensors file; give the output that suffix")
+        if len(enc) < len(official):
+            warnings.warn("samvit's safetensors file holds the image encoder only: the prompt encoder and mask "
+                          "decoder tensors are not written (use --to official to keep them)")
+        _write(enc, dst, {CONFIG_METADATA_KEY: cfg.to_json(), "format": "samvit"})
+    else:
+        _write(from_official(official, to), dst, {"format": "pt"})
+    return fmt
