@@ -28,20 +28,19 @@ def run(args: argparse.Namespace) -> int:
     from ..embed import embed_files
     from ..inputs import collect_inputs
     from ..runtime import resolve_device, resolve_dtype
+    from ..hub import resolve_checkpoint
     from ..weights import file_sha256, load_encoder
     from . import UserError
 
     if not args.checkpoint:
         raise UserError("no checkpoint: pass --checkpoint PATH or set SAMVIT_CHECKPOINT")
-    from ..hub import resolve_checkpoint
-
-    args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     items = collect_inputs(args.inputs)
     if not items:
         raise UserError(f"no images found in {args.inputs}")
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)  # a name: fetch
     encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=dtype)
     meta = {"model": encoder.config.name, "checkpoint_sha256": file_sha256(args.checkpoint),
             "samvit_version": __version__, "dtype": str(dtype).replace("torch.", "")}
