@@ -4,6 +4,7 @@ from .modeling.encoder import ImageEncoder
 from .runtime import tune_allocator
 from .transforms import ImageError, PreparedImage, load_image, preprocess
 from .weights import CheckpointError, load_encoder, save_encoder
+from .store import EmbeddingStore
 from .hub import download_checkpoint, resolve_checkpoint
 from .convert import convert_checkpoint
 
@@ -12,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "EncoderConfig", "preset", "ImageEncoder", "tune_allocator", "ImageError", "PreparedImage",
     "load_image", "preprocess", "CheckpointError", "load_encoder", "save_encoder", "__version__",
-    "resolve_checkpoint", "download_checkpoint", "convert_checkpoint",
+    "EmbeddingStore", "resolve_checkpoint", "download_checkpoint", "convert_checkpoint",
 ]

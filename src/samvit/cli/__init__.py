@@ -8,7 +8,8 @@ from typing import List, Optional
 
 # name -> (module under samvit.cli, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
-    "embed": ("embed", "embed images into SAM image embeddings (one .safetensors per image)"),
+    "embed": ("embed", "embed images into SAM image embeddings (one .safetensors per image, or --store PATH)"),
+    "store": ("store", "info, ls or verify an embedding store written by `samvit embed --store`"),
     "info": ("info", "print a preset's or a checkpoint's architecture and parameter count"),
     "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),

@@ -1,8 +1,14 @@
-"""`samvit embed`: images -> SAM image embeddings, one .safetensors file per image."""
+"""`samvit embed`: images -> SAM image embeddings, one .safetensors file per image, or into an embedding store.
+
+With --store PATH the collection pipeline runs (samvit.extract): DataLoader workers, batches, resume by content
+hash, bad files reported and skipped, tiles, and torchrun (`torchrun --nproc_per_node=N -m samvit embed ...`).
+"""
 from __future__ import annotations
 
 import argparse
 import os
+
+STORE_ONLY = ("workers", "store_dtype", "tile", "halo", "report", "max_pixels")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,15 +19,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
                    help="checkpoint file (official, transformers or timm layout; .pth/.bin/.safetensors) or a "
                    "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
-    p.add_argument("--out", default="embeddings", help="output directory (default: ./embeddings)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--out", default="embeddings", help="output directory of per-file embeddings, without --store "
+                   "(default: ./embeddings)")
+    p.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per forward pass (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available; under torchrun "
+                   "cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    g = p.add_argument_group("collections (with --store)")
+    g.add_argument("--store", default=None, metavar="PATH",
+                   help="write into the embedding store at PATH (created if new; resumes: what it holds with the "
+                   "same file content is skipped)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader processes decoding images (default: half the CPU cores, 1 to 8; 0 = in-process)")
+    g.add_argument("--store-dtype", default=None, choices=["float16", "float32"],
+                   help="dtype of the stored embeddings (default float16 for a new store)")
+    g.add_argument("--tile", type=int, default=None, metavar="SIZE",
+                   help="embed overlapping tiles: a SIZE-pixel grid over the original image, each cell plus --halo")
+    g.add_argument("--halo", type=int, default=None, metavar="PIXELS",
+                   help="pixels added on every side of each tile, clipped at the image border (default 0)")
+    g.add_argument("--report", default=None, metavar="PATH",
+                   help="where to list failed inputs as JSON lines (default: STORE/failures.jsonl)")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels than N (decompression bombs; default 178956970)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import UserError
+
+    if not args.checkpoint:
+        raise UserError("no checkpoint: pass --checkpoint PATH or set SAMVIT_CHECKPOINT")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.store is None:
+        given = ["--" + k.replace("_", "-") for k in STORE_ONLY if getattr(args, k) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --store PATH")
+        return _run_files(args)
+    return _run_store(args)
+
+
+def _run_files(args: argparse.Namespace) -> int:
     import sys
 
     from .. import __version__
@@ -32,10 +71,6 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import file_sha256, load_encoder
     from . import UserError
 
-    if not args.checkpoint:
-        raise UserError("no checkpoint: pass --checkpoint PATH or set SAMVIT_CHECKPOINT")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     items = collect_inputs(args.inputs)
     if not items:
         raise UserError(f"no images found in {args.inputs}")
@@ -49,4 +84,52 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed: {reason}", file=sys.stderr)
     if not args.quiet:
         print(f"{len(report.written)} embedded into {args.out}, {len(report.failed)} failed", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def _run_store(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from ..extract import extract, init_distributed
+    from ..inputs import collect_inputs
+    from ..runtime import resolve_dtype
+    from ..transforms import DEFAULT_MAX_PIXELS
+    from ..hub import resolve_checkpoint
+    from ..weights import file_sha256, load_encoder
+    from . import UserError
+
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile must be at least 1 pixel, got {args.tile}")
+    if args.halo is not None and (args.halo < 0 or args.tile is None):
+        raise UserError("--halo needs --tile and must be 0 or more pixels")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    items = collect_inputs(args.inputs)
+    if not items:
+        raise UserError(f"no images found in {args.inputs}")
+    device, env = init_distributed(args.device)
+    rank = env[0] if env else 0
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)  # a name: fetch
+        encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=resolve_dtype(args.dtype))
+        checkpoint_sha = file_sha256(args.checkpoint)
+        report = extract(encoder, items, args.store, checkpoint_sha256=checkpoint_sha, batch_size=args.batch_size,
+                         workers=args.workers, tile=args.tile, halo=args.halo or 0, store_dtype=args.store_dtype,
+                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, report_path=args.report,
+                         progress=False if args.quiet else None)
+    finally:
+        if env is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        for f in report.failed:
+            print(f"failed: {f['reason']}", file=sys.stderr)
+        if not args.quiet:
+            report_path = args.report or os.path.join(args.store, "failures.jsonl")
+            print(f"{report.total} inputs: {report.embedded} embedded, {report.skipped} already in the store, "
+                  f"{report.reused} reused (same content as a stored key), {len(report.failed)} failed; "
+                  f"{report.seconds:.1f} s, {report.images_per_second:.2f} images/s"
+                  + (f" on {env[1]} processes" if env else "") + f"; store {args.store}"
+                  + (f"; failures listed in {report_path}" if report.failed else ""), file=sys.stderr)
     return 1 if report.failed else 0

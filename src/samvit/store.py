@@ -1,0 +1,548 @@
+"""EmbeddingStore: the SAM embeddings of a collection in one directory, crash-safe, shared by concurrent writers.
+
+Layout (a zarr v3 hierarchy plus an append-only commit log):
+
+    PATH/zarr.json               root group; attributes["samvit"] = the store's identity (model, config, checkpoint
+                                 sha256, embedding shape and dtype, tile settings), written once at creation
+    PATH/data/<writer>/          one zarr array per writer session, shape (2**32, *embedding shape), one
+                                 uncompressed chunk per row (= one embedding, or one tile), chunk files c.<row>.0.0.0
+    PATH/index/<writer>.jsonl    that session's commit log: a header line, then one line per committed item,
+                                 each `<json>\\t<crc32 of the json, 8 hex>\\n`
+    PATH/failures.jsonl          the last `samvit embed` run's failures (not part of the store proper)
+
+Why zarr: one chunk (one file, one object on a bucket) per embedding, readable by any zarr client (micro-sam keeps
+its embeddings in zarr too), and zarr's local store already writes every chunk file atomically (temp + rename).
+
+Crash safety. A writer writes an item's rows, fsyncs their chunk files, and only then appends the item's index line
+and fsyncs the log: an item is complete once its line is complete (newline, valid crc). Readers ignore everything
+else, so a process killed at any moment leaves at most rows nobody refers to and one torn last line. Each writer
+session has its own array and its own log file, created fresh and never reopened, so several processes (torchrun
+ranks, or independent runs) write into one store without locks; the store itself is created in a temporary
+directory and renamed into place, so concurrent creators agree on one identity. When a key is committed more than
+once (its file changed), the latest commit wins.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+FORMAT = "samvit-embedding-store"
+FORMAT_VERSION = 1
+ROW_CAPACITY = 2**32  # rows per writer array; chunks that are never written take no space
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+PathLike = Union[str, os.PathLike]
+
+
+class StoreError(ValueError):
+    """A path that is not a readable embedding store, or a request that does not fit the store."""
+
+
+class StoreMismatchError(StoreError):
+    """A write into a store made with another model, checkpoint, dtype or tiling."""
+
+
+def utc_now() -> str:
+    """The time as ISO-8601 UTC with microseconds (sorts as text)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fsync(path: PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_line(record: Dict[str, Any]) -> bytes:
+    """One commit-log line: compact JSON, a tab, the crc32 of the JSON bytes (8 hex digits), a newline."""
+    body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return body + b"\t%08x\n" % zlib.crc32(body)
+
+
+def decode_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """The record of a complete, intact log line, else None."""
+    if not line.endswith(b"\n"):
+        return None
+    body, sep, crc = line[:-1].rpartition(b"\t")
+    if not sep or len(crc) != 8:
+        return None
+    try:
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        rec = json.loads(body)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def data_sha256(rows: np.ndarray) -> str:
+    """sha256 of the rows' bytes as stored (C order, little endian)."""
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<")).data).hexdigest()
+
+
+def embedding_shape(config) -> Tuple[int, ...]:
+    """Shape of one embedding from an EncoderConfig: (out_chans, grid, grid), or (grid, grid, width) without neck."""
+    g = config.grid_size
+    return (config.out_chans, g, g) if config.out_chans else (g, g, config.embed_dim)
+
+
+@dataclass
+class VerifyReport:
+    """What `EmbeddingStore.verify` found: errors (corruption), notes (harmless leftovers of killed runs)."""
+
+    checked: int = 0
+    errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class EmbeddingStore:
+    """Read access to an embedding store; `writer()` opens a session that adds items. See the module docstring."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.identity = _read_identity(self.path)
+        self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
+        self.shape = tuple(self.identity["embedding_shape"])
+        self._arrays: Dict[str, Any] = {}
+        self.refresh()
+
+    # ---- opening and creating -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: PathLike) -> "EmbeddingStore":
+        """Open an existing store for reading (and for `writer()`)."""
+        return cls(path)
+
+    @classmethod
+    def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
+               checkpoint_sha256: str, dtype: Optional[str] = None, tile: Optional[Dict[str, int]] = None,
+               exist_ok: bool = True) -> "EmbeddingStore":
+        """Create a store, or open the existing one after checking it was made with the same model and settings.
+
+        dtype None means float16 for a new store and whatever an existing store holds. Raises StoreMismatchError
+        when an existing store differs in model, config, checkpoint, dtype or tiling.
+        """
+        path = os.path.abspath(os.fspath(path))
+        want = {"model": model, "config": config, "embedding_shape": [int(s) for s in embedding_shape],
+                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile}
+        if dtype is not None and dtype not in STORE_DTYPES:
+            raise StoreError(f"unknown store dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
+        if not _is_store(path):
+            _create_atomically(path, dict(want, dtype=dtype or "float16"))
+        elif not exist_ok:
+            raise StoreError(f"{path}: a store already exists here")
+        store = cls(path)
+        store.check_compatible(**want)
+        return store
+
+    def check_compatible(self, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
+                         checkpoint_sha256: str, dtype: Optional[str], tile: Optional[Dict[str, int]]) -> None:
+        """Raise StoreMismatchError unless new items made this way belong in this store."""
+        have = self.identity
+        diffs = []
+        if have["checkpoint_sha256"] != checkpoint_sha256:
+            diffs.append(f"checkpoint sha256 {have['checkpoint_sha256'][:16]}... vs {checkpoint_sha256[:16]}...")
+        if have["config"] != config or have["model"] != model:
+            diffs.append(f"model {have['model']!r} vs {model!r}" if have["model"] != model else
+                         "model config differs")
+        if dtype is not None and have["dtype"] != dtype:
+            diffs.append(f"dtype {have['dtype']} vs {dtype}")
+        if have.get("tile") != tile:
+            diffs.append(f"tiling {_tile_str(have.get('tile'))} vs {_tile_str(tile)}")
+        if list(have["embedding_shape"]) != list(embedding_shape):
+            diffs.append(f"embedding shape {tuple(have['embedding_shape'])} vs {tuple(embedding_shape)}")
+        if diffs:
+            raise StoreMismatchError(
+                f"store {self.path} was made with model {have['model']!r}, checkpoint sha256 "
+                f"{have['checkpoint_sha256'][:16]}..., dtype {have['dtype']}, tiling {_tile_str(have.get('tile'))}; "
+                f"this run differs ({'; '.join(diffs)}). Refusing to mix embeddings: use another store path.")
+
+    # ---- the index --------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read the commit logs (to see items committed by other writers since opening)."""
+        records: Dict[str, Dict[str, Any]] = {}
+        headers: Dict[str, Dict[str, Any]] = {}
+        index_dir = os.path.join(self.path, "index")
+        for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+            if not name.endswith(".jsonl"):
+                continue
+            header, recs, _bad = _read_log(os.path.join(index_dir, name))
+            if header is None:
+                continue
+            headers[header["writer"]] = header
+            for rec in recs:
+                old = records.get(rec["key"])
+                if old is None or (rec["time"], rec["writer"]) >= (old["time"], old["writer"]):
+                    records[rec["key"]] = rec
+        self._records, self._headers = records, headers
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def keys(self) -> List[str]:
+        """The keys of all complete items, sorted."""
+        return sorted(self._records)
+
+    @property
+    def tiled(self) -> bool:
+        return self.identity.get("tile") is not None
+
+    def record(self, key: str) -> Dict[str, Any]:
+        """The raw committed index record of a key."""
+        try:
+            return self._records[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in the store {self.path}") from None
+
+    def metadata(self, key: str) -> Dict[str, Any]:
+        """Per-item metadata: key, sha256 of the file, original/input size, tiles, model, checkpoint, version, time."""
+        rec = self.record(key)
+        head = self._headers[rec["writer"]]
+        meta = {k: v for k, v in rec.items() if k not in ("writer", "array", "row", "rows", "data_sha256")}
+        meta["original_size"] = tuple(rec["original_size"])
+        if rec.get("input_size") is not None:
+            meta["input_size"] = tuple(rec["input_size"])
+        for k in ("model", "checkpoint_sha256", "samvit_version", "compute_dtype"):
+            meta[k] = head.get(k)
+        meta["dtype"] = self.identity["dtype"]
+        return meta
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    def _array(self, name: str):
+        arr = self._arrays.get(name)
+        if arr is None:
+            import zarr
+
+            arr = self._arrays[name] = zarr.open_array(store=os.path.join(self.path, "data", name), mode="r")
+        return arr
+
+    def _rows(self, rec: Dict[str, Any]) -> np.ndarray:
+        return self._array(rec["array"])[rec["row"]:rec["row"] + rec["rows"]]
+
+    def __getitem__(self, item: Union[str, Tuple[str, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """store[key] -> (embedding, metadata); a tiled store gives (T,*shape) for a key and one tile for [key, i]."""
+        if isinstance(item, tuple):
+            key, index = item
+            return self.tile(key, index)
+        rows = self._rows(self.record(item))
+        emb = torch.from_numpy(rows) if self.tiled else torch.from_numpy(rows[0])
+        return emb, self.metadata(item)
+
+    def get(self, key: str) -> torch.Tensor:
+        """The embedding alone (the store's dtype; a tiled store gives all tiles, (T,*shape))."""
+        return self[key][0]
+
+    def tile(self, key: str, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """One tile of a tiled item: (embedding, metadata with this tile's box, core and input_size)."""
+        rec = self.record(key)
+        if not self.tiled:
+            raise StoreError(f"store {self.path} is not tiled; use store[key]")
+        if not 0 <= index < rec["rows"]:
+            raise IndexError(f"{key!r} has {rec['rows']} tiles, no tile {index}")
+        row = self._array(rec["array"])[rec["row"] + index]
+        meta = self.metadata(key)
+        meta.update(tile_index=index, **{k: tuple(v) for k, v in rec["tiles"][index].items()})
+        return torch.from_numpy(row), meta
+
+    def tiles(self, key: str) -> List[Tuple[Tuple[int, int, int, int], torch.Tensor]]:
+        """All tiles of an item as (box (x0, y0, x1, y1) with halo in original pixels, embedding), row-major."""
+        emb, meta = self[key]
+        if not self.tiled:
+            raise StoreError(f"store {self.path} is not tiled; use store[key]")
+        return [(tuple(t["box"]), emb[i]) for i, t in enumerate(meta["tiles"])]
+
+    def batches(self, batch_size: int = 64, keys: Optional[Sequence[str]] = None
+                ) -> Iterator[Tuple[List[str], Union[torch.Tensor, List[torch.Tensor]], List[Dict[str, Any]]]]:
+        """Iterate (keys, embeddings, metadata) in batches; embeddings stacked (B,*shape), or a list when tiled."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        keys = self.keys() if keys is None else list(keys)
+        for i in range(0, len(keys), batch_size):
+            chunk = keys[i:i + batch_size]
+            got = [self[k] for k in chunk]
+            embs = [g[0] for g in got]
+            yield chunk, (embs if self.tiled else torch.stack(embs)), [g[1] for g in got]
+
+    # ---- writing ------------------------------------------------------------------------------------------------
+    def writer(self, *, model: str, checkpoint_sha256: str, samvit_version: str, compute_dtype: str,
+               name: Optional[str] = None, durable: bool = True) -> "StoreWriter":
+        """A new writer session (its own data array and commit log)."""
+        return StoreWriter(self, model=model, checkpoint_sha256=checkpoint_sha256, samvit_version=samvit_version,
+                           compute_dtype=compute_dtype, name=name, durable=durable)
+
+    # ---- checking -----------------------------------------------------------------------------------------------
+    def verify(self, check_data: bool = True) -> VerifyReport:
+        """Check every committed item: its log line, its rows' shape and sha256; list leftovers of killed runs."""
+        rep = VerifyReport()
+        index_dir = os.path.join(self.path, "index")
+        referenced: Dict[str, set] = {}
+        for name in sorted(os.listdir(index_dir)):
+            if not name.endswith(".jsonl"):
+                continue
+            header, recs, bad = _read_log(os.path.join(index_dir, name))
+            if header is None:
+                rep.notes.append(f"index/{name}: no complete header line (a session killed at its start); ignored")
+                continue
+            for lineno, torn in bad:
+                if torn:
+                    rep.notes.append(f"index/{name}: line {lineno} is incomplete (a killed write); ignored")
+                else:
+                    rep.errors.append(f"index/{name}: line {lineno} is corrupt (bad checksum or JSON)")
+            for rec in recs:
+                referenced.setdefault(rec["array"], set()).update(range(rec["row"], rec["row"] + rec["rows"]))
+        for key in self.keys():
+            rec = self._records[key]
+            rep.checked += 1
+            if not check_data:
+                continue
+            try:
+                rows = self._rows(rec)
+            except Exception as e:  # a missing or unreadable array
+                rep.errors.append(f"{key}: cannot read its data ({type(e).__name__}: {e})")
+                continue
+            missing = [r for r in range(rec["row"], rec["row"] + rec["rows"])
+                       if not os.path.exists(self._chunk_path(rec["array"], r))]
+            if missing:
+                rep.errors.append(f"{key}: data rows {missing} of data/{rec['array']} are missing")
+            elif rows.shape != (rec["rows"],) + self.shape:
+                rep.errors.append(f"{key}: data shape {rows.shape}, expected {(rec['rows'],) + self.shape}")
+            elif data_sha256(rows) != rec["data_sha256"]:
+                rep.errors.append(f"{key}: data checksum mismatch (corrupted data in data/{rec['array']})")
+        data_dir = os.path.join(self.path, "data")
+        for name in sorted(os.listdir(data_dir)):
+            sub = os.path.join(data_dir, name)
+            if not os.path.isdir(sub):
+                continue
+            files = os.listdir(sub)
+            partial = sum(f.endswith(".partial") for f in files)
+            rows = {int(f.split(".")[1]) for f in files if f.startswith("c.") and not f.endswith(".partial")}
+            orphans = len(rows - referenced.get(name, set()))
+            if orphans or partial:
+                rep.notes.append(f"data/{name}: {orphans} rows not committed, {partial} partial files "
+                                 "(left by a killed run; ignored)")
+        return rep
+
+    def _chunk_path(self, array: str, row: int) -> str:
+        return os.path.join(self.path, "data", array, "c." + ".".join(["%d" % row] + ["0"] * len(self.shape)))
+
+    def info(self) -> Dict[str, Any]:
+        """The store's identity plus counts and bytes on disk."""
+        nbytes = 0
+        for root, _dirs, files in os.walk(self.path):
+            nbytes += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        rows = sum(r["rows"] for r in self._records.values())
+        return dict(self.identity, path=self.path, items=len(self), rows=rows, writers=len(self._headers),
+                    bytes_on_disk=nbytes)
+
+
+class StoreWriter:
+    """One writer session: `put` rows (written and fsynced at once), `commit` makes them visible; thread-unsafe."""
+
+    def __init__(self, store: EmbeddingStore, *, model: str, checkpoint_sha256: str, samvit_version: str,
+                 compute_dtype: str, name: Optional[str] = None, durable: bool = True) -> None:
+        self.store = store
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        self.name = f"{stamp}-{uuid.uuid4().hex[:12]}" + (f"-{name}" if name else "")
+        self.header = {"writer": self.name, "model": model, "checkpoint_sha256": checkpoint_sha256,
+                       "samvit_version": samvit_version, "compute_dtype": compute_dtype,
+                       "host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}
+        self.durable = durable
+        self._array = None
+        self._log = None
+        self._next_row = 0
+        self._pending: List[Dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.committed = 0
+
+    def _open(self) -> None:
+        import zarr
+
+        st = self.store
+        array_dir = os.path.join(st.path, "data", self.name)
+        self._array = zarr.create_array(
+            store=array_dir, shape=(ROW_CAPACITY,) + st.shape, chunks=(1,) + st.shape, dtype=st.dtype,
+            compressors=None, fill_value=0, chunk_key_encoding={"name": "default", "separator": "."},
+            attributes={"samvit_writer": self.header})
+        log_path = os.path.join(st.path, "index", self.name + ".jsonl")
+        self._log = open(log_path, "xb")
+        self._log.write(encode_line({"header": self.header}))
+        self._sync_log()
+        if self.durable:
+            _fsync(array_dir, directory=True)
+            _fsync(os.path.join(st.path, "data"), directory=True)
+            _fsync(os.path.join(st.path, "index"), directory=True)
+
+    def _sync_log(self) -> None:
+        self._log.flush()
+        if self.durable:
+            os.fsync(self._log.fileno())
+
+    def put(self, key: str, embedding: Union[torch.Tensor, np.ndarray], *, sha256: str,
+            original_size: Sequence[int], input_size: Optional[Sequence[int]] = None,
+            tiles: Optional[List[Dict[str, Sequence[int]]]] = None) -> None:
+        """Write an item's rows now (untiled: one embedding; tiled: (T,*shape) with T tile dicts); commit() later."""
+        st = self.store
+        if not isinstance(embedding, torch.Tensor):
+            embedding = torch.from_numpy(np.asarray(embedding))
+        torch_dtype = torch.float16 if st.dtype == np.float16 else torch.float32
+        rows = embedding.detach().to(device="cpu", dtype=torch_dtype).contiguous().numpy()  # torch casts faster
+        if rows.shape == st.shape:
+            rows = rows[None]
+        if rows.shape[1:] != st.shape:
+            raise StoreError(f"{key!r}: embedding of shape {rows.shape} does not fit the store's {st.shape}")
+        if st.tiled != (tiles is not None) or (tiles is not None and len(tiles) != rows.shape[0]):
+            raise StoreError(f"{key!r}: tiles given {tiles is not None} ({rows.shape[0]} rows) for a store "
+                             f"that is {'tiled' if st.tiled else 'not tiled'}")
+        if not st.tiled and rows.shape[0] != 1:
+            raise StoreError(f"{key!r}: {rows.shape[0]} embeddings for one key in an untiled store")
+        with self._lock:
+            if self._array is None:
+                self._open()
+            row = self._next_row
+            self._next_row += rows.shape[0]
+            self._array[row:row + rows.shape[0]] = rows
+            if self.durable:
+                for r in range(row, row + rows.shape[0]):
+                    p = st._chunk_path(self.name, r)
+                    if os.path.exists(p):  # an all-zero row is not written (zarr's empty-chunk rule)
+                        _fsync(p)
+            self._pending.append({
+                "key": key, "sha256": sha256, "original_size": [int(v) for v in original_size],
+                "input_size": None if input_size is None else [int(v) for v in input_size],
+                "tiles": None if tiles is None else [{k: [int(x) for x in v] for k, v in t.items()} for t in tiles],
+                "writer": self.name, "array": self.name, "row": row, "rows": int(rows.shape[0]),
+                "data_sha256": data_sha256(rows), "time": utc_now()})
+
+    def put_alias(self, key: str, source_key: str) -> None:
+        """Commit `key` as pointing at the rows of an already committed item with the same file content."""
+        src = dict(self.store.record(source_key))
+        with self._lock:
+            if self._array is None:
+                self._open()
+            src.update(key=key, writer=self.name, time=utc_now())
+            self._pending.append(src)
+
+    def commit(self) -> int:
+        """Make every item put so far visible (fsynced data first, then their log lines); returns how many."""
+        with self._lock:
+            if not self._pending:
+                return 0
+            if self.durable:
+                _fsync(os.path.join(self.store.path, "data", self.name), directory=True)
+            self._log.write(b"".join(encode_line(r) for r in self._pending))
+            self._sync_log()
+            n = len(self._pending)
+            self.committed += n
+            self._pending.clear()
+            return n
+
+    def close(self) -> None:
+        """Commit what is pending and close the log."""
+        self.commit()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tile_str(tile: Optional[Dict[str, int]]) -> str:
+    return "none" if not tile else f"tile {tile['size']} halo {tile['halo']}"
+
+
+def _is_store(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "zarr.json")) and os.path.isdir(os.path.join(path, "index"))
+
+
+def _read_identity(path: str) -> Dict[str, Any]:
+    meta_path = os.path.join(path, "zarr.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such embedding store")
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.load(f)
+        ident = meta["attributes"]["samvit"]
+        if ident.get("format") != FORMAT:
+            raise KeyError("format")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StoreError(f"{path}: not a samvit embedding store (expected {meta_path} with a "
+                         "'samvit' attribute, as written by `samvit embed --store`)") from None
+    if ident.get("version", 0) > FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {ident['version']} is newer than this samvit reads "
+                         f"({FORMAT_VERSION}); upgrade samvit")
+    return ident
+
+
+def _create_atomically(path: str, identity: Dict[str, Any]) -> None:
+    """Build the store in a temporary sibling directory, then rename it into place (the loser of a race keeps
+    the winner's store)."""
+    import zarr
+
+    from . import __version__
+
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise StoreError(f"{path}: exists and is not an embedding store (expected a new path, an empty "
+                         "directory or a store made by `samvit embed --store`)")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        ident = dict(identity, format=FORMAT, version=FORMAT_VERSION, created=utc_now(), samvit_version=__version__)
+        zarr.create_group(store=tmp, zarr_format=3, attributes={"samvit": ident})
+        zarr.create_group(store=os.path.join(tmp, "data"), zarr_format=3)
+        os.makedirs(os.path.join(tmp, "index"))
+        for d in ("data", "index", ""):
+            _fsync(os.path.join(tmp, d), directory=True)
+        try:
+            os.rename(tmp, path)  # replaces an empty directory; fails if another process got there first
+        except OSError:
+            if not _is_store(path):
+                raise
+        _fsync(parent, directory=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_log(path: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], List[Tuple[int, bool]]]:
+    """(header, complete records, [(line number, torn?)] of the lines that are not intact) of one commit log."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    header, recs, bad = None, [], []
+    for i, line in enumerate(lines):
+        rec = decode_line(line)
+        if rec is None:
+            bad.append((i + 1, i == len(lines) - 1))  # only the last line can be torn by a killed write
+        elif i == 0 and "header" in rec:
+            header = rec["header"]
+        elif header is not None and "key" in rec:
+            recs.append(rec)
+        else:
+            bad.append((i + 1, False))
+    return header, recs, bad
