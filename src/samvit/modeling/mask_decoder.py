@@ -1,0 +1,123 @@
+"""The SAM mask decoder, and SamDecoder: prompt encoder + mask decoder under the official checkpoint key names."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoder import LayerNorm2d
+from .prompt_encoder import PromptEncoder
+from .transformer import TwoWayTransformer
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Official SAM MaskDecoder: output tokens + prompt tokens through the two-way transformer -> mask logits, IoU."""
+
+    def __init__(self, transformer_dim: int, transformer: TwoWayTransformer, num_multimask_outputs: int = 3,
+                 iou_head_depth: int = 3, iou_head_hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        d = transformer_dim
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(d, d // 4, kernel_size=2, stride=2),
+            LayerNorm2d(d // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(d // 4, d // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(d, d, d // 8, 3) for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(d, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+
+    def forward(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
+                dense_prompt_embeddings: Tensor, multimask_output: bool) -> Tuple[Tensor, Tensor]:
+        """(1 or B,C,h,w) image, (1,C,h,w) pe, (B,N,C) sparse, (B,C,h,w) dense -> (B,M,4h,4w) logits, (B,M) IoU.
+
+        M is 3 (masks 1..3) with multimask_output, else 1 (mask 0), as the official.
+        """
+        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                             dense_prompt_embeddings)
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]
+
+    def predict_masks(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
+                      dense_prompt_embeddings: Tensor) -> Tuple[Tensor, Tensor]:
+        """All num_mask_tokens masks and IoU predictions."""
+        b = sparse_prompt_embeddings.shape[0]
+        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
+        src = (image_embeddings + dense_prompt_embeddings).expand(b, -1, -1, -1)  # one image, b prompts
+        _, c, h, w = src.shape
+        hs, src = self.transformer(src, image_pe, tokens)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
+        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+                               dim=1)
+        _, c2, h2, w2 = up.shape
+        masks = (hyper_in @ up.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+        return masks, self.iou_prediction_head(iou_token_out)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of the prompt encoder and mask decoder (defaults: every released SAM model)."""
+
+    embed_dim: int = 256  # prompt / transformer width = encoder out_chans
+    image_embedding_size: int = 64  # side of the image embedding grid
+    input_image_size: int = 1024  # side of the padded encoder input
+    mask_in_chans: int = 16
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+    def replace(self, **changes) -> "DecoderConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class SamDecoder(nn.Module):
+    """Prompt encoder + mask decoder; state dict keys equal the official `prompt_encoder.*` / `mask_decoder.*`."""
+
+    def __init__(self, config: DecoderConfig = DecoderConfig()) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.prompt_encoder = PromptEncoder(c.embed_dim, (c.image_embedding_size,) * 2, (c.input_image_size,) * 2,
+                                            c.mask_in_chans)
+        self.mask_decoder = MaskDecoder(c.embed_dim, TwoWayTransformer(c.depth, c.embed_dim, c.num_heads, c.mlp_dim),
+                                        c.num_multimask_outputs, c.iou_head_depth, c.iou_head_hidden_dim)
+
+    def dense_pe(self) -> Tensor:
+        """The image embedding's position encoding (1,C,h,w) in the module's dtype."""
+        return self.prompt_encoder.get_dense_pe().to(self.mask_decoder.iou_token.weight.dtype)
+
+    def forward(self, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,
+                boxes: Optional[Tensor] = None, masks: Optional[Tensor] = None,
+                multimask_output: bool = True) -> Tuple[Tensor, Tensor]:
+        """One image's embedding (1,C,h,w) and B prompts in the input frame -> (B,M,4h,4w) logits, (B,M) IoU."""
+        w = self.mask_decoder.iou_token.weight
+        sparse, dense = self.prompt_encoder(points, boxes, masks)
+        return self.mask_decoder(image_embeddings.to(w.dtype), self.dense_pe(), sparse, dense, multimask_output)
