@@ -68,9 +68,12 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Dict[str,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()  # torch's own message: keep the line that names what the pickle asks for
+        why = next((ln.split("error:", 1)[1].split(". Please")[0].strip() for ln in lines if "Unpickler error:" in ln),
+                   lines[0] if lines else "")
         raise CheckpointError(
             f"{path}: refused to load: the file is not a plain tensor checkpoint "
-            f"(it needs code to unpickle, which is not allowed; weights_only=True): {str(e).splitlines()[0]}"
+            f"(it needs code to unpickle, which is not allowed; weights_only=True): {why}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
