@@ -256,6 +256,11 @@ def test_decoder_matches_transformers_sam(tiny):
     assert all(k.startswith("vision_encoder.") for k in missing), [k for k in missing if "vision" not in k]
     assert set(from_transformers(hf.state_dict())) == set(sd)
     assert all(torch.equal(v, sd[k]) for k, v in from_transformers(hf_sd).items())
+    hf_full = hf.state_dict()  # load_decoder reads a transformers state dict too; sizes from vision_encoder.*
+    cfg = infer_decoder_config(hf_full)
+    assert (cfg.image_embedding_size, cfg.input_image_size, cfg.embed_dim) == (16, 256, 32)
+    dec = load_decoder(hf_full, cfg.replace(num_heads=2))
+    assert all(torch.equal(v, sd[k]) for k, v in dec.state_dict().items())
     coords = torch.tensor([[[350.0, 180.0], [120.0, 300.0]]])
     labels = torch.tensor([[1, 0]])
     _, iou1, low1 = ours.predict_torch(coords, labels, multimask_output=True)

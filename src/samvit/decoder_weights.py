@@ -24,12 +24,14 @@ def _count(sd: StateDict, prefix: str) -> int:
     return 1 + max((int(m.group(1)) for k in sd for m in [pat.match(k)] if m), default=-1)
 
 
-def infer_decoder_config(sd: StateDict, base: DecoderConfig = DecoderConfig()) -> DecoderConfig:
+def infer_decoder_config(sd: StateDict, base: DecoderConfig = DecoderConfig(), source: str = "checkpoint"
+                         ) -> DecoderConfig:
     """Widths and depths from the tensors' shapes; num_heads and the image sizes (not stored) come from `base`.
 
     When the state dict also holds the image encoder, the image sizes are read from its patch and position
     embeddings.
     """
+    full, sd = sd, from_transformers(sd) if any(k.startswith(HF_PREFIXES) for k in sd) else sd
     try:
         cfg = base.replace(
             embed_dim=sd["mask_decoder.iou_token.weight"].shape[1],
@@ -41,10 +43,10 @@ def infer_decoder_config(sd: StateDict, base: DecoderConfig = DecoderConfig()) -
             iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
         )
     except KeyError as e:
-        raise CheckpointError(f"not a full SAM checkpoint: no {e.args[0]!r} tensor (the prompt encoder and mask "
-                              "decoder are needed; an encoder-only file has neither)") from None
-    pos = sd.get("image_encoder.pos_embed", sd.get("vision_encoder.pos_embed"))
-    patch = sd.get("image_encoder.patch_embed.proj.weight", sd.get("vision_encoder.patch_embed.projection.weight"))
+        raise CheckpointError(f"{source}: not a full SAM checkpoint: no {e.args[0]!r} tensor (the prompt_encoder.* "
+                              "and mask_decoder.* tensors are needed; an encoder-only file has neither)") from None
+    pos = full.get("image_encoder.pos_embed", full.get("vision_encoder.pos_embed"))
+    patch = full.get("image_encoder.patch_embed.proj.weight", full.get("vision_encoder.patch_embed.projection.weight"))
     if pos is not None and patch is not None:
         cfg = cfg.replace(image_embedding_size=pos.shape[1], input_image_size=pos.shape[1] * patch.shape[-1])
     return cfg
@@ -82,7 +84,7 @@ def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] =
     if not sd:
         raise CheckpointError(f"{source}: no prompt_encoder.* / mask_decoder.* tensors: a full SAM checkpoint "
                               "(e.g. sam_vit_b_01ec64.pth) is needed, not an encoder-only file")
-    cfg = config if config is not None else infer_decoder_config(dict(full, **sd))
+    cfg = config if config is not None else infer_decoder_config(full, source=source)
     check_decoder_state_dict(sd, cfg, source)
     with torch.device("meta"):
         decoder = SamDecoder(cfg)

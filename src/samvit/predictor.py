@@ -84,7 +84,7 @@ class Predictor:
                 encoder = ImageEncoder(cfg, attn_impl=attn_impl)
             encoder.load_state_dict(esd, strict=True, assign=True)
             encoder.eval().to(device=device, dtype=dtype)
-        base = infer_decoder_config(sd)
+        base = infer_decoder_config(sd, source=os.fspath(checkpoint))
         if cfg is not None:
             base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
         decoder = load_decoder(sd, base, device=device)

@@ -1,0 +1,183 @@
+"""`samvit segment`: masks from point / box prompts (or automatic masks for the whole image)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]",
+                   help="point prompt in image pixels; LABEL 1 = foreground (default), 0 = background; repeatable")
+    p.add_argument("--box", default=None, metavar="X0,Y0,X1,Y1", help="box prompt in image pixels")
+    p.add_argument("--multimask", action="store_true",
+                   help="predict 3 candidate masks and keep the one with the highest predicted IoU "
+                   "(better for a single ambiguous click)")
+    p.add_argument("--auto", action="store_true", help="automatic masks for the whole image (grid of points)")
+    p.add_argument("--out", required=True, help="output: mask PNG (prompts) or JSON (--auto)")
+    p.add_argument("--overlay", default=None, metavar="PNG", help="also write the image with the mask(s) drawn over it")
+    p.add_argument("--embedding", default=None, metavar="FILE",
+                   help="precomputed embedding of IMAGE (from `samvit embed`): the image encoder is not run")
+    p.add_argument("--store", default=None, metavar="PATH",
+                   help="embedding store (from `samvit embed --store`) that holds IMAGE's embedding: the image "
+                   "encoder is not run")
+    p.add_argument("--key", default=None, help="IMAGE's key in --store (default: its file name, the key `samvit "
+                   "embed` gives a single file; files found in a directory are keyed by their relative path)")
+    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
+                   help="full SAM checkpoint (official .pth or .safetensors); default: $SAMVIT_CHECKPOINT")
+    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when omitted")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="image encoder compute dtype (default float32); the decoder runs in float32")
+    g = p.add_argument_group("automatic masks (--auto)")
+    g.add_argument("--points-per-side", type=int, default=32)
+    g.add_argument("--points-per-batch", type=int, default=64)
+    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    g.add_argument("--stability-score-thresh", type=float, default=0.95)
+    g.add_argument("--box-nms-thresh", type=float, default=0.7)
+    g.add_argument("--crop-n-layers", type=int, default=0)
+    g.add_argument("--min-mask-region-area", type=int, default=0, help="fill holes / drop islands smaller than "
+                   "this many pixels (needs scipy)")
+    g.add_argument("--rle", choices=["coco", "uncompressed"], default="coco",
+                   help="segmentation encoding in the JSON: compressed COCO RLE strings (default) or count lists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+
+
+def _numbers(text: str, n: Tuple[int, ...], what: str) -> List[float]:
+    from . import UserError
+
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected comma-separated numbers") from None
+    if len(vals) not in n:
+        raise UserError(f"{what} {text!r}: expected {' or '.join(map(str, n))} comma-separated numbers")
+    return vals
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..predictor import Predictor
+    from ..runtime import resolve_device, resolve_dtype
+    from ..transforms import load_image
+    from . import UserError
+
+    if not args.checkpoint:
+        raise UserError("no checkpoint: pass --checkpoint PATH (a full SAM checkpoint) or set SAMVIT_CHECKPOINT")
+    prompted = bool(args.point or args.box)
+    if args.auto == prompted:
+        raise UserError("give prompts (--point / --box) or --auto, not both and not neither")
+    points = [_numbers(t, (2, 3), "--point") for t in args.point]
+    for pt in points:
+        if len(pt) == 3 and pt[2] not in (0, 1):
+            raise UserError(f"--point {pt}: LABEL must be 1 (foreground) or 0 (background)")
+    box = _numbers(args.box, (4,), "--box") if args.box else None
+    if args.embedding and args.store:
+        raise UserError("give --embedding FILE or --store PATH, not both")
+    precomputed = args.embedding or args.store
+    if args.key and not args.store:
+        raise UserError("--key only applies with --store PATH")
+    if args.auto and precomputed and args.crop_n_layers > 0:
+        raise UserError("--crop-n-layers re-encodes image crops, which needs the image encoder: drop "
+                        f"{'--embedding' if args.embedding else '--store'}")
+    rgb = load_image(args.image)
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=resolve_device(args.device),
+                                          dtype=resolve_dtype(args.dtype), with_encoder=not precomputed)
+    if precomputed:
+        if args.embedding:
+            predictor.set_embedding(args.embedding)
+        else:
+            predictor.set_embedding(*_from_store(args.store, args.key or os.path.basename(args.image)))
+        if predictor.original_size != rgb.shape[:2]:
+            raise UserError(f"{precomputed} holds the embedding of an image of size {predictor.original_size} "
+                            f"(H, W), but {args.image} is {rgb.shape[:2]}")
+    elif not args.auto:  # --auto encodes the image (and its crops) itself
+        predictor.set_image(rgb)
+    if args.auto:
+        return _auto(args, predictor, rgb)
+    coords = np.array([pt[:2] for pt in points]) if points else None
+    labels = np.array([int(pt[2]) if len(pt) == 3 else 1 for pt in points]) if points else None
+    masks, scores, _ = predictor.predict(coords, labels, np.array(box) if box else None,
+                                         multimask_output=args.multimask)
+    best = int(np.argmax(scores))
+    mask = masks[best]
+    _save_png(args.out, mask.astype(np.uint8) * 255)
+    if args.overlay:
+        _save_png(args.overlay, _overlay(rgb, [mask], points, box))
+    if not args.quiet:
+        print(json.dumps({"out": args.out, "area": int(mask.sum()), "predicted_iou": float(scores[best]),
+                          "candidates": [float(s) for s in scores]}))
+    return 0
+
+
+def _auto(args: argparse.Namespace, predictor, rgb: np.ndarray) -> int:
+    from ..automatic import AutomaticMaskGenerator, rle_to_mask
+
+    gen = AutomaticMaskGenerator(
+        predictor, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area, output_mode="uncompressed_rle",
+        progress=False if args.quiet else None)
+    records = gen.generate(None if args.embedding or args.store else rgb)
+    if args.overlay:
+        by_area = sorted(records, key=lambda r: -r["area"])
+        _save_png(args.overlay, _overlay(rgb, [rle_to_mask(r["segmentation"]) for r in by_area], [], None))
+    if args.rle == "coco":
+        from ..automatic import rle_to_coco_string
+
+        for r in records:
+            r["segmentation"] = rle_to_coco_string(r["segmentation"])
+    h, w = rgb.shape[:2]
+    doc = {"image": {"file_name": os.path.basename(args.image), "height": h, "width": w},
+           "annotations": [dict(id=i, **r) for i, r in enumerate(records)]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f)
+    if not args.quiet:
+        print(json.dumps({"out": args.out, "masks": len(records)}))
+    return 0
+
+
+def _from_store(path: str, key: str):
+    """(embedding, original_size, input_size) of one key of an embedding store."""
+    from ..store import EmbeddingStore
+    from . import UserError
+
+    store = EmbeddingStore.open(path)
+    if store.tiled:
+        raise UserError(f"store {path} holds tiled embeddings (large images); segment needs whole-image embeddings")
+    if key not in store:
+        raise UserError(f"{key!r} is not in the store {path}; pass --key (see `samvit store ls {path}`)")
+    emb, meta = store[key]
+    return emb, meta["original_size"], meta.get("input_size")
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _overlay(rgb: np.ndarray, masks: List[np.ndarray], points: List[List[float]], box) -> np.ndarray:
+    """The image with each mask blended in a colour (half opacity), points as dots, the box as a rectangle."""
+    from PIL import Image, ImageDraw
+
+    out = rgb.astype(np.float32)
+    rng = np.random.default_rng(0)
+    for i, m in enumerate(masks):
+        color = np.array([30, 144, 255], np.float32) if len(masks) == 1 else rng.integers(40, 256, 3).astype(np.float32)
+        out[m] = 0.5 * out[m] + 0.5 * color
+    img = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r = max(3, round(max(rgb.shape[:2]) / 150))
+    for pt in points:
+        fill = (0, 200, 0) if (len(pt) < 3 or pt[2] == 1) else (220, 0, 0)
+        draw.ellipse([pt[0] - r, pt[1] - r, pt[0] + r, pt[1] + r], fill=fill, outline=(255, 255, 255))
+    if box:
+        draw.rectangle(box, outline=(255, 200, 0), width=max(1, r // 2))
+    return np.asarray(img)
