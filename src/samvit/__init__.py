@@ -7,6 +7,9 @@ from .weights import CheckpointError, load_encoder, save_encoder
 from .store import EmbeddingStore
 from .hub import download_checkpoint, resolve_checkpoint
 from .convert import convert_checkpoint
+from .predictor import Predictor, PromptError
+from .automatic import AutomaticMaskGenerator
+from .decoder_weights import load_decoder
 
 __version__ = "0.1.0"
 
@@ -14,4 +17,5 @@ __all__ = [
     "PRESETS", "EncoderConfig", "preset", "ImageEncoder", "tune_allocator", "ImageError", "PreparedImage",
     "load_image", "preprocess", "CheckpointError", "load_encoder", "save_encoder", "__version__",
     "EmbeddingStore", "resolve_checkpoint", "download_checkpoint", "convert_checkpoint",
+    "Predictor", "PromptError", "AutomaticMaskGenerator", "load_decoder",
 ]

@@ -13,6 +13,7 @@ COMMANDS = {
     "info": ("info", "print a preset's or a checkpoint's architecture and parameter count"),
     "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
+    "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
 }
 
 
