@@ -232,6 +232,23 @@ def test_load_decoder_file_and_errors(tmp_path):
     assert "prompt_encoder.no_mask_embed.weight: checkpoint (1, 7) vs model (1, 32)" in msg
 
 
+def test_from_checkpoint_bfloat16_encoder(tmp_path, coffee):
+    """dtype is the encoder's: the decoder stays float32, and bf16 masks agree with fp32 on most pixels."""
+    path = tmp_path / "tiny.pth"
+    torch.save(liven_decoder_(official_tiny_sam()).state_dict(), path)
+    p32 = Predictor.from_checkpoint(path, model=TINY)
+    p16 = Predictor.from_checkpoint(path, model=TINY, dtype=torch.bfloat16)
+    assert next(p16.encoder.parameters()).dtype == torch.bfloat16
+    assert p16.decoder.mask_decoder.iou_token.weight.dtype == torch.float32
+    for p in (p32, p16):
+        p.set_image(coffee)
+    assert p16.features.dtype == torch.float32
+    a, b = p32.predict(**POINTS)[0], p16.predict(**POINTS)[0]
+    assert (a == b).mean() > 0.9
+    no_enc = Predictor.from_checkpoint(path, model=TINY, with_encoder=False)
+    assert no_enc.encoder is None and no_enc.decoder.config == p32.decoder.config
+
+
 def test_decoder_matches_transformers_sam(tiny):
     """The key map to transformers: the same weights in transformers.SamModel give the same low-res logits."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig

@@ -175,7 +175,7 @@ class Predictor:
     def _check_points(self, coords: torch.Tensor, labels: torch.Tensor, allow_padding: bool) -> None:
         h, w = self.original_size
         valid = (0, 1, -1) if allow_padding else (0, 1)
-        bad = ~torch.isin(labels, torch.tensor(valid, dtype=labels.dtype))
+        bad = ~torch.isin(labels, torch.tensor(valid, dtype=labels.dtype, device=labels.device))
         if bad.any():
             raise PromptError(f"point_labels must be 1 (foreground) or 0 (background)"
                               f"{' or -1 (padding)' if allow_padding else ''}; got {labels[bad][:5].tolist()}")
