@@ -1,6 +1,7 @@
 """The collection pipeline: equality with the encoder, resume, SIGKILL, bad files, torchrun, tiles, identity."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -73,11 +74,10 @@ def images(tmp_path_factory):
     return str(root)
 
 
-def run_cli(*args, check=None, **kw):
-    proc = subprocess.run([PY, "-m", "samvit", *args], capture_output=True, text=True, env=_env(), timeout=300, **kw)
-    if check is not None:
-        assert proc.returncode == check, proc.stderr
-    return proc
+def run_cli(capsys, *args):
+    """`samvit ARGS` in this process: (exit code, stderr)."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 def assert_same_store(a: str, b: str) -> None:
@@ -192,7 +192,7 @@ def _bomb_png(path, width=30000, height=30000):
     path.write_bytes(bytes(raw))
 
 
-def test_bad_files_are_reported_and_the_rest_written(tmp_path, images, ckpt):
+def test_bad_files_are_reported_and_the_rest_written(tmp_path, images, ckpt, capsys):
     src = tmp_path / "in"
     shutil.copytree(images, src)
     good = len(collect_inputs([str(src)]))
@@ -205,22 +205,22 @@ def test_bad_files_are_reported_and_the_rest_written(tmp_path, images, ckpt):
     lst = tmp_path / "list.txt"
     lst.write_text("in/missing.tif\n")
     report = tmp_path / "report.jsonl"
-    proc = run_cli("embed", str(src), str(lst), "--checkpoint", ckpt, "--store", str(tmp_path / "s"),
-                   "--report", str(report), "--workers", "2", "--batch-size", "3")
-    assert proc.returncode == 1, proc.stderr
+    code, err = run_cli(capsys, "embed", str(src), str(lst), "--checkpoint", ckpt, "--store", str(tmp_path / "s"),
+                        "--report", str(report), "--workers", "2", "--batch-size", "3")
+    assert code == 1, err
     failures = {f["key"]: f["reason"] for f in map(json.loads, report.read_text().splitlines())}
     assert set(failures) == {"truncated.png", "notes.jpg", "empty.png", "bomb.png", "dangling.png",
                              "in/missing.tif"}
     assert "cannot decode image" in failures["truncated.png"] and "cannot decode" in failures["notes.jpg"]
     assert "empty file" in failures["empty.png"] and "decompression bomb" in failures["bomb.png"]
     assert "cannot read file" in failures["dangling.png"] and "cannot read file" in failures["in/missing.tif"]
-    assert "6 failed" in proc.stderr and "failed: " in proc.stderr
+    assert "6 failed" in err and "failed: " in err
     s = EmbeddingStore.open(tmp_path / "s")
     assert len(s) == good and s.verify().ok
     # a lower --max-pixels turns a large photo into a failure too; the default report sits in the store
-    proc = run_cli("embed", str(src / "astronaut.png"), "--checkpoint", ckpt, "--store", str(tmp_path / "s2"),
-                   "--max-pixels", "1000", "--workers", "0")
-    assert proc.returncode == 1 and "over the limit of 1000" in (tmp_path / "s2" / "failures.jsonl").read_text()
+    code, _ = run_cli(capsys, "embed", str(src / "astronaut.png"), "--checkpoint", ckpt, "--store",
+                      str(tmp_path / "s2"), "--max-pixels", "1000", "--workers", "0")
+    assert code == 1 and "over the limit of 1000" in (tmp_path / "s2" / "failures.jsonl").read_text()
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, images, ckpt, encoder):
@@ -285,15 +285,19 @@ def test_tiled_extraction(tmp_path, images, encoder):
         extract(encoder, [(path, "astronaut.png")], out, checkpoint_sha256="x", workers=0, progress=False)
 
 
-def test_changing_model_or_checkpoint_is_refused(tmp_path, images, ckpt):
+def test_changing_model_or_checkpoint_is_refused(tmp_path, images, ckpt, capsys):
     src = os.path.join(images, "camera.png")
     out = str(tmp_path / "s")
-    run_cli("embed", src, "--checkpoint", ckpt, "--store", out, "--workers", "0", check=0)
+    assert run_cli(capsys, "embed", src, "--checkpoint", ckpt, "--store", out, "--workers", "0")[0] == 0
     other = tmp_path / "other.safetensors"
     samvit.save_encoder(randomize_(ImageEncoder(TINY), seed=2), other)
-    proc = run_cli("embed", src, "--checkpoint", str(other), "--store", out, "--workers", "0", check=2)
-    assert "Refusing to mix embeddings" in proc.stderr and "checkpoint sha256" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, err = run_cli(capsys, "embed", src, "--checkpoint", str(other), "--store", out, "--workers", "0")
+    assert code == 2 and "Refusing to mix embeddings" in err and "checkpoint sha256" in err
+    small = tmp_path / "small.safetensors"  # another model (config) with the same output shape
+    samvit.save_encoder(randomize_(ImageEncoder(dataclasses.replace(TINY, depth=2, global_attn_indexes=(1,)))),
+                        small)
+    code, err = run_cli(capsys, "embed", src, "--checkpoint", str(small), "--store", out, "--workers", "0")
+    assert code == 2 and "model config differs" in err
     assert len(EmbeddingStore.open(out)) == 1
 
 

@@ -112,7 +112,11 @@ def _run_store(args: argparse.Namespace) -> int:
     device, env = init_distributed(args.device)
     rank = env[0] if env else 0
     try:
-        args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)  # a name: fetch
+        if env and env[2] != 0:
+            torch.distributed.barrier()  # local rank 0 fetches a named checkpoint first, the others find it cached
+        args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet or rank else None)
+        if env and env[2] == 0:
+            torch.distributed.barrier()
         encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=resolve_dtype(args.dtype))
         checkpoint_sha = file_sha256(args.checkpoint)
         report = extract(encoder, items, args.store, checkpoint_sha256=checkpoint_sha, batch_size=args.batch_size,
