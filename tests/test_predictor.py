@@ -254,7 +254,8 @@ def test_decoder_matches_transformers_sam(tiny):
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
     from transformers import SamModel
 
-    from samvit.decoder_weights import from_transformers, to_transformers
+    from samvit.convert import from_official, to_official
+    from samvit.decoder_weights import decoder_state_dict
 
     _, ours = tiny
     sd = ours.decoder.state_dict()
@@ -267,12 +268,10 @@ def test_decoder_matches_transformers_sam(tiny):
         mask_decoder_config=SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                  mlp_dim=64, iou_head_hidden_dim=64, iou_head_depth=3))
     hf = SamModel(config).eval()
-    hf_sd = to_transformers(sd)
-    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
-    assert not unexpected
-    assert all(k.startswith("vision_encoder.") for k in missing), [k for k in missing if "vision" not in k]
-    assert set(from_transformers(hf.state_dict())) == set(sd)
-    assert all(torch.equal(v, sd[k]) for k, v in from_transformers(hf_sd).items())
+    full = to_official(hf.state_dict())  # transformers' own (random) vision encoder, our decoder weights
+    assert set(decoder_state_dict(full)) == set(sd)
+    full.update(sd)
+    hf.load_state_dict(from_official(full, "transformers"), strict=True)
     hf_full = hf.state_dict()  # load_decoder reads a transformers state dict too; sizes from vision_encoder.*
     cfg = infer_decoder_config(hf_full)
     assert (cfg.image_embedding_size, cfg.input_image_size, cfg.embed_dim) == (16, 256, 32)
