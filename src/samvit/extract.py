@@ -84,21 +84,16 @@ class _Units(IterableDataset):
         try:
             rgb = load_image(path, max_pixels=self.max_pixels)
             h, w = rgb.shape[:2]
-            if self.tile is None:
-                x, input_size = self._prepare(rgb)
-                units = [(x, input_size, None)]
-            else:
-                units = []
-                for core, box in tile_grid(h, w, self.tile, self.halo):
-                    x, input_size = self._prepare(rgb[box[1]:box[3], box[0]:box[2]])
-                    units.append((x, input_size, {"box": list(box), "core": list(core), "input_size": input_size}))
+            grid = [(None, None)] if self.tile is None else tile_grid(h, w, self.tile, self.halo)
+            for i, (core, box) in enumerate(grid):  # one tile at a time: a huge image never sits in memory twice
+                crop = rgb if box is None else rgb[box[1]:box[3], box[0]:box[2]]
+                x, input_size = self._prepare(crop)
+                tile = None if box is None else {"box": list(box), "core": list(core), "input_size": input_size}
+                yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=tile,
+                           tile_index=i, n_tiles=len(grid), tensor=x)
         except Exception as e:  # ImageError carries the reason; anything else is reported by type
             reason = str(e) if isinstance(e, ValueError) else f"{path}: {type(e).__name__}: {e}"
-            yield dict(base, status="failed", reason=reason)
-            return
-        for i, (x, input_size, tile) in enumerate(units):
-            yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=tile,
-                       tile_index=i, n_tiles=len(units), tensor=x)
+            yield dict(base, status="failed", reason=reason)  # after any tiles already sent: the item is dropped
 
 
 @dataclass
@@ -253,6 +248,8 @@ def extract(encoder: ImageEncoder, items: Sequence[Tuple[str, str]], store_path:
                 behind.submit("put_alias", unit["key"], unit["source"])
                 report.reused += 1
             else:
+                partial.pop(unit["key"], None)  # tiles of it already encoded or waiting are dropped
+                pending[:] = [p for p in pending if p[0]["key"] != unit["key"]]
                 report.failed.append({"key": unit["key"], "path": unit["path"], "reason": unit["reason"]})
                 bar.set_postfix(failed=len(report.failed))
             bar.update(1)
