@@ -10,6 +10,7 @@ from .convert import convert_checkpoint
 from .predictor import Predictor, PromptError
 from .automatic import AutomaticMaskGenerator
 from .decoder_weights import load_decoder
+from .export import export_onnx
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,5 @@ __all__ = [
     "PRESETS", "EncoderConfig", "preset", "ImageEncoder", "tune_allocator", "ImageError", "PreparedImage",
     "load_image", "preprocess", "CheckpointError", "load_encoder", "save_encoder", "__version__",
     "EmbeddingStore", "resolve_checkpoint", "download_checkpoint", "convert_checkpoint",
-    "Predictor", "PromptError", "AutomaticMaskGenerator", "load_decoder",
+    "Predictor", "PromptError", "AutomaticMaskGenerator", "load_decoder", "export_onnx",
 ]

@@ -14,6 +14,7 @@ COMMANDS = {
     "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
+    "export": ("export", "export the image encoder to ONNX (external data for vit_h), --verify in onnxruntime"),
 }
 
 

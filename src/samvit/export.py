@@ -1,0 +1,123 @@
+"""ONNX export of the image encoder (torch.export-based exporter), and a check of the file in onnxruntime."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from .modeling.encoder import ImageEncoder
+
+DEFAULT_OPSET = MIN_OPSET = 18  # the torch.export-based exporter's own opset; older ones fail its converter
+# A protobuf message cannot exceed 2 GiB; weights above this (leaving room for the graph) go to a side file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+INPUT_NAME, OUTPUT_NAME = "image", "embedding"
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def needs_external_data(encoder: torch.nn.Module) -> bool:
+    """Whether the weights are too big for one protobuf file (True for vit_h, False for vit_b and vit_l)."""
+    return parameter_bytes(encoder) > EXTERNAL_DATA_THRESHOLD
+
+
+def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True, external_data: Optional[bool] = None, check: bool = True) -> str:
+    """Export a float32 encoder to an ONNX file: input `image` (B,3,S,S), output `embedding`; returns the path.
+
+    The reference attention path is exported (plain ops; it runs fastest in onnxruntime). Weights go to one side
+    file `<path>.data` when external_data is True, or, by default, when they exceed ~1.8 GB (vit_h).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e}); "
+                          "install them with `pip install samvit[onnx]`") from None
+    if not isinstance(encoder, ImageEncoder):
+        raise TypeError(f"export_onnx expects a samvit ImageEncoder, got {type(encoder).__name__}")
+    dtypes = {p.dtype for p in encoder.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"export_onnx exports float32 weights; the encoder holds {sorted(map(str, dtypes))} "
+                         "(load it with dtype=torch.float32)")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or later")
+    path = os.fspath(path)
+    if external_data is None:
+        external_data = needs_external_data(encoder)
+    cfg = encoder.config
+    device = next(encoder.parameters()).device
+    # torch.export specialises a dimension whose example size is 1, so a dynamic batch is traced with 2.
+    example = torch.zeros(2 if dynamic_batch else 1, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    dynamic_shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    impl, training = encoder.attn_impl, encoder.training
+    encoder.set_attention("reference").eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(encoder, (example,), None, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
+    finally:
+        encoder.set_attention(impl).train(training)
+    got = program.model.opset_imports.get("")
+    if got != opset:
+        raise ValueError(f"opset {opset} could not be produced (the exporter gave opset {got})")
+    program.model.producer_name = "samvit"
+    program.model.metadata_props.update({"samvit_config": cfg.to_json(), "model": cfg.name})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data_path = path + ".data"
+    if os.path.exists(data_path):
+        os.remove(data_path)  # a stale side file from an earlier export would otherwise be left beside the new one
+    program.save(path, external_data=external_data)
+    if check:
+        import onnx
+
+        onnx.checker.check_model(path, full_check=False)  # path-based: follows external data, no 2 GiB limit
+    return path
+
+
+def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, arena: bool = True):
+    """An onnxruntime CPU InferenceSession for an exported file (threads: intra-op threads, default all).
+
+    arena=False returns activations to malloc after each run instead of keeping them in onnxruntime's own pool.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("running an ONNX file needs onnxruntime; install it with `pip install samvit[onnx]`") from None
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    # Busy-waiting worker threads cost more than they save when the cores are shared.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def verify_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], batch: int = 1, seed: int = 0,
+                threads: Optional[int] = None) -> Dict[str, float]:
+    """Run the ONNX file and the PyTorch encoder on one random input; max and mean abs difference, cosine."""
+    cfg = encoder.config
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(seed))
+    device = next(encoder.parameters()).device
+    ref = encoder(x.to(device)).float().cpu().numpy()
+    out = onnx_session(path, threads).run(None, {INPUT_NAME: x.numpy()})[0]
+    if out.shape != ref.shape:
+        raise ValueError(f"{path}: ONNX output shape {out.shape} differs from PyTorch {ref.shape}")
+    return compare(out, ref)
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> Dict[str, float]:
+    """max abs, mean abs and cosine similarity of an output against a reference."""
+    out, ref = np.asarray(out, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
+    d = np.abs(out - ref)
+    cos = float(out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref) + 1e-30))
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "cosine": cos}
