@@ -5,13 +5,18 @@ oracle in tests; the fast path computes the same function with scaled_dot_produc
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_IMPLS = ("fast", "reference")
+# The additive bias is built and used in chunks of at most this many entries (32 MiB in float32 on CPU; 2 MiB
+# more per thread beyond 4 threads, so that a chunk keeps every thread busy); on a GPU, few large launches.
+MASK_CHUNK_ELEMS = 1 << 23
+MASK_CHUNK_ELEMS_CUDA = 1 << 28
+MIN_CHUNK_QUERIES = 768  # see _chunking
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -38,6 +43,48 @@ def window_unpartition(windows: torch.Tensor, window_size: int, pad_hw: Tuple[in
     if Hp > H or Wp > W:
         x = x[:, :H, :W, :].contiguous()
     return x
+
+
+def _axis_parts(n: int, ws: int) -> List[Tuple[int, int, int]]:
+    """Split an axis of n tokens into (first window, last window + 1, tokens per window) runs: full, then partial."""
+    parts = [(0, n // ws, ws)] if n >= ws else []
+    if n % ws:
+        parts.append((n // ws, n // ws + 1, n % ws))
+    return parts
+
+
+def to_windows(x: torch.Tensor, window_size: int, fill: torch.Tensor) -> torch.Tensor:
+    """(B,H,W,D) -> (B, nWh, nWw, ws, ws, D) windows in one copy; the padding bottom/right is set to `fill` (D,).
+
+    Same values as window_partition of x padded with `fill` rows (window_partition pads with zeros).
+    """
+    B, H, W, D = x.shape
+    ws = window_size
+    nwh, nww = -(-H // ws), -(-W // ws)
+    out = x.new_empty(B, nwh, nww, ws, ws, D)
+    grid = out.permute(0, 1, 3, 2, 4, 5)  # (B, nWh, ws, nWw, ws, D): the padded grid, window-major in memory
+    if H % ws:
+        grid[:, -1, H % ws:] = fill
+    if W % ws:
+        grid[:, :, :, -1, W % ws:] = fill
+    for i0, i1, hs in _axis_parts(H, ws):
+        for j0, j1, wd in _axis_parts(W, ws):
+            src = x[:, i0 * ws:i0 * ws + (i1 - i0) * hs, j0 * ws:j0 * ws + (j1 - j0) * wd]
+            grid[:, i0:i1, :hs, j0:j1, :wd].copy_(src.view(B, i1 - i0, hs, j1 - j0, wd, D))
+    return out
+
+
+def from_windows(windows: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, nWh, nWw, ws, ws, D) windows -> (B,H,W,D) contiguous in one copy, dropping the padding."""
+    B, _, _, ws, _, D = windows.shape
+    H, W = hw
+    out = windows.new_empty(B, H, W, D)
+    grid = windows.permute(0, 1, 3, 2, 4, 5)
+    for i0, i1, hs in _axis_parts(H, ws):
+        for j0, j1, wd in _axis_parts(W, ws):
+            dst = out[:, i0 * ws:i0 * ws + (i1 - i0) * hs, j0 * ws:j0 * ws + (j1 - j0) * wd]
+            dst.view(B, i1 - i0, hs, j1 - j0, wd, D).copy_(grid[:, i0:i1, :hs, j0:j1, :wd])
+    return out
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -102,25 +149,67 @@ class Attention(nn.Module):
         return self.proj(x)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """scaled_dot_product_attention with the relative-position bias as an additive mask."""
+        """Global attention over a (B,H,W,C) grid with SDPA; the bias is built in small chunks, never whole."""
         B, H, W, C = x.shape
-        N = H * W
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
-        if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W))  # (B,nh,H,W,H), (B,nh,H,W,W)
-            out = torch.empty_like(q)
-            rows = _query_rows_per_chunk(B * self.num_heads, N, W)
-            for r0 in range(0, H, rows):
-                r1 = min(H, r0 + rows)
-                bias = (rel_h[:, :, r0:r1, :, :, None] + rel_w[:, :, r0:r1, :, None, :]).reshape(B, self.num_heads, -1, N)
-                out[:, :, r0 * W:r1 * W] = F.scaled_dot_product_attention(q[:, :, r0 * W:r1 * W], k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(B, H, W, C)
+        qkv = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim)
+        return self.proj(self._attend(qkv, (H, W))).view(B, H, W, C)
+
+    def forward_windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """Windowed attention on an unpartitioned (B,H,W,C) grid; equals partition -> attention -> unpartition.
+
+        qkv and proj run on the real tokens only: a zero-padded token's qkv is exactly the qkv bias, so the
+        padding is filled with it; the padded tokens' outputs are dropped, so proj never sees them.
+        """
+        B, H, W, C = x.shape
+        ws = window_size
+        qkv = self.qkv(x)
+        fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)
+        windows = to_windows(qkv, ws, fill)  # (B, nWh, nWw, ws, ws, 3C)
+        nw = windows.shape[1] * windows.shape[2]
+        out = self._attend(windows.view(B * nw, ws * ws, 3, self.num_heads, self.head_dim), (ws, ws))
+        out = from_windows(out.view(B, windows.shape[1], windows.shape[2], ws, ws, C), (H, W))
         return self.proj(out)
 
+    def _attend(self, qkv: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """(B, N, 3, heads, hd) -> (B, N, heads*hd): softmax(q.k*scale + rel_h + rel_w) v, chunked over
+        batch, heads and query rows so that the additive bias stays small (in cache) and is never whole."""
+        B, N = qkv.shape[:2]
+        nh, hd = self.num_heads, self.head_dim
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, hd) strided views, no copies
+        out = qkv.new_empty(B, N, nh, hd)
+        if not self.use_rel_pos:
+            out.copy_(F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+            return out.view(B, N, nh * hd)
+        H, W = hw
+        # The bias terms in float32 even for bfloat16/float16 q: SDPA takes a float32 mask and adds it in float32.
+        rel_h, rel_w = rel_pos_terms(q.float(), self.rel_pos_h, self.rel_pos_w, hw)  # (B,nh,H,W,H), (B,nh,H,W,W)
+        on_cpu = q.device.type == "cpu"
+        mask_dtype = torch.float32 if on_cpu else q.dtype  # CUDA kernels want the mask in q's dtype
+        budget = MASK_CHUNK_ELEMS + (max(0, torch.get_num_threads() - 4) << 21) if on_cpu else MASK_CHUNK_ELEMS_CUDA
+        nb, nhc, rows = _chunking(B, nh, H, W, N, budget, MIN_CHUNK_QUERIES)
+        rel_h, rel_w = rel_h.to(mask_dtype)[..., None], rel_w.to(mask_dtype)[..., None, :]
+        for b0 in range(0, B, nb):
+            b1 = min(B, b0 + nb)
+            for h0 in range(0, nh, nhc):
+                h1 = min(nh, h0 + nhc)
+                for r0 in range(0, H, rows):
+                    r1 = min(H, r0 + rows)
+                    bias = rel_h[b0:b1, h0:h1, r0:r1] + rel_w[b0:b1, h0:h1, r0:r1]  # (b, h, rows, W, H, W)
+                    o = F.scaled_dot_product_attention(q[b0:b1, h0:h1, r0 * W:r1 * W], k[b0:b1, h0:h1],
+                                                       v[b0:b1, h0:h1], attn_mask=bias.flatten(4).flatten(2, 3))
+                    out[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.transpose(1, 2))
+        return out.view(B, N, nh * hd)
 
-def _query_rows_per_chunk(batch_heads: int, n_keys: int, row_len: int, max_elems: int = 1 << 24) -> int:
-    """How many grid rows of queries to process at once so the bias chunk stays under max_elems."""
-    return max(1, max_elems // max(1, batch_heads * n_keys * row_len))
+
+def _chunking(batch: int, heads: int, rows: int, row_len: int, n_keys: int, max_elems: int,
+              min_queries: int = 768) -> Tuple[int, int, int]:
+    """(batch items, heads, query rows) per chunk: at most max_elems bias entries, but at least min_queries
+    queries per call where the grid has them (PyTorch's CPU flash kernel uses 256-query blocks from 768 queries
+    on, 32/64-query blocks below, which run its small matmuls markedly slower)."""
+    per_row = row_len * n_keys  # bias entries of one head and one grid row of queries
+    rmin = min(rows, -(-min_queries // row_len))
+    if heads * rows * per_row <= max_elems:
+        return max(1, max_elems // (heads * rows * per_row)), heads, rows
+    if heads * rmin * per_row <= max_elems:
+        return 1, heads, max_elems // (heads * per_row)
+    return 1, max(1, max_elems // (rmin * per_row)), rmin

@@ -24,7 +24,15 @@ class LayerNorm2d(nn.Module):
         u = x.mean(1, keepdim=True)
         s = (x - u).pow(2).mean(1, keepdim=True)
         x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
+        return self.weight.to(x.dtype)[:, None, None] * x + self.bias.to(x.dtype)[:, None, None]
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last axis computed in x's dtype (float32 for a low-precision model's residual stream),
+    returned in `dtype`, the dtype of the matmuls that follow."""
+    if x.dtype == norm.weight.dtype == dtype:
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps).to(dtype)
 
 
 class MLPBlock(nn.Module):
@@ -63,6 +71,20 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn.impl == "reference":
+            return self.forward_reference(x)
+        return self.forward_fast(x)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the residual stream (float32 when the weights are bfloat16/float16); windows without padded qkv/proj."""
+        dtype = self.attn.qkv.weight.dtype
+        y = _layer_norm(x, self.norm1, dtype)
+        y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn.forward_fast(y)
+        x = x + y
+        return x + self.mlp(_layer_norm(x, self.norm2, dtype))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The official block arithmetic: pad, partition, attention on every window token, unpartition."""
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
@@ -93,10 +115,43 @@ def resize_pos_embed(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tens
     return p.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 
+def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    """LayerNorm2d as one F.layer_norm over channels of channels-last memory, in float32 for low precision."""
+    y = x.permute(0, 2, 3, 1)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        y = y.float()
+    y = F.layer_norm(y, (y.shape[-1],), norm.weight.to(y.dtype), norm.bias.to(y.dtype), norm.eps)
+    return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
+def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _check_input(x: torch.Tensor, cfg: EncoderConfig) -> None:
+    if x.ndim != 4 or x.shape[1] != cfg.in_chans or not x.is_floating_point():
+        raise ValueError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
+                         f"got {x.dtype} of shape {tuple(x.shape)}")
+    if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
+        raise ValueError(f"encoder input: height and width must be multiples of the patch size {cfg.patch_size}, "
+                         f"got {tuple(x.shape[2:])}")
+
+
+def check_float16(cfg: EncoderConfig, device: torch.device) -> None:
+    """float16 only where it is safe: refused on CPU (no faster there, and not shown safe) and for ViT-H-sized
+    models, whose activations overflow float16 (segment-anything issue 540). bfloat16 is the fast dtype."""
+    if device.type == "cpu":
+        raise ValueError("float16 is not supported on CPU (no faster than float32 there, and not shown to be "
+                         "accurate); use bfloat16 or float32")
+    if cfg.embed_dim >= 1280:
+        raise ValueError(f"float16 is refused for model {cfg.name!r} (width {cfg.embed_dim}): ViT-H activations "
+                         "overflow float16 (segment-anything issue 540); use bfloat16")
+
+
 class ImageEncoder(nn.Module):
     """The SAM ViT image encoder; parameter names match the official `image_encoder.` keys."""
 
-    def __init__(self, config: EncoderConfig, attn_impl: str = "fast") -> None:
+    def __init__(self, config: EncoderConfig, attn_impl: str = "fast", compile: bool = False) -> None:
         super().__init__()
         self.config = cfg = config
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
@@ -106,6 +161,31 @@ class ImageEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, cfg.block_window_size(i)) for i in range(cfg.depth))
         self.neck = build_neck(cfg.embed_dim, cfg.out_chans, cfg.norm_eps) if cfg.out_chans else None
         self.set_attention(attn_impl)
+        if compile:  # torch.compile of the whole forward, done lazily at the first call (after loading weights)
+            self.compile(dynamic=False)
+
+    def _apply(self, fn, recurse=True):
+        """Casts to bfloat16/float16 (`.to(dtype)`, `.bfloat16()`, load_encoder(dtype=...)) keep the small,
+        precision-sensitive tensors in float32: LayerNorm scales and shifts, the position embedding and the
+        relative-position tables (0.3% of ViT-B's parameters). Device moves apply to them as usual."""
+        keep = {id(t) for t in self._float32_tensors()}
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in keep and t.dtype == torch.float32 and out.dtype in (torch.bfloat16, torch.float16):
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(cast, recurse)
+
+    def _float32_tensors(self):
+        for m in self.modules():
+            if isinstance(m, (nn.LayerNorm, LayerNorm2d)):
+                yield from (t for t in (m.weight, m.bias) if t is not None)
+            elif isinstance(m, Attention) and m.use_rel_pos:
+                yield from (m.rel_pos_h, m.rel_pos_w)
+        if self.pos_embed is not None:
+            yield self.pos_embed
 
     def set_attention(self, impl: str) -> "ImageEncoder":
         """Choose the attention path: 'fast' (SDPA) or 'reference' (the official arithmetic)."""
@@ -117,20 +197,48 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised padded images (B,3,S,S) -> pre-neck features (B,S/16,S/16,C)."""
-        x = self.patch_embed(x)
+        """Normalised padded images (B,3,S,S) -> pre-neck features (B,S/16,S/16,C), in the weights' dtype."""
+        dtype = self.dtype
+        _check_input(x, self.config)
+        if dtype == torch.float16:
+            check_float16(self.config, x.device)
+        x = self.patch_embed(x.to(dtype))
+        if self.attn_impl == "reference":
+            if self.pos_embed is not None:
+                x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+        # Fast path: a contiguous (B,H,W,C) residual stream (the official one stays channels-first in memory,
+        # so every LayerNorm and Linear copies it), kept in float32 for bfloat16/float16 weights.
+        x = x.to(_residual_dtype(dtype)).contiguous()
         if self.pos_embed is not None:
-            x = x + resize_pos_embed(self.pos_embed, x.shape[1:3])
+            x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
-        return x
+        return x.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised padded images (B,3,1024,1024) -> embedding (B,256,64,64), or features without a neck."""
         x = self.forward_features(x)
-        if self.neck is None:
-            return x
-        return self.neck(x.permute(0, 3, 1, 2))
+        if self.neck is not None:
+            x = self.neck(x.permute(0, 3, 1, 2)) if self.attn_impl == "reference" else self._neck_fast(x)
+        if x.dtype == torch.float16 and not torch.isfinite(x).all():
+            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
+                                     "use bfloat16 or float32")
+        return x
+
+    def _neck_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The neck on channels-last memory, its LayerNorms in float32 for a low-precision model."""
+        conv1, norm1, conv2, norm2 = self.neck
+        x = _layer_norm_2d(conv1(x.permute(0, 3, 1, 2)), norm1)
+        x = _layer_norm_2d(conv2(x), norm2)
+        return x.contiguous()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the matmuls, inputs and outputs (that of the linear and conv weights)."""
+        return self.patch_embed.proj.weight.dtype
 
     def num_parameters(self, include_pos_embed: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
