@@ -57,7 +57,9 @@ def test_dtype_and_device(tmp_path):
     path = tmp_path / "tiny.safetensors"
     samvit.save_encoder(enc, path)
     bf = samvit.load_encoder(checkpoint=path, dtype=torch.bfloat16, device="cpu")
-    assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
+    assert bf.dtype == torch.bfloat16
+    assert all(m.weight.dtype == torch.bfloat16 for m in bf.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    assert bf.blocks[0].norm1.weight.dtype == torch.float32  # small tables stay float32 by design (encoder.py)
 
 
 def test_wrong_preset_names_the_mismatched_keys(tmp_path, vit_b_state):
