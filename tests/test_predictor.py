@@ -238,7 +238,7 @@ def test_from_checkpoint_bfloat16_encoder(tmp_path, coffee):
     torch.save(liven_decoder_(official_tiny_sam()).state_dict(), path)
     p32 = Predictor.from_checkpoint(path, model=TINY)
     p16 = Predictor.from_checkpoint(path, model=TINY, dtype=torch.bfloat16)
-    assert next(p16.encoder.parameters()).dtype == torch.bfloat16
+    assert p16.encoder.dtype == torch.bfloat16
     assert p16.decoder.mask_decoder.iou_token.weight.dtype == torch.float32
     for p in (p32, p16):
         p.set_image(coffee)

@@ -24,7 +24,7 @@ class EmbedReport:
 def encode_batch(encoder: ImageEncoder, items: Sequence[PreparedImage]) -> torch.Tensor:
     """Run the encoder on prepared images; returns float32 embeddings on the CPU."""
     p = next(encoder.parameters())
-    x = collate(items).to(device=p.device, dtype=p.dtype)
+    x = collate(items).to(device=p.device, dtype=encoder.dtype)
     return encoder(x).float().cpu()
 
 

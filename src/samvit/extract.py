@@ -187,7 +187,7 @@ def extract(encoder: ImageEncoder, items: Sequence[Tuple[str, str]], store_path:
     world = torch.distributed.get_world_size() if distributed else 1
     cfg = encoder.config
     param = next(encoder.parameters())
-    device, compute_dtype = param.device, param.dtype
+    device, compute_dtype = param.device, encoder.dtype
     store = EmbeddingStore.create(
         store_path, model=cfg.name, config=cfg.to_dict(), embedding_shape=embedding_shape(cfg),
         checkpoint_sha256=checkpoint_sha256, dtype=store_dtype,

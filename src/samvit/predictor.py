@@ -118,7 +118,7 @@ class Predictor:
             rgb = np.ascontiguousarray(rgb[..., ::-1])
         resized = resize_longest_side(rgb, self.img_size)
         p = next(self.encoder.parameters())
-        x = normalize_and_pad(resized, self.img_size)[None].to(device=p.device, dtype=p.dtype)
+        x = normalize_and_pad(resized, self.img_size)[None].to(device=p.device, dtype=self.encoder.dtype)
         self.set_embedding(self.encoder(x)[0], rgb.shape[:2], resized.shape[:2])
 
     def set_embedding(self, embedding: Union[torch.Tensor, str, os.PathLike], original_size: Optional[Tuple[int, int]] = None,
