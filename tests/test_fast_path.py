@@ -120,14 +120,16 @@ def test_bias_chunking_does_not_change_the_result(monkeypatch, budget, min_queri
 
 @pytest.mark.parametrize("args", [(1, 12, 64, 64, 4096, 1 << 23), (25, 12, 14, 14, 196, 1 << 23),
                                   (2, 3, 5, 7, 35, 1), (4, 16, 64, 64, 4096, 1 << 28), (3, 2, 4, 5, 20, 10 ** 6),
-                                  (1, 12, 64, 64, 4096, 40 << 20)])
+                                  (1, 12, 64, 64, 4096, 40 << 20), (1, 16, 64, 64, 4096, 1 << 23),
+                                  (2, 12, 100, 100, 10000, 1 << 23)])
 def test_chunking_respects_the_budget(args):
     batch, heads, rows, row_len, n_keys, budget = args
-    nb, nh, nr = _chunking(batch, heads, rows, row_len, n_keys, budget)
-    assert 1 <= nb and 1 <= nh <= heads and 1 <= nr <= rows
+    nb, nh, n_chunks = _chunking(batch, heads, rows, row_len, n_keys, budget)
+    assert 1 <= nb and 1 <= nh <= heads and 1 <= n_chunks <= rows
     min_rows = min(rows, -(-768 // row_len))  # the kernel's efficient query block count wins over the budget
-    assert nb * nh * nr * row_len * n_keys <= max(budget, min_rows * row_len * n_keys)
-    assert nr >= min_rows
+    smallest, largest = rows // n_chunks, -(-rows // n_chunks)  # rows are spread evenly over the chunks
+    assert smallest >= min_rows
+    assert nb * nh * largest * row_len * n_keys <= 2 * max(budget, min_rows * row_len * n_keys)
 
 
 def test_bfloat16_end_to_end(tmp_path):

@@ -1,0 +1,60 @@
+"""A tiny smoke run of the benchmark code path (subprocess workers, error metrics, files); no timing asserts."""
+import json
+
+import pytest
+
+import samvit
+from samvit import bench
+from samvit.cli import main as cli_main
+
+TINY = samvit.EncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
+                            out_chans=16, name="tiny")
+
+
+def test_plan_runs_samvit_once_and_only_supported_precisions():
+    runs = bench.plan_runs(["samvit", "samvit-reference", "official"], ["float32", "bfloat16"], [1, 2],
+                           ["default", "tuned"])
+    keys = {(r["impl"], r["dtype"], r["batch"], r["allocator"]) for r in runs}
+    assert ("samvit", "bfloat16", 2, "default") in keys and ("official", "bfloat16", 1, "tuned") in keys
+    assert not any(r["impl"].startswith("samvit") and r["allocator"] == "tuned" for r in runs)
+    assert not any(r["impl"] == "samvit-reference" and r["dtype"] == "bfloat16" for r in runs)
+    assert len(runs) == 2 * 2 + 2 * 1 + 2 * 2 * 2
+
+
+def test_smoke_run_against_official(tmp_path):
+    rec = bench.run_benchmark(TINY, impls=["samvit", "official"], dtypes=["float32"], batch_sizes=[2],
+                              allocators=["tuned"], threads=1, warmup=1, repeats=1, timeout=600,
+                              peak_size=256, progress=False, label="test")
+    assert rec["reference_impl"] == "official"
+    assert rec["flops_per_image"] > 0 and rec["matmul_peak"]["float32"]["gflops"] > 0
+    rows = {(r["impl"], r["batch"], r["allocator"]): r for r in rec["runs"]}
+    assert set(rows) == {("samvit", 2, "tuned"), ("official", 2, "tuned")}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["s_per_image"] > 0 and r["peak_rss_mib"] > 0 and r["gflops"] > 0 and 0 < r["peak_share"]
+        assert r["max_abs"] <= 1e-5 and r["cosine"] > 0.99999
+        assert r["out_shape"] == [r["batch"], 16, 4, 4]
+    assert rows[("official", 2, "tuned")]["max_abs"] == 0.0  # the yardstick itself
+    js, md = bench.write_results(rec, str(tmp_path))
+    assert json.load(open(js))["runs"] == rec["runs"]
+    text = open(md).read()
+    assert "samvit fast path (SDPA)" in text and "official segment-anything" in text and "**test**" in text
+
+
+def test_reference_made_without_the_official_run(tmp_path):
+    """With the official run filtered out, an untimed run still makes the yardstick output."""
+    rec = bench.run_benchmark(TINY, impls=["samvit-reference"], dtypes=["float32"], allocators=["tuned"],
+                              threads=1, warmup=0, repeats=1, timeout=600, peak_size=None, progress=False)
+    assert rec["reference_impl"] == "official"
+    (row,) = rec["runs"]
+    assert row["max_abs"] == 0.0  # the reference path is the official arithmetic, bit for bit
+    assert "not measured" in bench.markdown(rec)
+
+
+@pytest.mark.parametrize("argv,message", [(["--impls", "samvit,mxnet"], "unknown implementation 'mxnet'"),
+                                          (["--dtypes", "int8"], "unknown dtype 'int8'"),
+                                          (["--allocators", "jemalloc"], "unknown allocator setting"),
+                                          (["--batch-sizes", "0"], "at least 1")])
+def test_cli_refuses_bad_options(argv, message, capsys):
+    assert cli_main(["bench", "--quiet", *argv]) == 2
+    assert message in capsys.readouterr().err
