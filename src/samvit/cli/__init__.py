@@ -11,6 +11,7 @@ COMMANDS = {
     "embed": ("embed", "embed images into SAM image embeddings (one .safetensors per image, or --store PATH)"),
     "store": ("store", "info, ls or verify an embedding store written by `samvit embed --store`"),
     "info": ("info", "print a preset's or a checkpoint's architecture and parameter count"),
+    "bench": ("bench", "time the encoder side by side with segment-anything, timm and transformers"),
     "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
