@@ -9,7 +9,7 @@ import torch
 
 from .convert import to_official
 from .modeling.mask_decoder import DecoderConfig, SamDecoder
-from .weights import CheckpointError, StateDict, read_checkpoint
+from .weights import CheckpointError, StateDict, check_keys, read_checkpoint
 
 DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 CheckpointSource = Union[str, os.PathLike, StateDict]
@@ -57,17 +57,7 @@ def check_decoder_state_dict(sd: StateDict, cfg: DecoderConfig, source: str = "c
     """Raise CheckpointError naming every missing, unexpected and wrongly shaped decoder key."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in SamDecoder(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
-                   for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{source}: prompt encoder / mask decoder do not fit {cfg}:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                parts.append(f"{label}: {shown}")
-        raise CheckpointError("\n  ".join(parts))
+    check_keys(sd, expected, f"{source}: prompt encoder / mask decoder do not fit {cfg}:")
 
 
 def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] = None,

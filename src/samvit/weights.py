@@ -127,20 +127,24 @@ def _expected_shapes(cfg: EncoderConfig) -> Dict[str, tuple]:
     return _SHAPE_CACHE[cfg]
 
 
-def check_state_dict(sd: StateDict, cfg: EncoderConfig, source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming every missing, unexpected and wrongly shaped key."""
-    expected = _expected_shapes(cfg)
+def check_keys(sd: StateDict, expected: Dict[str, tuple], header: str) -> None:
+    """Raise CheckpointError(header + details) naming every missing, unexpected and wrongly shaped key."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
                    for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
     if missing or unexpected or wrong:
-        parts = [f"{source} does not fit model {cfg.name!r}:"]
+        parts = [header]
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
             if items:
                 shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
                 parts.append(f"{label}: {shown}")
         raise CheckpointError("\n  ".join(parts))
+
+
+def check_state_dict(sd: StateDict, cfg: EncoderConfig, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and wrongly shaped encoder key."""
+    check_keys(sd, _expected_shapes(cfg), f"{source} does not fit model {cfg.name!r}:")
 
 
 def _resolve_config(model: ModelSpec) -> Optional[EncoderConfig]:
