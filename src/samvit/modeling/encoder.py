@@ -115,13 +115,12 @@ def resize_pos_embed(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tens
     return p.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 
-def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
-    """LayerNorm2d as one F.layer_norm over channels of channels-last memory, in float32 for low precision."""
+def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d, out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm2d as one F.layer_norm over the channels of channels-last memory, in float32 for low precision."""
     y = x.permute(0, 2, 3, 1)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        y = y.float()
+    y = y.float() if x.dtype in (torch.bfloat16, torch.float16) else y
     y = F.layer_norm(y, (y.shape[-1],), norm.weight.to(y.dtype), norm.bias.to(y.dtype), norm.eps)
-    return y.to(x.dtype).permute(0, 3, 1, 2)
+    return y.to(out_dtype).permute(0, 3, 1, 2)
 
 
 def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,13 +196,36 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised padded images (B,3,S,S) -> pre-neck features (B,S/16,S/16,C), in the weights' dtype."""
+        """Normalised padded images (B,3,S,S) -> pre-neck features (B,S/16,S/16,C).
+
+        Any float input is cast to the weights' dtype. Outputs are float32 for bfloat16/float16 weights: the
+        residual stream and the LayerNorms run in float32, and rounding their result would only lose precision.
+        """
+        return self._features(x).to(_residual_dtype(self.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised padded images (B,3,1024,1024) -> embedding (B,256,64,64), or features without a neck;
+        float32 for bfloat16/float16 weights (see forward_features)."""
+        dtype = self.dtype
+        x = self._features(x)
+        if self.neck is not None:
+            if self.attn_impl == "reference":
+                x = self.neck(x.permute(0, 3, 1, 2))
+            else:
+                x = self._neck_fast(x)
+        x = x.to(_residual_dtype(dtype))
+        if dtype == torch.float16 and not torch.isfinite(x).all():
+            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
+                                     "use bfloat16 or float32")
+        return x
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype
         _check_input(x, self.config)
         if dtype == torch.float16:
             check_float16(self.config, x.device)
         x = self.patch_embed(x.to(dtype))
-        if self.attn_impl == "reference":
+        if self.attn_impl == "reference":  # the official arithmetic, in the weights' dtype
             if self.pos_embed is not None:
                 x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
             for blk in self.blocks:
@@ -216,28 +238,19 @@ class ImageEncoder(nn.Module):
             x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
-        return x.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised padded images (B,3,1024,1024) -> embedding (B,256,64,64), or features without a neck."""
-        x = self.forward_features(x)
-        if self.neck is not None:
-            x = self.neck(x.permute(0, 3, 1, 2)) if self.attn_impl == "reference" else self._neck_fast(x)
-        if x.dtype == torch.float16 and not torch.isfinite(x).all():
-            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
-                                     "use bfloat16 or float32")
         return x
 
     def _neck_fast(self, x: torch.Tensor) -> torch.Tensor:
         """The neck on channels-last memory, its LayerNorms in float32 for a low-precision model."""
         conv1, norm1, conv2, norm2 = self.neck
-        x = _layer_norm_2d(conv1(x.permute(0, 3, 1, 2)), norm1)
-        x = _layer_norm_2d(conv2(x), norm2)
+        dtype = self.dtype
+        x = _layer_norm_2d(conv1(x.to(dtype).permute(0, 3, 1, 2)), norm1, dtype)
+        x = _layer_norm_2d(conv2(x), norm2, _residual_dtype(dtype))
         return x.contiguous()
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the matmuls, inputs and outputs (that of the linear and conv weights)."""
+        """The dtype of the matmuls and of the input they take (that of the linear and conv weights)."""
         return self.patch_embed.proj.weight.dtype
 
     def num_parameters(self, include_pos_embed: bool = True) -> int:
