@@ -146,21 +146,22 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     x = x1.expand(spec["batch"], -1, -1, -1).contiguous().to(in_dtype)
     res["rss_loaded_mib"] = _status_kib("VmRSS") / 1024
 
-    def once() -> Tuple[float, torch.Tensor]:
+    def once() -> Tuple[float, float, torch.Tensor]:
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fwd(x)
-            return time.perf_counter() - t0, out
+            return time.perf_counter() - t0, time.process_time() - c0, out
 
-    times, out = [], None
+    times, cpu_times, out = [], [], None
     for i in range(spec["warmup"] + spec["repeats"]):
-        dt, out = once()
+        dt, cpu, out = once()
         if i < spec["warmup"]:
             res.setdefault("warmup_s", []).append(dt)
         else:
             times.append(dt)
-        _emit("PROGRESS", {"run": i, "warmup": i < spec["warmup"], "seconds": dt})
-    res["times_s"] = times
+            cpu_times.append(cpu)
+        _emit("PROGRESS", {"run": i, "warmup": i < spec["warmup"], "seconds": dt, "cpu_seconds": cpu})
+    res["times_s"], res["cpu_times_s"] = times, cpu_times
     out = out.float()
     if spec.get("save_output"):
         save_file({"out": out[:1].contiguous()}, spec["save_output"])
@@ -410,13 +411,15 @@ def _summarise(result: Optional[Dict], plan: Dict, progress: List[Dict], err: st
         if not done:
             return row
         row["partial"] = True
-        result = {"times_s": done}
+        result = {"times_s": done, "cpu_times_s": [p["cpu_seconds"] for p in progress if not p["warmup"]]}
     row.update({k: v for k, v in result.items() if k not in row})
     times = result["times_s"]
     if not times:
         return row
     s_img = statistics.median(times) / plan["batch"]
     row["s_per_image"], row["images_per_s"] = s_img, 1.0 / s_img
+    if result.get("cpu_times_s"):  # process CPU time: with --threads 1, robust to other load on the machine
+        row["cpu_s_per_image"] = statistics.median(result["cpu_times_s"]) / plan["batch"]
     row["gflops"] = flops / s_img / 1e9
     pk = peak.get(plan["dtype"], {}).get("gflops") if isinstance(peak, dict) else None
     if pk:
@@ -451,7 +454,8 @@ def markdown(record: Dict[str, Any]) -> str:
               f"AVX-512 BF16 {'yes' if m['avx512_bf16'] else 'no'}), torch {m['torch']} "
               f"({m['torch_cpu_capability']}), {m['date']}",
               f"- {s['threads']} threads; median of {s['repeats']} after {s['warmup']} warm-up; each run in a fresh "
-              f"process; peak = whole-process VmHWM",
+              f"process; peak = whole-process VmHWM; CPU s/img = process CPU time (the best allocator setting), "
+              f"which with 1 thread does not depend on other load on the machine",
               f"- matmul peak: {pk or 'not measured'}",
               f"- FLOPs per image: {record['flops_per_image'] / 1e9:.4g} G ({record['flops_source']}, "
               f"FlopCounterMode on meta, window padding included)",
@@ -467,8 +471,8 @@ def markdown(record: Dict[str, Any]) -> str:
     for a in allocs:
         head += f" {a}: s/img | img/s | peak MiB | GFLOP/s | % peak | x official |"
         sep += "---|---|---|---|---|---|"
-    head += " max abs | mean abs | cosine |"
-    sep += "---|---|---|"
+    head += " CPU s/img | max abs | mean abs | cosine |"
+    sep += "---|---|---|---|"
     lines += [head, sep]
     rows: Dict[Tuple, Dict[str, Dict]] = {}
     order = list(IMPLS)
@@ -491,6 +495,8 @@ def markdown(record: Dict[str, Any]) -> str:
                       f"{r['images_per_s']:.3f} | {r.get('peak_rss_mib', float('nan')):.0f} | {r['gflops']:.1f} | "
                       f"{100 * r.get('peak_share', float('nan')):.0f}% | "
                       f"{(ref_s / r['s_per_image']) if ref_s else float('nan'):.2f} |")
+        cpu = min((r["cpu_s_per_image"] for r in by_alloc.values() if "cpu_s_per_image" in r), default=None)
+        cells += f" {cpu:.3f} |" if cpu is not None else " |"
         e = next((r for r in by_alloc.values() if "max_abs" in r), {})
         cells += (f" {e['max_abs']:.2e} | {e['mean_abs']:.2e} | {e['cosine']:.6f} |" if e else " | | |")
         lines.append(cells)
