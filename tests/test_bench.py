@@ -58,3 +58,39 @@ def test_reference_made_without_the_official_run(tmp_path):
 def test_cli_refuses_bad_options(argv, message, capsys):
     assert cli_main(["bench", "--quiet", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _bench_gpu():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_without_cuda_says_so(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert _bench_gpu().main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_bench_sam_fast_attention_equals_official():
+    """The segment-anything-fast configuration's attention (SDPA + summed bias) computes the official function."""
+    import torch
+
+    from samvit.bench import _official_encoder, random_weights
+
+    sd = random_weights(TINY)
+    official = _official_encoder(TINY)
+    official.load_state_dict(sd)
+    fast, _ = _bench_gpu()._sam_fast_encoder(TINY)
+    fast.load_state_dict(sd)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert (official.eval()(x) - fast.eval()(x)).abs().max() <= 1e-5
