@@ -30,12 +30,13 @@ def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int
                 dynamic_batch: bool = True, external_data: Optional[bool] = None, check: bool = True) -> str:
     """Export a float32 encoder to an ONNX file: input `image` (B,3,S,S), output `embedding`; returns the path.
 
-    The reference attention path is exported (plain ops; it runs fastest in onnxruntime). Weights go to one side
+    The reference attention path is exported (plain ops; the SDPA path does not trace with a dynamic batch,
+    and the encoder's own path is restored afterwards). Weights go to one side
     file `<path>.data` when external_data is True, or, by default, when they exceed ~1.8 GB (vit_h).
     """
     try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
+        import onnx
+        import onnxscript  # noqa: F401  (the exporter's backend)
     except ImportError as e:
         raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e}); "
                           "install them with `pip install samvit[onnx]`") from None
@@ -76,10 +77,31 @@ def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int
         os.remove(data_path)  # a stale side file from an earlier export would otherwise be left beside the new one
     program.save(path, external_data=external_data)
     if check:
-        import onnx
-
         onnx.checker.check_model(path, full_check=False)  # path-based: follows external data, no 2 GiB limit
     return path
+
+
+def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> str:
+    """Dynamic int8 quantisation of an exported file's linear layers with onnxruntime; returns dst.
+
+    Weights and activations are uint8 (per tensor, activations quantised at run time); attention, norms and
+    convolutions stay float32. int8 weights would be faster on CPUs with VNNI but saturate without it.
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise ImportError("int8 export needs onnxruntime; install it with `pip install samvit[onnx]`") from None
+    import logging
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice about pre-processing on the root logger
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+    return dst
 
 
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, arena: bool = True):
