@@ -107,6 +107,23 @@ def test_concurrent_creation_agrees_on_one_store(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n != "s"]  # no temporary directories left
 
 
+def test_creation_that_loses_the_race_after_looking_opens_the_winner(tmp_path, monkeypatch):
+    """The window torchrun ranks hit: a rank sees no store, another rank renames its store into place, then the
+    first rank goes on to create one. It must open the winner's store, not call it "not a store"."""
+    import samvit.store as store_mod
+
+    first = make_store(tmp_path / "s")
+    real, calls = store_mod._is_store, []
+
+    def stale_once(path):
+        calls.append(path)
+        return False if len(calls) == 1 else real(path)
+
+    monkeypatch.setattr(store_mod, "_is_store", stale_once)
+    second = make_store(tmp_path / "s")
+    assert second.identity["created"] == first.identity["created"] and len(calls) >= 2
+
+
 def test_changed_model_checkpoint_dtype_or_tiling_is_refused(tmp_path):
     make_store(tmp_path / "s")
     for change, pattern in [({"checkpoint_sha256": "cd" * 32}, "checkpoint sha256"),

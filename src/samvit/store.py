@@ -508,6 +508,8 @@ def _create_atomically(path: str, identity: Dict[str, Any]) -> None:
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    if _is_store(path):
+        return  # another process (a torchrun rank) created it since the caller looked
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise StoreError(f"{path}: exists and is not an embedding store (expected a new path, an empty "
                          "directory or a store made by `samvit embed --store`)")

@@ -214,4 +214,5 @@ def _chunking(batch: int, heads: int, rows: int, row_len: int, n_keys: int, max_
         return max(1, max_elems // (heads * rows * per_row)), heads, 1
     if heads * rmin * per_row <= max_elems:
         return 1, heads, rows // (max_elems // (heads * per_row))
-    return 1, max(1, max_elems // (rmin * per_row)), rows // rmin
+    nh = max(1, max_elems // (rmin * per_row))
+    return 1, nh, rows // max(rmin, max_elems // (nh * per_row))
