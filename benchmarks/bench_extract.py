@@ -166,7 +166,7 @@ def main() -> int:
     ratio = pipe_ips / bare_ips
     cmd = "python benchmarks/bench_extract.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name(device)}"
+               f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}" + (f", {torch.cuda.get_device_name(device)}"
                                                         if device.type == "cuda" else ""))
     md = f"""# Extraction pipeline vs bare encoder
 
