@@ -28,13 +28,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_b")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--attn", default="fast", choices=["fast", "reference"])
     p.add_argument("--out", default=None, help="also write the markdown here")
     args = p.parse_args()
     samvit.tune_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    enc = samvit.ImageEncoder(samvit.preset(args.model), attn_impl=args.attn).eval()
+    enc = samvit.ImageEncoder(samvit.preset(args.model)).eval()
     x = torch.randn(1, 3, enc.config.img_size, enc.config.img_size)
     with torch.inference_mode():
         enc(x)  # warm-up
@@ -48,9 +47,9 @@ def main() -> None:
     for ev in prof.key_averages():
         total += ev.self_cpu_time_total
         by_group[GROUPS.get(ev.key, "everything else (copies, adds, bias chunks, ...)")] += ev.self_cpu_time_total
-    lines = [f"# Profile: {args.model}, {args.attn} path, float32, batch 1, {args.threads} threads",
+    lines = [f"# Profile: {args.model}, fast path, float32, batch 1, {args.threads} threads",
              "", f"Command: `python benchmarks/profile_encoder.py --model {args.model} --threads {args.threads}"
-             f" --attn {args.attn}`", f"Machine: {platform.processor() or platform.machine()}, torch "
+             "`", f"Machine: {platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
              f"Forward pass without the profiler: {wall:.2f} s.", "",
              "| operator kind | share of self CPU time |", "|---|---|"]

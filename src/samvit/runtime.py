@@ -30,7 +30,8 @@ def tune_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1  # -1: never trim (man mallopt)
+        # M_TRIM_THRESHOLD -1: never trim (man mallopt); a positive int caps it below 2 GiB, which a big free passes
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
     except (OSError, AttributeError):
         return False
     _tuned = ok
