@@ -19,6 +19,8 @@ from PIL import Image
 
 import samvit
 from samvit import EmbeddingStore, ImageEncoder, load_encoder, preprocess
+from samvit.checkpoints.files import sha256_file
+from samvit.checkpoints.registry import checkpoint_sha256
 from samvit.cli import main
 from samvit.extract import extract, tile_grid
 from samvit.inputs import collect_inputs
@@ -104,7 +106,7 @@ def test_store_equals_direct_encoding(tmp_path, images, encoder, ckpt):
         emb, meta = s[key]
         torch.testing.assert_close(emb, ref, rtol=0, atol=1e-5)
         assert meta["original_size"] == prep.original_size and meta["input_size"] == prep.input_size
-        assert meta["sha256"] == samvit.weights.file_sha256(path) and meta["model"] == "tiny"
+        assert meta["sha256"] == sha256_file(path) and meta["model"] == "tiny"
 
 
 def test_resume_skips_done_and_never_duplicates(tmp_path, images, encoder):
@@ -141,7 +143,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted_run(tmp_path, ck
     for i in range(n):  # big enough that decoding keeps the run going for a few seconds
         Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(src / f"img{i:02d}.jpg")
     ref = str(tmp_path / "ref")
-    extract(encoder, collect_inputs([str(src)]), ref, checkpoint_sha256=samvit.weights.file_sha256(ckpt),
+    extract(encoder, collect_inputs([str(src)]), ref, checkpoint_sha256=checkpoint_sha256(ckpt),
             workers=0, progress=False)
     out = str(tmp_path / "s")
     cmd = [PY, "-m", "samvit", "embed", str(src), "--checkpoint", ckpt, "--store", out, "--workers", "0",
@@ -225,7 +227,7 @@ def test_bad_files_are_reported_and_the_rest_written(tmp_path, images, ckpt, cap
 
 def test_torchrun_two_processes_equal_one(tmp_path, images, ckpt, encoder):
     one = str(tmp_path / "one")
-    extract(encoder, collect_inputs([images]), one, checkpoint_sha256=samvit.weights.file_sha256(ckpt),
+    extract(encoder, collect_inputs([images]), one, checkpoint_sha256=checkpoint_sha256(ckpt),
             workers=0, progress=False)
     two = str(tmp_path / "two")
     proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

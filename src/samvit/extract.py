@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .modeling.encoder import ImageEncoder
 from .store import EmbeddingStore, StoreWriter, embedding_shape
 from .transforms import DEFAULT_MAX_PIXELS, load_image, normalize_and_pad, resize_longest_side
-from .weights import file_sha256
+from .checkpoints.files import sha256_file
 
 Box = Tuple[int, int, int, int]
 
@@ -70,7 +70,7 @@ class _Units(IterableDataset):
     def _units(self, path: str, key: str) -> Iterator[Dict[str, Any]]:
         base = {"key": key, "path": path}
         try:
-            sha = file_sha256(path)
+            sha = sha256_file(path)
         except OSError as e:
             reason = f"{path}: cannot read file ({type(e).__name__}: {e.strerror or e})"
             yield dict(base, status="failed", reason=reason)
@@ -176,7 +176,7 @@ def extract(encoder: ImageEncoder, items: Sequence[Tuple[str, str]], store_path:
     Under torch.distributed (initialised by the caller) each rank takes items[rank::world_size]. Failed inputs are
     listed in report_path (default store_path/failures.jsonl, rewritten every run) and skipped; the rest are written.
     """
-    from . import __version__
+    from ._version import __version__
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

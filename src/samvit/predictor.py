@@ -12,13 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EncoderConfig, preset
-from .decoder_weights import infer_decoder_config, load_decoder
+from .checkpoints.load import load_sam
+from .config import EncoderConfig
 from .modeling.encoder import ImageEncoder
 from .modeling.mask_decoder import SamDecoder
 from .transforms import ImageInput, get_preprocess_shape, load_image, normalize_and_pad, resize_longest_side
-from .weights import (CONFIG_METADATA_KEY, CheckpointError, check_state_dict, encoder_state_dict, infer_config,
-                      read_checkpoint)
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
 
@@ -61,33 +59,20 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], model: Union[str, EncoderConfig, None] = None,
                         device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
-                        with_encoder: bool = True, attn_impl: str = "fast") -> "Predictor":
-        """Encoder and decoder from one full SAM checkpoint (official .pth or .safetensors), read once.
+                        with_encoder: bool = True, attn_impl: str = "fast", progress: Optional[bool] = None
+                        ) -> "Predictor":
+        """Encoder and decoder from one full SAM checkpoint, read once (samvit.checkpoints.load.load_sam).
 
-        `model` (preset name or EncoderConfig) is inferred when omitted; `dtype` is the encoder's compute dtype
-        (the decoder is cheap and stays float32). with_encoder=False skips the encoder: use set_embedding.
+        Args:
+            checkpoint: a file (official .pth, transformers SamModel, .safetensors), a transformers folder, or a
+                registry name (vit_b, vit_l, vit_h) fetched into the verified cache.
+            model: preset name or EncoderConfig; inferred when omitted.
+            device: for both models. dtype: the encoder's compute dtype (the decoder is cheap, stays float32).
+            with_encoder: False skips the encoder: use set_embedding.
+            progress: download/verification bar (None: only on a terminal).
         """
-        sd, metadata = read_checkpoint(checkpoint)
-        cfg = preset(model) if isinstance(model, str) else model
-        esd = encoder_state_dict(sd) if any(k.startswith("image_encoder.") for k in sd) else {}
-        if cfg is None and CONFIG_METADATA_KEY in metadata:
-            cfg = EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
-        if cfg is None and esd:
-            cfg = infer_config(esd)
-        encoder = None
-        if with_encoder:
-            if not esd:
-                raise CheckpointError(f"{os.fspath(checkpoint)}: no image_encoder.* tensors; pass with_encoder=False "
-                                      "and use set_embedding, or give a full SAM checkpoint")
-            check_state_dict(esd, cfg, source=os.fspath(checkpoint))
-            with torch.device("meta"):
-                encoder = ImageEncoder(cfg, attn_impl=attn_impl)
-            encoder.load_state_dict(esd, strict=True, assign=True)
-            encoder.eval().to(device=device, dtype=dtype)
-        base = infer_decoder_config(sd, source=os.fspath(checkpoint))
-        if cfg is not None:
-            base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
-        decoder = load_decoder(sd, base, device=device)
+        encoder, decoder = load_sam(checkpoint, model, device=device, dtype=dtype, with_encoder=with_encoder,
+                                    attn_impl=attn_impl, progress=progress)
         return cls(encoder, decoder)
 
     # ---- image state ----

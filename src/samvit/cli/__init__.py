@@ -24,7 +24,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(prog="samvit", description="The Segment Anything ViT image encoder: "
                                      "embeddings, masks, weights and benchmarks.")
@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `samvit` command."""
     from ..runtime import tune_allocator
     from ..transforms import ImageError
-    from ..weights import CheckpointError
+    from ..checkpoints.files import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
 def _run_files(args: argparse.Namespace) -> int:
     import sys
 
-    from .. import __version__
+    from .._version import __version__
     from ..embed import embed_files
     from ..inputs import collect_inputs
     from ..runtime import resolve_device, resolve_dtype
-    from ..hub import resolve_checkpoint
-    from ..weights import file_sha256, load_encoder
+    from ..checkpoints.load import load_encoder
+    from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
     from . import UserError
 
     items = collect_inputs(args.inputs)
@@ -77,7 +77,7 @@ def _run_files(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)  # a name: fetch
     encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=dtype)
-    meta = {"model": encoder.config.name, "checkpoint_sha256": file_sha256(args.checkpoint),
+    meta = {"model": encoder.config.name, "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
             "samvit_version": __version__, "dtype": str(dtype).replace("torch.", "")}
     report = embed_files(encoder, items, args.out, args.batch_size, meta, progress=False if args.quiet else None)
     for path, reason in report.failed:
@@ -96,8 +96,8 @@ def _run_store(args: argparse.Namespace) -> int:
     from ..inputs import collect_inputs
     from ..runtime import resolve_dtype
     from ..transforms import DEFAULT_MAX_PIXELS
-    from ..hub import resolve_checkpoint
-    from ..weights import file_sha256, load_encoder
+    from ..checkpoints.load import load_encoder
+    from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
     from . import UserError
 
     if args.tile is not None and args.tile < 1:
@@ -118,7 +118,7 @@ def _run_store(args: argparse.Namespace) -> int:
         if env and env[2] == 0:
             torch.distributed.barrier()
         encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=resolve_dtype(args.dtype))
-        checkpoint_sha = file_sha256(args.checkpoint)
+        checkpoint_sha = checkpoint_sha256(args.checkpoint)
         report = extract(encoder, items, args.store, checkpoint_sha256=checkpoint_sha, batch_size=args.batch_size,
                          workers=args.workers, tile=args.tile, halo=args.halo or 0, store_dtype=args.store_dtype,
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, report_path=args.report,

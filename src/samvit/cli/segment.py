@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                         f"{'--embedding' if args.embedding else '--store'}")
     rgb = load_image(args.image)
     predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=resolve_device(args.device),
-                                          dtype=resolve_dtype(args.dtype), with_encoder=not precomputed)
+                                          dtype=resolve_dtype(args.dtype), with_encoder=not precomputed,
+                                          progress=False if args.quiet else None)
     if precomputed:
         if args.embedding:
             predictor.set_embedding(args.embedding)
