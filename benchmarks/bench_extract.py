@@ -132,9 +132,9 @@ def main() -> int:
 
     import samvit
     from samvit.extract import default_workers
-    from samvit.inputs import collect_inputs
+    from samvit.data.sources import collect_inputs
     from samvit.runtime import resolve_device, resolve_dtype
-    from samvit.transforms import preprocess
+    from samvit.data.preprocess import preprocess
 
     samvit.tune_allocator()
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)

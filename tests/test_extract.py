@@ -22,10 +22,11 @@ from samvit import EmbeddingStore, ImageEncoder, load_encoder, preprocess
 from samvit.checkpoints.files import sha256_file
 from samvit.checkpoints.registry import checkpoint_sha256
 from samvit.cli import main
-from samvit.extract import extract, tile_grid
-from samvit.inputs import collect_inputs
+from samvit.data.tiles import tile_grid
+from samvit.extract import extract
+from samvit.data.sources import collect_inputs
 from samvit.store import StoreMismatchError, _read_log
-from samvit.transforms import normalize_and_pad, resize_longest_side
+from samvit.data.preprocess import normalize_and_pad, resize_longest_side
 
 from conftest import TINY, randomize_
 

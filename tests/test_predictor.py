@@ -281,7 +281,7 @@ def test_decoder_matches_transformers_sam(tiny):
     labels = torch.tensor([[1, 0]])
     _, iou1, low1 = ours.predict_torch(coords, labels, multimask_output=True)
     with torch.no_grad():
-        out = hf(image_embeddings=ours.features, input_points=ours._to_input_frame(coords)[:, None],
+        out = hf(image_embeddings=ours.features, input_points=ours.to_input_frame(coords)[:, None],
                  input_labels=labels[:, None], multimask_output=True)
     # transformers' own arithmetic (sdpa attention) differs in the last bits, amplified by the livened decoder
     # (logits up to ~10); a wrong key would show as differences of order 1

@@ -2,14 +2,16 @@
 from .config import PRESETS, EncoderConfig, preset
 from .modeling.encoder import ImageEncoder
 from .runtime import tune_allocator
-from .transforms import ImageError, PreparedImage, load_image, preprocess
+from .data.images import ImageError, load_image
+from .data.preprocess import PreparedImage, preprocess
 from .checkpoints.files import CheckpointError
 from .checkpoints.load import load_decoder, load_encoder, load_sam, save_encoder
 from .store import EmbeddingStore
 from .checkpoints.registry import download_checkpoint, resolve_checkpoint
 from .checkpoints.convert import convert_checkpoint
-from .predictor import Predictor, PromptError
-from .automatic import AutomaticMaskGenerator
+from .masks.prompts import PromptError
+from .masks.predictor import Predictor
+from .masks.automatic import AutomaticMaskGenerator
 from .export import export_onnx
 
 from ._version import __version__

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .modeling.encoder import ImageEncoder
-from .transforms import ImageError, PreparedImage, collate, preprocess
+from .data.images import ImageError
+from .data.preprocess import PreparedImage, collate, preprocess
 
 
 @dataclass

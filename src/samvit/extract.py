@@ -5,17 +5,11 @@ workers hash each file (sha256 of its bytes), skip what the store already holds 
 decode and preprocess the rest (whole images, or tiles); the main thread runs the encoder on batches while a
 writer thread converts, writes, fsyncs and commits the finished items, so decoding and writing hide behind compute.
 
-Tiling (`tile=SIZE, halo=PIXELS`): a grid of SIZE x SIZE cells is laid over the original image from its top-left
-corner (ceil(H/SIZE) rows, ceil(W/SIZE) columns; the last row and column are cut by the image border); each tile
-is its cell (the "core") grown by `halo` pixels on every side and clipped to the image. Each tile is cropped from
-the decoded image and preprocessed like a whole image (long side resized to the encoder's input size, normalised,
-padded), so its embedding is exactly what SAM gives for that crop. Tiles are stored row-major with their boxes
-(x0, y0, x1, y1), half-open, in original pixels. An image no larger than SIZE gives one tile: the whole image.
+Tiling (`tile=SIZE, halo=PIXELS`): see samvit.data.tiles; tiles are stored row-major with their boxes.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import sys
@@ -29,25 +23,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .modeling.encoder import ImageEncoder
 from .store import EmbeddingStore, StoreWriter, embedding_shape
-from .transforms import DEFAULT_MAX_PIXELS, load_image, normalize_and_pad, resize_longest_side
+from .data.images import DEFAULT_MAX_PIXELS, load_image
+from .data.preprocess import prepare
+from .data.tiles import tile_grid
 from .checkpoints.files import sha256_file
-
-Box = Tuple[int, int, int, int]
-
-
-def tile_grid(height: int, width: int, size: int, halo: int = 0) -> List[Tuple[Box, Box]]:
-    """(core, box) of every tile of an HxW image, row-major; boxes are (x0, y0, x1, y1), half-open (see above)."""
-    if size < 1 or halo < 0:
-        raise ValueError(f"tile size must be >= 1 and halo >= 0, got size {size}, halo {halo}")
-    out = []
-    for r in range(math.ceil(height / size)):
-        for c in range(math.ceil(width / size)):
-            core = (c * size, r * size, min((c + 1) * size, width), min((r + 1) * size, height))
-            box = (max(0, core[0] - halo), max(0, core[1] - halo), min(width, core[2] + halo),
-                   min(height, core[3] + halo))
-            out.append((core, box))
-    return out
-
 
 class _Units(IterableDataset):
     """Yields, per input, either a status ('done', 'reuse', 'failed') or its prepared tensors, one per tile."""
@@ -62,10 +41,6 @@ class _Units(IterableDataset):
         items = self.items if info is None else self.items[info.id::info.num_workers]
         for path, key in items:
             yield from self._units(path, key)
-
-    def _prepare(self, rgb) -> Tuple[torch.Tensor, List[int]]:
-        resized = resize_longest_side(rgb, self.img_size)
-        return normalize_and_pad(resized, self.img_size), list(resized.shape[:2])
 
     def _units(self, path: str, key: str) -> Iterator[Dict[str, Any]]:
         base = {"key": key, "path": path}
@@ -87,7 +62,8 @@ class _Units(IterableDataset):
             grid = [(None, None)] if self.tile is None else tile_grid(h, w, self.tile, self.halo)
             for i, (core, box) in enumerate(grid):  # one tile at a time: a huge image never sits in memory twice
                 crop = rgb if box is None else rgb[box[1]:box[3], box[0]:box[2]]
-                x, input_size = self._prepare(crop)
+                prepared = prepare(crop, self.img_size)
+                x, input_size = prepared.tensor, list(prepared.input_size)
                 tile = None if box is None else {"box": list(box), "core": list(core), "input_size": input_size}
                 yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=tile,
                            tile_index=i, n_tiles=len(grid), tensor=x)

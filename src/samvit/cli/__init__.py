@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `samvit` command."""
     from ..runtime import tune_allocator
-    from ..transforms import ImageError
+    from ..data.images import ImageError
     from ..checkpoints.files import CheckpointError
 
     parser = build_parser()

@@ -65,7 +65,7 @@ def _run_files(args: argparse.Namespace) -> int:
 
     from .._version import __version__
     from ..embed import embed_files
-    from ..inputs import collect_inputs
+    from ..data.sources import collect_inputs
     from ..runtime import resolve_device, resolve_dtype
     from ..checkpoints.load import load_encoder
     from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
@@ -93,9 +93,9 @@ def _run_store(args: argparse.Namespace) -> int:
     import torch
 
     from ..extract import extract, init_distributed
-    from ..inputs import collect_inputs
+    from ..data.sources import collect_inputs
     from ..runtime import resolve_dtype
-    from ..transforms import DEFAULT_MAX_PIXELS
+    from ..data.images import DEFAULT_MAX_PIXELS
     from ..checkpoints.load import load_encoder
     from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
     from . import UserError
