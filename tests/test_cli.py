@@ -11,7 +11,7 @@ from PIL import Image
 
 import samvit
 from samvit.cli import main
-from samvit.embed import load_embedding
+from samvit.embeddings.files import load_embedding
 from samvit.checkpoints.registry import checkpoint_sha256
 
 

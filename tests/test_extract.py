@@ -23,12 +23,19 @@ from samvit.checkpoints.files import sha256_file
 from samvit.checkpoints.registry import checkpoint_sha256
 from samvit.cli import main
 from samvit.data.tiles import tile_grid
-from samvit.extract import extract
+from samvit.embeddings.pipeline import EmbedReport, StoreSink, embed
 from samvit.data.sources import collect_inputs
-from samvit.store import StoreMismatchError, _read_log
+from samvit.embeddings.store import StoreMismatchError, _read_log
 from samvit.data.preprocess import normalize_and_pad, resize_longest_side
 
 from conftest import TINY, randomize_
+
+
+def extract(encoder, items, path, *, checkpoint_sha256, store_dtype=None, report_path=None, **kw) -> EmbedReport:
+    """The embed loop into a store at `path`."""
+    return embed(encoder, items, StoreSink(str(path), checkpoint_sha256, dtype=store_dtype, report_path=report_path),
+                 **kw)
+
 
 PY = sys.executable
 
@@ -108,6 +115,28 @@ def test_store_equals_direct_encoding(tmp_path, images, encoder, ckpt):
         torch.testing.assert_close(emb, ref, rtol=0, atol=1e-5)
         assert meta["original_size"] == prep.original_size and meta["input_size"] == prep.input_size
         assert meta["sha256"] == sha256_file(path) and meta["model"] == "tiny"
+
+
+def test_file_sink_and_progress_callback(tmp_path, images, encoder):
+    """The same loop writes one file per image; progress goes to a callback, ending at (total, total)."""
+    from samvit.embeddings.files import load_embedding
+    from samvit.embeddings.pipeline import FileSink
+
+    items = collect_inputs([images])
+    calls = []
+    sink = FileSink(str(tmp_path / "out"), "x")
+    rep = embed(encoder, items, sink, batch_size=2, workers=0, progress=lambda done, total, **notes: calls.append(
+        (done, total)))
+    assert (rep.embedded, rep.failed) == (6, []) and calls[-1] == (6, 6) and len(calls) == 6
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    for path, key in items:
+        emb, meta = load_embedding(str(tmp_path / "out" / (os.path.splitext(key)[0] + ".safetensors")))
+        prep = preprocess(path, TINY.img_size)
+        with torch.inference_mode():
+            torch.testing.assert_close(emb, encoder(prep.tensor[None])[0], rtol=0, atol=1e-5)
+        assert meta["original_size"] == prep.original_size and meta["source"] == key and meta["model"] == "tiny"
+    with pytest.raises(ValueError, match="tiles need an embedding store"):
+        embed(encoder, items, sink, tile=100, workers=0)
 
 
 def test_resume_skips_done_and_never_duplicates(tmp_path, images, encoder):

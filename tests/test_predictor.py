@@ -9,7 +9,7 @@ from conftest import TINY, official_sam, official_tiny_sam
 
 from samvit import CheckpointError, Predictor, PromptError, load_decoder
 from samvit.checkpoints.load import infer_decoder_config
-from samvit.embed import save_embedding
+from samvit.embeddings.files import save_embedding
 from samvit.config import DecoderConfig
 
 TOL = 1e-4

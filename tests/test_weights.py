@@ -131,7 +131,7 @@ def test_cli_embed_and_info_by_name(server, entry, tmp_path, monkeypatch, capsys
     from PIL import Image
 
     from samvit import PRESETS
-    from samvit.embed import load_embedding
+    from samvit.embeddings.files import load_embedding
 
     monkeypatch.setitem(PRESETS, "tiny", TINY)
     monkeypatch.setenv("SAMVIT_CACHE", str(tmp_path / "c"))

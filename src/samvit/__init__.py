@@ -6,7 +6,7 @@ from .data.images import ImageError, load_image
 from .data.preprocess import PreparedImage, preprocess
 from .checkpoints.files import CheckpointError
 from .checkpoints.load import load_decoder, load_encoder, load_sam, save_encoder
-from .store import EmbeddingStore
+from .embeddings.store import EmbeddingStore
 from .checkpoints.registry import download_checkpoint, resolve_checkpoint
 from .checkpoints.convert import convert_checkpoint
 from .masks.prompts import PromptError

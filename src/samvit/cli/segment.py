@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.images import load_image
     from ..masks.predictor import Predictor
     from ..runtime import resolve_device, resolve_dtype
-    from ..store import EmbeddingStore
+    from ..embeddings.store import EmbeddingStore
     from . import UserError
 
     if not args.checkpoint:

@@ -95,7 +95,7 @@ class Predictor:
         input_size defaults to the official long-side resize of original_size.
         """
         if isinstance(embedding, (str, os.PathLike)):
-            from ..embed import load_embedding
+            from ..embeddings.files import load_embedding
 
             embedding, meta = load_embedding(os.fspath(embedding))
             original_size = original_size or meta.get("original_size")

@@ -514,7 +514,7 @@ def _create_atomically(path: str, identity: Dict[str, Any]) -> None:
     the winner's store)."""
     import zarr
 
-    from ._version import __version__
+    from .._version import __version__
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
