@@ -52,12 +52,12 @@ def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int
     if external_data is None:
         external_data = needs_external_data(encoder)
     cfg = encoder.config
-    device = next(encoder.parameters()).device
+    device = encoder.device
     # torch.export specialises a dimension whose example size is 1, so a dynamic batch is traced with 2.
     example = torch.zeros(2 if dynamic_batch else 1, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     dynamic_shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
-    impl, training = encoder.attn_impl, encoder.training
-    encoder.set_attention("reference").eval()
+    kernel, training = encoder.kernel, encoder.training
+    encoder.set_kernel("reference").eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -65,7 +65,7 @@ def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int
                                         output_names=[OUTPUT_NAME], opset_version=opset, dynamo=True,
                                         dynamic_shapes=dynamic_shapes, verbose=False)
     finally:
-        encoder.set_attention(impl).train(training)
+        encoder.set_kernel(kernel).train(training)
     got = program.model.opset_imports.get("")
     if got != opset:
         raise ValueError(f"opset {opset} could not be produced (the exporter gave opset {got})")
