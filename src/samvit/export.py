@@ -104,6 +104,26 @@ def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     return dst
 
 
+def export_onnx_int8(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
+                     dynamic_batch: bool = True) -> str:
+    """Export the encoder and quantise its linear layers to int8 (quantize_onnx_int8) into one file; returns it.
+
+    The float32 export goes to a temporary folder beside `path` (it may be large) and is removed afterwards; an
+    int8 file is always written whole (vit_h: about 0.65 GB), so a side file left by an earlier float32 export
+    to the same name is removed.
+    """
+    import tempfile
+
+    path = os.fspath(path)
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        fp32 = export_onnx(encoder, os.path.join(tmp, "fp32.onnx"), opset=opset, dynamic_batch=dynamic_batch)
+        return quantize_onnx_int8(fp32, path)
+
+
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, arena: bool = True):
     """An onnxruntime CPU InferenceSession for an exported file (threads: intra-op threads, default all).
 
