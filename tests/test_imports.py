@@ -156,3 +156,25 @@ def test_every_public_name_resolves():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("an unknown name should raise AttributeError")
+
+
+def test_readme_layout_names_every_module():
+    """The README's Layout tree lists every module and folder of src/samvit, and nothing that is not there."""
+    import re
+
+    readme = (ROOT.parent.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, folder = set(), ""
+    for line in block.splitlines()[1:]:
+        indent = len(line) - len(line.lstrip())
+        names = re.findall(r"\w+\.py|\w+/", line.strip().split("  ")[0])
+        if indent == 2:
+            folder = names[0] if names and names[0].endswith("/") else ""
+            listed.update(names)
+        elif indent > 2:
+            listed.update(folder + n for n in names)
+    actual = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    actual |= {str(p.relative_to(ROOT)) + "/" for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    actual |= {"__init__.py"}
+    assert listed == actual, (sorted(actual - listed), sorted(listed - actual))
+    assert re.search(r"cli/ +argparse only", block)

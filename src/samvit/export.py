@@ -28,11 +28,18 @@ def needs_external_data(encoder: torch.nn.Module) -> bool:
 
 def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, external_data: Optional[bool] = None, check: bool = True) -> str:
-    """Export a float32 encoder to an ONNX file: input `image` (B,3,S,S), output `embedding`; returns the path.
+    """Export a float32 encoder to an ONNX file: input `image` (B,3,S,S), output `embedding`.
 
-    The reference attention path is exported (plain ops; the SDPA path does not trace with a dynamic batch,
-    and the encoder's own path is restored afterwards). Weights go to one side
-    file `<path>.data` when external_data is True, or, by default, when they exceed ~1.8 GB (vit_h).
+    The reference kernel is exported (plain ops; the SDPA kernel does not trace with a dynamic batch), and the
+    encoder's own kernel is restored afterwards.
+
+    Args:
+        encoder: a float32 ImageEncoder. path: the .onnx file to write. opset: 18 or later.
+        dynamic_batch: the batch size as a dynamic axis (else fixed to 1).
+        external_data: weights in one side file `<path>.data`; None: only when they exceed ~1.8 GB (vit_h).
+        check: run onnx.checker on the written file.
+    Returns:
+        the path written.
     """
     try:
         import onnx

@@ -20,8 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights in one side file OUT.data (default: only when they exceed ~1.8 GB, e.g. vit_h)")
     p.add_argument("--int8", action="store_true",
                    help="dynamic int8 quantisation of the linear layers (onnxruntime; uint8 weights), written whole to "
-                   "OUT: a third of the size, a little faster than float32 on CPU, cosine ~0.9999 to float32 on random "
-                   "weights; check yours with --verify (see docs/export.md)")
+                   "OUT (size, speed and accuracy measured in docs/export.md); check yours with --verify")
     p.add_argument("--verify", action="store_true",
                    help="run the file in onnxruntime on a random input and print the difference to PyTorch")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
