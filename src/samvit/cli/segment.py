@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default=None, help="IMAGE's key in --store (default: its file name, the key `samvit "
                    "embed` gives a single file; files found in a directory are keyed by their relative path)")
     p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="full SAM checkpoint (official .pth or .safetensors); default: $SAMVIT_CHECKPOINT")
+                   help="full SAM checkpoint (official .pth, transformers SamModel file or folder, .safetensors) or a "
+                   "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
     p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when omitted")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
