@@ -37,7 +37,7 @@ from .worker import ModelWorker, QueueFull
 STATIC = Path(__file__).parent / "static"
 Format = Literal["json", "npy", "safetensors"]
 Dtype = Literal["float32", "float16"]
-PUBLIC_PATHS = ("/healthz", "/", "/favicon.ico")  # the page and its files hold no data; everything else needs the token
+PUBLIC_PATHS = ("/healthz", "/")  # the page and its files hold no data; everything else needs the token
 
 
 @dataclass(frozen=True)
