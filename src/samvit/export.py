@@ -165,7 +165,7 @@ def _resize_bilinear(x: torch.Tensor, size, dim: int) -> torch.Tensor:
     """F.interpolate(mode="bilinear", align_corners=False) along one axis, with PyTorch's own source coordinates.
 
     onnxruntime's Resize maps output pixels with (x + 0.5) / (out / in) - 0.5, PyTorch with (x + 0.5) * (in / out)
-    - 0.5; in float32 the two differ by an ulp, which moves large logits by up to ~5e-4 at the original size.
+    - 0.5; in float32 the two differ by an ulp, which moves large logits by more than 1e-4 at the original size.
     Written out in plain ops, the exported graph computes PyTorch's coordinates and weights.
     """
     n_in = x.shape[dim]

@@ -65,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("workers_batch", "max_queue", "max_pixels", "max_connections"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("max_wait_ms", "timeout", "max_body_mb", "cache_mb"):
-        if not getattr(args, name) > 0 and not (name == "max_wait_ms" and args.max_wait_ms == 0):
+    for name in ("timeout", "max_body_mb", "cache_mb"):
+        if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.max_wait_ms >= 0:
+        raise UserError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
     if args.token is not None and len(args.token) < 8:
