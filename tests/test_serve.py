@@ -392,6 +392,25 @@ def test_store_survives_restart(setup):
         open_store(path, TINY_1024, "0" * 64, "float32")  # another checkpoint's embeddings are not mixed in
 
 
+def test_store_from_samvit_embed(setup):
+    """A store `samvit embed --store` filled (keys are file names, float16) answers by the file's content hash."""
+    from samvit.serve.cache import open_store
+    from samvit.weights import file_sha256
+
+    path = str(setup["dir"] / "embed_store")
+    assert main(["embed", setup["png"], "--checkpoint", setup["ckpt"], "--store", path, "--workers", "0",
+                 "--quiet"]) == 0
+    stored = samvit.EmbeddingStore.open(path)
+    assert stored.keys() == ["object.png"] and stored.identity["dtype"] == "float16"
+    store, writer = open_store(path, TINY_1024, file_sha256(setup["ckpt"]), "float32")
+    app = create_app(_predictor(setup), ServeConfig(model_name="tiny1024"), store, writer)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = _embed(c, setup["data"], format="npy")
+        assert json.loads(r.headers["x-samvit-embedding"])["cached"] is True
+        np.testing.assert_array_equal(np.load(io.BytesIO(r.content))[0], stored.get("object.png").float().numpy())
+    assert app.state.service.worker.batches == 0
+
+
 # ---- the command ----
 
 def test_cli_serves(setup):
