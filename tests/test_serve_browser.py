@@ -137,3 +137,22 @@ def test_click_to_segment(site):
     page.wait_for_function("window.samvit.mask === null")
     np.testing.assert_array_equal(_canvas(page), rgb)
     assert not errors, errors
+
+
+def test_token_prompt(site):
+    """With --token the page asks for it after the first 401, keeps it for the tab, and then works."""
+    token = "page-token-1234"
+    ckpt = str(site["dir"] / "tiny_sam.safetensors")
+    app = create_app(samvit.Predictor.from_checkpoint(ckpt), ServeConfig(model_name="tiny1024", token=token))
+    with running(app) as url:
+        page = site["browser"].new_page()
+        page.goto(url + "/")
+        page.set_input_files("#file", site["png"])
+        page.wait_for_selector("#token-box", state="visible", timeout=60_000)
+        assert "needs a bearer token" in page.text_content("#status")
+        page.fill("#token", token)
+        page.click("#token-save")
+        page.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)
+        assert page.evaluate("sessionStorage.getItem('samvit-token')") == token
+        _click(page, 100, 100)
+        _wait_masks(page, 1)
