@@ -448,6 +448,10 @@ def test_cli_errors(capsys, tmp_path, monkeypatch):
     assert "nope.pth" in err and "Traceback" not in err
     assert main(["serve", "--checkpoint", "x", "--workers-batch", "0"]) == 2
     assert "--workers-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "x", "--store-dtype", "float16"]) == 2
+    assert "only applies with --store" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", "x", "--token", "short"]) == 2
+    assert "at least 8 characters" in capsys.readouterr().err
     from samvit.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--checkpoint", "x"])

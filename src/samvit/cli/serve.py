@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
+    if args.store_dtype and not args.store:
+        raise UserError("--store-dtype only applies with --store PATH")
     if args.token is not None and len(args.token) < 8:
         raise UserError("--token must be at least 8 characters")
 
