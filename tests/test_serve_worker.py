@@ -140,3 +140,20 @@ def test_cache_is_bounded_in_bytes():
     assert cache.get("b") is None and cache.get("a") is item  # b was the least recently used
     assert hits == ["memory", "memory"]
     EmbeddingCache(item.nbytes - 1).put("x", item)  # larger than the whole cache: not kept, no error
+
+
+def test_cache_reads_back_what_it_wrote_behind(tmp_path):
+    """An embedding evicted from memory after the write behind is read from the store (its index refreshed)."""
+    store = samvit.EmbeddingStore.create(tmp_path / "store", model="m", config={}, embedding_shape=(4, 2, 2),
+                                         checkpoint_sha256="0" * 64, dtype="float32")
+    writer = store.writer(model="m", checkpoint_sha256="0" * 64, samvit_version="test", compute_dtype="float32")
+    hits = []
+    cache = EmbeddingCache(64, store, writer, on_hit=hits.append)  # room for one
+    a, b = (Embedded(torch.full((4, 2, 2), v), (3, 4), (768, 1024)) for v in (1.0, 2.0))
+    cache.put("a", a)
+    cache.put("b", b)  # evicts a from memory
+    cache._behind.submit(lambda: None).result(10)  # the writes behind are done
+    got = cache.get("a")
+    assert torch.equal(got.embedding, a.embedding) and got.original_size == (3, 4) and hits == ["store"]
+    cache.close()
+    assert sorted(samvit.EmbeddingStore.open(tmp_path / "store").keys()) == ["a", "b"]

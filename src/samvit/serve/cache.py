@@ -65,7 +65,11 @@ class EmbeddingCache:
         store_key = self._by_sha.get(key)
         if store_key is None:
             return None
-        emb, meta = self.store[store_key]
+        try:
+            emb, meta = self.store[store_key]
+        except KeyError:  # committed by this server after the store's index was read
+            self.store.refresh()
+            emb, meta = self.store[store_key]
         hit = Embedded(emb.float().contiguous(), tuple(meta["original_size"]), tuple(meta["input_size"]))
         self._insert(key, hit)
         self._on_hit("store")
