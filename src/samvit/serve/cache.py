@@ -66,10 +66,14 @@ class EmbeddingCache:
         if store_key is None:
             return None
         try:
-            emb, meta = self.store[store_key]
-        except KeyError:  # committed by this server after the store's index was read
-            self.store.refresh()
-            emb, meta = self.store[store_key]
+            try:
+                emb, meta = self.store[store_key]
+            except KeyError:  # committed by this server after the store's index was read
+                self.store.refresh()
+                emb, meta = self.store[store_key]
+        except Exception as e:  # an unreadable item is encoded again rather than failing the request
+            log.error("reading embedding %s from the store failed: %s", key[:16], e)
+            return None
         hit = Embedded(emb.float().contiguous(), tuple(meta["original_size"]), tuple(meta["input_size"]))
         self._insert(key, hit)
         self._on_hit("store")
