@@ -157,3 +157,15 @@ def test_cache_reads_back_what_it_wrote_behind(tmp_path):
     assert torch.equal(got.embedding, a.embedding) and got.original_size == (3, 4) and hits == ["store"]
     cache.close()
     assert sorted(samvit.EmbeddingStore.open(tmp_path / "store").keys()) == ["a", "b"]
+
+
+def test_unreadable_store_item_is_a_miss(tmp_path, monkeypatch):
+    store = samvit.EmbeddingStore.create(tmp_path / "store", model="m", config={}, embedding_shape=(4, 2, 2),
+                                         checkpoint_sha256="0" * 64, dtype="float32")
+    with store.writer(model="m", checkpoint_sha256="0" * 64, samvit_version="test", compute_dtype="float32") as w:
+        w.put("k.png", torch.ones(4, 2, 2), sha256="ab" * 32, original_size=(3, 4), input_size=(768, 1024))
+    store.refresh()
+    cache = EmbeddingCache(2**20, store)
+    assert cache.has("ab" * 32)
+    monkeypatch.setattr(type(store), "__getitem__", lambda self, key: (_ for _ in ()).throw(OSError("bad chunk")))
+    assert cache.get("ab" * 32) is None and not cache.has("ab" * 32)  # the worker will admit it for encoding

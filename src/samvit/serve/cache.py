@@ -73,6 +73,7 @@ class EmbeddingCache:
                 emb, meta = self.store[store_key]
         except Exception as e:  # an unreadable item is encoded again rather than failing the request
             log.error("reading embedding %s from the store failed: %s", key[:16], e)
+            self._by_sha.pop(key, None)  # so has(key) is False and the image is admitted for encoding
             return None
         hit = Embedded(emb.float().contiguous(), tuple(meta["original_size"]), tuple(meta["input_size"]))
         self._insert(key, hit)
