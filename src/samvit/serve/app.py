@@ -129,17 +129,16 @@ class Service:
         afut = asyncio.wrap_future(fut)
         deadline = loop.time() + self.config.timeout_s
         while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                fut.cancel()
-                raise HTTPException(504, f"not answered within {self.config.timeout_s:g} s (this server's "
-                                    "per-request timeout); the server is busy, retry later")
-            done, _ = await asyncio.wait({afut}, timeout=min(0.2, remaining))
+            done, _ = await asyncio.wait({afut}, timeout=max(0.0, min(0.2, deadline - loop.time())))
             if done:
                 return afut.result()
             if await request.is_disconnected():
                 fut.cancel()
                 raise ClientGone()
+            if loop.time() >= deadline:
+                fut.cancel()
+                raise HTTPException(504, f"not answered within {self.config.timeout_s:g} s (this server's "
+                                    "per-request timeout); the server is busy, retry later")
 
     async def embedding(self, request: Request, data: bytes) -> Tuple[str, Embedded, bool]:
         """(id, embedding, cached) of an image file's bytes: from the cache, or through the encoder once."""
