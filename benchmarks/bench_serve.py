@@ -205,7 +205,8 @@ def machine() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
     flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + str(wanted)}"
+    have = " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+    return f"{model}, {os.cpu_count()} CPUs, flags: {have}"
 
 
 def main() -> None:

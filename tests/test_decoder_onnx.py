@@ -129,7 +129,8 @@ def test_cli_errors(exported, tmp_path, capsys):
     _, ckpt, _, _, _ = exported
     for args, words in ((["--int8"], "encoder only"), (["--model", "vit_b"], "encoder only"),
                         (["--return-single-mask", "--verify"], "--verify compares all four")):
-        assert main(["export", "onnx", "--decoder", "--checkpoint", ckpt, "--out", str(tmp_path / "x.onnx")] + args) == 2
+        out = str(tmp_path / "x.onnx")
+        assert main(["export", "onnx", "--decoder", "--checkpoint", ckpt, "--out", out] + args) == 2
         assert words in capsys.readouterr().err
     assert main(["export", "onnx", "--return-single-mask", "--checkpoint", ckpt]) == 2
     assert "only applies with --decoder" in capsys.readouterr().err

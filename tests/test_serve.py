@@ -313,10 +313,12 @@ def test_token(strict, setup):
 def test_cors(strict, server):
     url, _ = strict
     with httpx.Client(base_url=url) as c:
-        pre = c.options("/v1/segment", headers={"Origin": "http://allowed.test", "Access-Control-Request-Method": "POST",
+        pre = c.options("/v1/segment", headers={"Origin": "http://allowed.test",
+                                                "Access-Control-Request-Method": "POST",
                                                 "Access-Control-Request-Headers": "authorization,content-type"})
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://allowed.test"
-        other = c.options("/v1/segment", headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+        other = c.options("/v1/segment", headers={"Origin": "http://evil.test",
+                                                  "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in other.headers
     client, _ = server  # CORS is off unless configured
     r = client.get("/healthz", headers={"Origin": "http://allowed.test"})

@@ -15,11 +15,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi import FastAPI, HTTPException, Path as PathParam, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps
@@ -396,7 +396,7 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
             t0 = time.perf_counter()
             predictor.set_embedding(item.embedding, item.original_size, item.input_size)
             out = predictor.predict(None if req.points is None else np.asarray(req.points, np.float64),
-                                    None if req.labels is None else np.asarray(req.labels), 
+                                    None if req.labels is None else np.asarray(req.labels),
                                     None if req.box is None else np.asarray(req.box, np.float64),
                                     mask_input, multimask_output=req.multimask)
             return out, time.perf_counter() - t0

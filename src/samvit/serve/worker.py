@@ -167,7 +167,7 @@ class ModelWorker:
             if self._ready:
                 deadline = self._ready[0].ready_at + self.max_wait
                 wait = deadline - time.monotonic()
-                if len(self._ready) < self.max_batch and wait > 0 and not self._calls:
+                if len(self._ready) < self.max_batch and wait > 0:
                     self._cond.wait(wait)  # more images may join; a prompt call wakes us at once
                     continue
                 batch = [self._ready.popleft() for _ in range(min(self.max_batch, len(self._ready)))]
