@@ -86,10 +86,12 @@ function embed() {
   bar.style.width = "0%";
   setState("encoding", `Uploading ${S.file.name}...`);
   let timer = null;
+  let done = false;
   const started = performance.now();
   xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.style.width = (20 * e.loaded / e.total) + "%"; };
   xhr.upload.onload = async () => {
     const estimate = await healthEstimate();  // seconds: the server's recent encoder time x images ahead
+    if (done) return;  // answered already (a cached image): no progress to show
     const t0 = performance.now();
     timer = setInterval(() => {
       const s = (performance.now() - t0) / 1000;
@@ -98,6 +100,7 @@ function embed() {
     }, 200);
   };
   xhr.onloadend = async () => {
+    done = true;
     clearInterval(timer);
     $("progress").hidden = true;
     if (xhr.status === 200) {
