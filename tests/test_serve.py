@@ -402,7 +402,7 @@ def test_store_survives_restart(setup):
 def test_store_from_samvit_embed(setup):
     """A store `samvit embed --store` filled (keys are file names, float16) answers by the file's content hash."""
     from samvit.serve.cache import open_store
-    from samvit.weights import file_sha256
+    from samvit.checkpoints.files import sha256_file as file_sha256
 
     path = str(setup["dir"] / "embed_store")
     assert main(["embed", setup["png"], "--checkpoint", setup["ckpt"], "--store", path, "--workers", "0",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling.encoder import ImageEncoder
-from .modeling.mask_decoder import SamDecoder
+from .modeling.sam import SamDecoder
 
 DEFAULT_OPSET = MIN_OPSET = 18  # the torch.export-based exporter's own opset; older ones fail its converter
 # A protobuf message cannot exceed 2 GiB; weights above this (leaving room for the graph) go to a side file.
@@ -250,7 +250,7 @@ def verify_decoder_onnx(decoder: SamDecoder, path: Union[str, os.PathLike], orig
                         seed: int = 0, threads: Optional[int] = None) -> Dict[str, float]:
     """Run the decoder file and samvit's Predictor on a random embedding, two points and a box; the worst max abs
     difference over masks (logits at original_size), IoU predictions and low-res logits, and their cosine."""
-    from .predictor import Predictor
+    from .masks.predictor import Predictor
 
     c = decoder.config
     g = torch.Generator().manual_seed(seed)

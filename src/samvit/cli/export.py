@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_decoder(args: argparse.Namespace) -> int:
     import sys
 
-    from ..decoder_weights import load_decoder
+    from ..checkpoints.load import load_decoder
     from ..export import DEFAULT_OPSET, export_decoder_onnx, verify_decoder_onnx
-    from ..hub import resolve_checkpoint
+    from ..checkpoints.registry import resolve_checkpoint
     from . import UserError
 
     if args.int8 or args.external_data:

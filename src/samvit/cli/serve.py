@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..hub import resolve_checkpoint
-    from ..predictor import Predictor
+    from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
+    from ..masks.predictor import Predictor
     from ..runtime import resolve_device, resolve_dtype
     from ..serve import ServeConfig, create_app
 
@@ -93,9 +93,8 @@ def run(args: argparse.Namespace) -> int:
     store = writer = None
     if args.store:
         from ..serve.cache import open_store
-        from ..weights import file_sha256
 
-        store, writer = open_store(args.store, cfg, file_sha256(checkpoint), str(dtype).replace("torch.", ""),
+        store, writer = open_store(args.store, cfg, checkpoint_sha256(checkpoint), str(dtype).replace("torch.", ""),
                                    args.store_dtype)
     config = ServeConfig(max_batch=args.workers_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,

@@ -199,7 +199,7 @@ def embedding_response(key: str, item: Embedded, fmt: str, dtype: str, cached: b
 
 
 def _mask_out(mask: np.ndarray, score: float, fmt: str) -> MaskOut:
-    from samvit.automatic import mask_to_rle, masks_to_boxes, rle_to_coco_string
+    from ..masks.automatic import mask_to_rle, masks_to_boxes, rle_to_coco_string
 
     t = torch.from_numpy(mask)[None]
     x0, y0, x1, y1 = masks_to_boxes(t)[0].tolist()
