@@ -24,7 +24,7 @@ _EXPORTS = {
     "convert_checkpoint": "checkpoints.convert",
     "EmbeddingStore": "embeddings.store", "embed": "embeddings.pipeline",
     "Predictor": "masks.predictor", "PromptError": "masks.prompts", "AutomaticMaskGenerator": "masks.automatic",
-    "export_onnx": "export",
+    "export_onnx": "export", "export_decoder_onnx": "export",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .data.preprocess import PreparedImage, preprocess
     from .embeddings.pipeline import embed
     from .embeddings.store import EmbeddingStore
-    from .export import export_onnx
+    from .export import export_decoder_onnx, export_onnx
     from .masks.automatic import AutomaticMaskGenerator
     from .masks.predictor import Predictor
     from .masks.prompts import PromptError

@@ -15,7 +15,8 @@ COMMANDS = {
     "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
-    "export": ("export", "export the image encoder to ONNX (external data for vit_h), --verify in onnxruntime"),
+    "export": ("export", "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"),
+    "serve": ("serve", "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"),
 }
 
 
