@@ -270,14 +270,18 @@ def test_cli_attention_png(files, tmp_path):
     assert main(["inspect", "attention", str(files / "coffee.png"), "--checkpoint", str(files / "tiny.safetensors"),
                  "--block", "0", "--query", "300,200", "--out", str(out), "--quiet"]) == 0
     a = _png(out)
-    # 4 heads: 2x2 panels, each 3 in wide and 3 * 400/600 + 0.25 in high, + 0.6 in of title, at 100 dpi
+    # 4 heads: 2x2 panels, each 3 in wide and 3 * 400/600 + 0.25 in high, + 0.75 in of title, at 100 dpi
     assert a.shape[:2] == (round((2 * (PANEL_IN * 400 / 600 + 0.25) + TITLE_IN) * DPI), 2 * PANEL_IN * DPI)
     assert a.std() > 20
     one = tmp_path / "one.png"
     assert main(["inspect", "attention", str(files / "astronaut.png"), "--checkpoint", str(files / "tiny.safetensors"),
-                 "--block", "1", "--head", "3", "--out", str(one), "--quiet"]) == 0
+                 "--block", "1", "--head", "3", "--out", str(one), "--quiet", "--dpi", "50"]) == 0
     b = _png(one)
-    assert b.shape[:2] == (round((PANEL_IN + 0.25 + TITLE_IN) * DPI), PANEL_IN * DPI) and b.std() > 20
+    assert b.shape[:2] == (round((PANEL_IN + 0.25 + TITLE_IN) * 50), PANEL_IN * 50) and b.std() > 20
+    three = tmp_path / "three.png"
+    assert main(["inspect", "attention", str(files / "astronaut.png"), "--checkpoint", str(files / "tiny.safetensors"),
+                 "--block", "2", "--head", "0,2,3", "--out", str(three), "--quiet"]) == 0
+    assert _png(three).shape[:2] == (round((2 * (PANEL_IN + 0.25) + TITLE_IN) * DPI), 2 * PANEL_IN * DPI)
 
 
 def test_cli_distance_csv_png(files, tmp_path, capsys):
@@ -303,7 +307,7 @@ def test_cli_pca_png(files, tmp_path):
     assert main(["inspect", "pca", str(files / "astronaut.png"), "--checkpoint", str(files / "tiny.safetensors"),
                  "--out", str(out), "--quiet"]) == 0
     a = _png(out)
-    assert a.shape[:2] == (round((3.0 + 0.25 + 0.6) * 100), 900) and a.std() > 20
+    assert a.shape[:2] == (round((3.0 + 0.25 + 0.75) * 100), 900) and a.std() > 20
     # the two PCA panels are not blank: many distinct colours
     assert len(np.unique(a[:, 300:].reshape(-1, 3), axis=0)) > 50
 
@@ -333,6 +337,9 @@ def test_cli_random_weights_are_labelled():
      "expected X,Y"),
     (["attention", "{img}", "--checkpoint", "{ck}", "--block", "0", "--out", "{img}"], "refusing to overwrite"),
     (["pca", "{img}", "--checkpoint", "{ck}", "--out", "{tmp}/a.jpg"], "expected a .png"),
+    (["pca", "{img}", "--checkpoint", "{ck}", "--out", "{tmp}/a.png", "--dpi", "5"], "expected 30..600"),
+    (["attention", "{img}", "--checkpoint", "{ck}", "--block", "0", "--head", "1,x", "--out", "{tmp}/a.png"],
+     "separated by commas"),
     (["pca", "{tmp}/missing.png", "--checkpoint", "{ck}", "--out", "{tmp}/a.png"], "no such file"),
     (["distance", "{img}", "--checkpoint", "{ck}", "--blocks", "5", "--out", "{tmp}/d"], "block 5 does not exist"),
     (["distance", "{tmp}/missing.png", "--checkpoint", "{ck}", "--out", "{tmp}/d"], "no image could be read"),

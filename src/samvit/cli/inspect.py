@@ -18,6 +18,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG (default 100; 3 inches per panel)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("image", metavar="IMAGE")
     _model_options(a)
     a.add_argument("--block", type=int, required=True, help="block index (0-based)")
-    a.add_argument("--head", type=int, default=None, help="draw only this head (default: every head)")
+    a.add_argument("--head", default=None, metavar="H[,H...]", help="draw only this head, or these heads "
+                   "(default: every head)")
     a.add_argument("--query", default=None, metavar="X,Y",
                    help="query pixel in the original image, x to the right, y down (default: the image centre)")
     a.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not getattr(args, "what", None):
         raise UserError("expected one of: attention, distance, pca (see samvit inspect --help)")
+    if not 30 <= args.dpi <= 600:
+        raise UserError(f"--dpi {args.dpi}: expected 30..600")
     if args.what == "distance":
         return _distance(args)
     ins = _plots()
@@ -128,20 +132,26 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "attention":
         if not 0 <= args.block < cfg.depth:
             raise UserError(f"--block {args.block}: model {cfg.name!r} has blocks 0..{cfg.depth - 1}")
-        if args.head is not None and not 0 <= args.head < cfg.num_heads:
-            raise UserError(f"--head {args.head}: model {cfg.name!r} has heads 0..{cfg.num_heads - 1}")
+        heads = None
+        if args.head is not None:
+            try:
+                heads = [int(h) for h in args.head.split(",")]
+            except ValueError:
+                raise UserError(f"--head {args.head!r}: expected a head number or numbers separated by commas") from None
+            bad = [h for h in heads if not 0 <= h < cfg.num_heads]
+            if bad:
+                raise UserError(f"--head {bad[0]}: model {cfg.name!r} has heads 0..{cfg.num_heads - 1}")
         if args.query is None:
             x, y = prepared.original_size[1] / 2, prepared.original_size[0] / 2
         else:
             x, y = _parse_query(args.query)
         token = ins.pixel_to_token(x, y, prepared, cfg.patch_size)
         result = ins.attention(encoder, prepared, blocks=[args.block], queries=[token])
-        heads = None if args.head is None else [args.head]
         size = ins.plot_attention(result, args.block, args.out, cfg.patch_size, heads=heads,
-                                  title=f"{label} - query pixel ({x:g}, {y:g})")
+                                  title=f"{label} - query pixel ({x:g}, {y:g})", dpi=args.dpi)
     else:
         result = ins.feature_pca(encoder, prepared)
-        size = ins.plot_pca(result, args.out, cfg.patch_size, title=label)
+        size = ins.plot_pca(result, args.out, cfg.patch_size, title=label, dpi=args.dpi)
     if not args.quiet:
         print(f"wrote {args.out} ({size[0]}x{size[1]})")
     return 0
@@ -209,7 +219,7 @@ def _distance(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     result.write_csv(os.path.join(out, "distance.csv"))
     grid = (cfg.img_size // cfg.patch_size,) * 2
-    ins.plot_distance(result, os.path.join(out, "distance.png"), title=label, grid=grid)
+    ins.plot_distance(result, os.path.join(out, "distance.png"), title=label, grid=grid, dpi=args.dpi)
     if not args.quiet:
         print(f"wrote {os.path.join(out, 'distance.csv')} and distance.png: {len(done)} image(s), "
               f"{len(result.blocks)} blocks x {result.mean_distance.shape[1]} heads"

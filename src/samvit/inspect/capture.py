@@ -21,11 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..modeling.attention import rel_pos_terms, window_partition
+from ..modeling.attention import rel_pos_terms, to_windows
 from ..modeling.encoder import ImageEncoder, resize_pos_embed
 
-# Score entries (windows x heads x queries x keys, float32) per chunk: 64 MiB. A few temporaries of this size live
-# at once (scores, probabilities, a reducer's product), far below the weights of any SAM encoder.
+# Score entries (windows x heads x queries x keys, float32) per chunk: 64 MiB (one head of a 64x64 global block).
+# Each chunk takes about eight tensor operations (bias, scores, log-softmax, exp, the reducers' row sums), and four
+# such temporaries live at once (256 MiB, a tenth of ViT-H's weights). Smaller chunks fit the cache better but pay
+# each operation's fixed cost more often: on the shared 2-core build machine, a ViT-B global block took 2.5x longer
+# to capture with 2^20 than with 2^22, and 2^24 was faster again.
 CHUNK_ELEMS = 1 << 24
 MAX_KEPT_BYTES = 2 << 30  # attention() refuses to keep more maps than this
 
@@ -43,8 +46,9 @@ class Chunk:
     n_win_cols: int  # windows per grid row
     windows: Tuple[int, int]  # window indices w0:w1 (row-major over the window grid)
     queries: Tuple[int, int]  # local query indices q0:q1 (row-major in the window)
-    scores: torch.Tensor  # (windows, heads, queries, keys) logits, float32
-    probs: torch.Tensor  # softmax of the scores over the keys
+    heads: Tuple[int, int]  # heads h0:h1
+    log_probs: torch.Tensor  # (windows, heads, queries, keys) log-softmax of the scores over the keys, float32
+    probs: torch.Tensor  # its exp: the attention probabilities
 
     def window_origin(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-left grid token (row, col) of windows w."""
@@ -89,44 +93,63 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 
 def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
                  chunk_elems: int = CHUNK_ELEMS) -> Iterator[Chunk]:
-    """The attention probabilities of block `index` for the residual stream x (1,H,W,C), chunk by chunk."""
+    """The attention probabilities of block `index` for the residual stream x (1,H,W,C), chunk by chunk: windows,
+    then query rows, then heads, at most about chunk_elems scores each (small enough to stay in cache)."""
     blk = encoder.blocks[index]
     attn = blk.attn
     if x.shape[0] != 1:
         raise ValueError(f"attention capture takes one image at a time, got a batch of {x.shape[0]}")
     _, H, W, C = x.shape
     ws = blk.window_size
-    y = _layer_norm(x, blk.norm1).to(attn.qkv.weight.dtype)
+    nh, hd = attn.num_heads, attn.head_dim
+    # q and k only (v is not needed), on the real tokens; a window's padded token is zero after norm1, so its q and
+    # k are the bias, which is what the padding is filled with (as forward_windowed does).
+    w_qk = attn.qkv.weight[: 2 * C]
+    b_qk = attn.qkv.bias[: 2 * C] if attn.qkv.bias is not None else None
+    qk = F.linear(_layer_norm(x, blk.norm1).to(w_qk.dtype), w_qk, b_qk)  # (1,H,W,2C)
     if ws > 0:
-        y, (Hp, Wp) = window_partition(y, ws)  # zero padding after norm1, as the official block pads
-        win_shape, n_win_cols = (ws, ws), Wp // ws
+        qk = to_windows(qk, ws, b_qk if b_qk is not None else qk.new_zeros(2 * C))  # (1,nWh,nWw,ws,ws,2C)
+        win_shape, n_win_cols = (ws, ws), qk.shape[2]
     else:
         win_shape, n_win_cols = (H, W), 1
-    n_win, n = y.shape[0], win_shape[0] * win_shape[1]
-    nh, hd = attn.num_heads, attn.head_dim
-    y = y.reshape(n_win, n, C)
-    per_window = nh * n * n
-    if per_window <= chunk_elems:
-        win_step, q_step = max(1, chunk_elems // per_window), n
+    n = win_shape[0] * win_shape[1]
+    qk = qk.reshape(-1, n, 2, nh, hd).float().permute(2, 0, 3, 1, 4)  # (2, windows, heads, n, hd)
+    q, k = qk[0], qk[1]
+    n_win = q.shape[0]
+    rel_h = rel_w = None
+    if attn.use_rel_pos:  # from the unscaled q, as the official code computes them
+        rel_h, rel_w = rel_pos_terms(q, attn.rel_pos_h.float(), attn.rel_pos_w.float(), win_shape)
+        rel_h = rel_h.reshape(n_win, nh, n, win_shape[0])  # (windows, heads, queries, key rows)
+        rel_w = rel_w.reshape(n_win, nh, n, win_shape[1])  # (windows, heads, queries, key cols)
+    q = q * attn.scale  # contiguous (windows, heads, n, hd)
+    kt = k.transpose(-2, -1).contiguous()  # (windows, heads, hd, n): one copy per block, not one per chunk
+    if nh * n * n <= chunk_elems:
+        w_step, q_step, h_step = max(1, chunk_elems // (nh * n * n)), n, nh
+    elif n * n <= chunk_elems:
+        w_step, q_step, h_step = 1, n, max(1, chunk_elems // (n * n))
     else:
-        win_step, q_step = 1, max(1, chunk_elems // (nh * n))
-    for w0 in range(0, n_win, win_step):
-        w1 = min(n_win, w0 + win_step)
-        qkv = attn.qkv(y[w0:w1]).float().view(w1 - w0, n, 3, nh, hd).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]  # (windows, heads, n, hd)
-        rel_h = rel_w = None
-        if attn.use_rel_pos:
-            rel_h, rel_w = rel_pos_terms(q, attn.rel_pos_h.float(), attn.rel_pos_w.float(), win_shape)
-            rel_h = rel_h.reshape(w1 - w0, nh, n, win_shape[0])  # (windows, heads, queries, key rows)
-            rel_w = rel_w.reshape(w1 - w0, nh, n, win_shape[1])  # (windows, heads, queries, key cols)
+        w_step, q_step, h_step = 1, max(1, chunk_elems // n), 1
+    for w0 in range(0, n_win, w_step):
+        w1 = min(n_win, w0 + w_step)
         for q0 in range(0, n, q_step):
             q1 = min(n, q0 + q_step)
-            scores = (q[:, :, q0:q1] * attn.scale) @ k.transpose(-2, -1)
-            if rel_h is not None:
-                bias = rel_h[:, :, q0:q1, :, None] + rel_w[:, :, q0:q1, None, :]
-                scores = (scores.view(*bias.shape) + bias).view(w1 - w0, nh, q1 - q0, n)
-            probs = scores.softmax(dim=-1)
-            yield Chunk(index, ws, win_shape, (H, W), n_win_cols, (w0, w1), (q0, q1), scores, probs)
+            for h0 in range(0, nh, h_step):
+                h1 = min(nh, h0 + h_step)
+                shape = (w1 - w0, h1 - h0, q1 - q0, n)
+                qc = q[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, hd)
+                kc = kt[w0:w1, h0:h1].reshape(-1, hd, n)
+                if rel_h is None:
+                    scores = torch.bmm(qc, kc)
+                else:  # (q * scale) @ k^T + (rel_h + rel_w), the bias added inside the matmul, in place
+                    scores = (rel_h[w0:w1, h0:h1, q0:q1, :, None] + rel_w[w0:w1, h0:h1, q0:q1, None, :])
+                    scores = scores.view(-1, q1 - q0, n).baddbmm_(qc, kc)
+                log_probs = torch.log_softmax(scores, dim=-1).view(shape)
+                del scores  # at most three chunk-sized tensors at once: scores, log_probs, probs
+                chunk = Chunk(index, ws, win_shape, (H, W), n_win_cols, (w0, w1), (q0, q1), (h0, h1), log_probs,
+                              log_probs.exp())
+                del log_probs
+                yield chunk
+                del chunk  # the next chunk's tensors are built after this one's are freed
 
 
 def _stream_start(encoder: ImageEncoder, image: torch.Tensor) -> torch.Tensor:
@@ -162,6 +185,7 @@ def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
             for chunk in block_chunks(encoder, i, x, chunk_elems):
                 for reduce in reducers:
                     reduce(chunk)
+                del chunk
         x = blk(x)
         if progress is not None:
             progress(i)
@@ -266,14 +290,15 @@ class BlockAttention:
 class QueryMaps:
     """Reducer keeping the full attention rows of the chosen query tokens."""
 
-    def __init__(self, queries: Sequence[Token], grid: Tuple[int, int]) -> None:
+    def __init__(self, queries: Sequence[Token], grid: Tuple[int, int], num_heads: int) -> None:
         H, W = grid
         for r, c in queries:
             if not (0 <= r < H and 0 <= c < W):
                 raise ValueError(f"query token (row {r}, col {c}) is outside the {H}x{W} token grid")
         self.queries = [(int(r), int(c)) for r, c in queries]
         self.grid = grid
-        self.rows: Dict[int, Dict[int, torch.Tensor]] = {}  # block -> query position -> (heads, keys)
+        self.num_heads = num_heads
+        self.rows: Dict[int, torch.Tensor] = {}  # block -> (queries, heads, keys)
         self.meta: Dict[int, Tuple[int, List[Token]]] = {}
 
     def _locate(self, chunk: Chunk, token: Token) -> Tuple[int, int, Token]:
@@ -285,22 +310,20 @@ class QueryMaps:
         return w, (r % ws) * ws + c % ws, ((r // ws) * ws, (c // ws) * ws)
 
     def __call__(self, chunk: Chunk) -> None:
-        rows = self.rows.setdefault(chunk.block, {})
-        origins = []
+        n_keys = chunk.probs.shape[-1]
+        if chunk.block not in self.rows:
+            self.rows[chunk.block] = torch.full((len(self.queries), self.num_heads, n_keys), float("nan"))
+            self.meta[chunk.block] = (chunk.window_size, [self._locate(chunk, t)[2] for t in self.queries])
+        rows = self.rows[chunk.block]
+        (w0, w1), (q0, q1), (h0, h1) = chunk.windows, chunk.queries, chunk.heads
         for i, tok in enumerate(self.queries):
-            w, q, origin = self._locate(chunk, tok)
-            origins.append(origin)
-            if chunk.windows[0] <= w < chunk.windows[1] and chunk.queries[0] <= q < chunk.queries[1]:
-                rows[i] = chunk.probs[w - chunk.windows[0], :, q - chunk.queries[0]].clone()
-        self.meta[chunk.block] = (chunk.window_size, origins)
+            w, q, _ = self._locate(chunk, tok)
+            if w0 <= w < w1 and q0 <= q < q1:
+                rows[i, h0:h1] = chunk.probs[w - w0, :, q - q0].cpu()
 
     def result(self) -> Dict[int, BlockAttention]:
-        out = {}
-        for b, rows in self.rows.items():
-            ws, origins = self.meta[b]
-            probs = torch.stack([rows[i] for i in range(len(self.queries))]) if self.queries else torch.empty(0)
-            out[b] = BlockAttention(b, ws, self.grid, list(self.queries), probs.cpu(), origins)
-        return out
+        return {b: BlockAttention(b, self.meta[b][0], self.grid, list(self.queries), rows, self.meta[b][1])
+                for b, rows in self.rows.items()}
 
 
 def _check_blocks(encoder: ImageEncoder, blocks: Union[None, int, Iterable[int]]) -> List[int]:
@@ -341,7 +364,7 @@ def attention(encoder: ImageEncoder, image, blocks: Union[None, int, Iterable[in
         if queries != "all":
             raise ValueError(f"queries: expected 'all' or a list of (row, col) tokens, got {queries!r}")
         queries = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
-    reducer = QueryMaps(queries, grid)
+    reducer = QueryMaps(queries, grid, encoder.config.num_heads)
     heads, n = encoder.config.num_heads, grid[0] * grid[1]
     kept = sum(4 * len(reducer.queries) * heads * (n if encoder.blocks[b].window_size == 0
                                                    else encoder.blocks[b].window_size ** 2) for b in blocks)

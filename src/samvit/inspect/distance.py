@@ -38,27 +38,49 @@ class DistanceStats:
     """Reducer: per block and head, the sums over one image's real queries of mean distance, entropy and the
     probability on padded window slots."""
 
-    def __init__(self, patch_size: int, image_tokens: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, patch_size: int, num_heads: int, image_tokens: Optional[torch.Tensor] = None,
+                 distance_cache: Optional[Dict[tuple, torch.Tensor]] = None) -> None:
         self.patch_size = patch_size
+        self.num_heads = num_heads
         self.image_tokens = image_tokens
         self.sums: Dict[int, torch.Tensor] = {}  # block -> (3, heads) float64: distance, entropy, padding mass
         self.counts: Dict[int, int] = {}
         self.window: Dict[int, int] = {}
+        self.distance_cache = {} if distance_cache is None else distance_cache  # may be shared between images
+        self._masks: Dict[tuple, tuple] = {}
+
+    def _geometry(self, chunk: Chunk):
+        """The chunk's (queries, keys) distances, (windows, queries) query mask and (windows, keys) padding mask,
+        each computed once per geometry (the same for every head and for blocks alike)."""
+        dev = chunk.probs.device
+        dkey = (chunk.win_shape, chunk.queries, self.patch_size, dev)
+        if dkey not in self.distance_cache:
+            self.distance_cache[dkey] = chunk.distances(self.patch_size).to(dev)
+        mkey = (chunk.win_shape, chunk.window_size, chunk.grid, chunk.windows, chunk.queries, dev)
+        if mkey not in self._masks:
+            pad = chunk.key_mask().to(dev).logical_not()
+            self._masks[mkey] = (chunk.query_mask(self.image_tokens).to(dev),
+                                 pad.to(chunk.probs.dtype) if pad.any() else None)
+        return (self.distance_cache[dkey],) + self._masks[mkey]
 
     def __call__(self, chunk: Chunk) -> None:
-        probs, scores = chunk.probs, chunk.scores  # (windows, heads, queries, keys)
-        qmask = chunk.query_mask(self.image_tokens).to(probs.device)  # (windows, queries)
-        dist = (probs * chunk.distances(self.patch_size).to(probs.device)).sum(-1)
-        # -sum p ln p = logsumexp(s) - sum p s: no logarithm per entry
-        entropy = torch.logsumexp(scores, dim=-1) - (probs * scores).sum(-1)
-        pad = chunk.key_mask().to(probs.device).logical_not()  # (windows, keys)
-        pad_mass = (probs * pad[:, None, None, :]).sum(-1) if pad.any() else torch.zeros_like(dist)
-        m = qmask[:, None, :].to(probs.dtype)
-        sums = torch.stack([(v * m).sum((0, 2)) for v in (dist, entropy, pad_mass)]).double().cpu()
-        b = chunk.block
-        self.sums[b] = self.sums.get(b, 0) + sums
-        self.counts[b] = self.counts.get(b, 0) + int(qmask.sum())
-        self.window[b] = chunk.window_size
+        probs = chunk.probs  # (windows, heads, queries, keys)
+        dist_qk, qmask, pad = self._geometry(chunk)
+        w, h, q, n = probs.shape
+        # row-wise dot products as batched matrix-vector products: one pass each, no product tensor, no copy
+        dist = torch.bmm(probs.view(w * h, q, n).transpose(0, 1), dist_qk[:, :, None]).view(q, w, h).permute(1, 2, 0)
+        entropy = -torch.bmm(probs.view(-1, 1, n), chunk.log_probs.view(-1, n, 1)).view(w, h, q)  # -sum_k p ln p
+        pad_mass = (torch.bmm(probs.view(w, h * q, n), pad[:, :, None]).view(w, h, q) if pad is not None
+                    else torch.zeros_like(dist))
+        b, (h0, h1) = chunk.block, chunk.heads
+        if b not in self.sums:
+            self.sums[b] = torch.zeros(3, self.num_heads, dtype=torch.float64)
+            self.counts[b] = 0
+            self.window[b] = chunk.window_size
+        per_query = torch.stack([dist, entropy, pad_mass])  # (3, windows, heads, queries)
+        self.sums[b][:, h0:h1] += torch.einsum("swhq,wq->sh", per_query, qmask.to(probs.dtype)).double().cpu()
+        if h0 == 0:
+            self.counts[b] += int(qmask.sum())
 
     def means(self, block: int) -> torch.Tensor:
         """(3, heads): this image's mean distance (px), entropy (nats) and padding mass per head."""
@@ -114,10 +136,10 @@ def attention_distance(encoder: ImageEncoder, images, blocks: Union[None, int, I
     """
     blocks = _check_blocks(encoder, blocks)
     p = encoder.config.patch_size
-    per_image, names = [], []
+    per_image, names, cache = [], [], {}
     for n, image in enumerate(_as_list(images)):
         prepared = prepare(image, encoder.config.img_size)
-        stats = DistanceStats(p, prepared.image_tokens(p) if image_only else None)
+        stats = DistanceStats(p, encoder.config.num_heads, prepared.image_tokens(p) if image_only else None, cache)
         step = (lambda b, n=n: progress(n, b)) if progress else None
         walk(encoder, prepared.tensor, blocks, [stats], chunk_elems, progress=step, full=False)
         per_image.append(torch.stack([stats.means(b) for b in blocks]).numpy())  # (blocks, 3, heads)

@@ -19,26 +19,26 @@ from .pca import PCAResult
 
 DPI = 100
 PANEL_IN = 3.0  # inches per attention / PCA panel
-TITLE_IN = 0.6  # inches above the panels for the figure title
+TITLE_IN = 0.75  # inches above the panels for the figure title (two lines)
 DISTANCE_IN = (9.0, 5.0)
 
 PathLike = Union[str, os.PathLike]
 
 
-def _figure(width_in: float, height_in: float):
+def _figure(width_in: float, height_in: float, dpi: int = DPI):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("the pictures need matplotlib: pip install 'samvit[inspect]'") from None
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig, path: PathLike) -> Tuple[int, int]:
-    fig.savefig(os.fspath(path), dpi=DPI, format="png")  # no bbox_inches="tight": the size stays as laid out
-    w, h = fig.get_size_inches() * DPI
+    fig.savefig(os.fspath(path), dpi=fig.dpi, format="png")  # no bbox_inches="tight": the size stays as laid out
+    w, h = fig.get_size_inches() * fig.dpi
     return int(round(w)), int(round(h))
 
 
@@ -85,7 +85,7 @@ def panel_height_in(original_size: Tuple[int, int]) -> float:
 
 
 def plot_attention(result: AttentionResult, block: int, path: PathLike, patch_size: int, query: int = 0,
-                   heads: Optional[Sequence[int]] = None, title: str = "") -> Tuple[int, int]:
+                   heads: Optional[Sequence[int]] = None, title: str = "", dpi: int = DPI) -> Tuple[int, int]:
     """One panel per head: the attention of query `query` drawn over the image (each head scaled to its own
     maximum), the query marked, a windowed block's window outlined; the panel title gives the query's mean
     attention distance and the probability off the image (window padding slots, canvas padding), which is not
@@ -103,7 +103,7 @@ def plot_attention(result: AttentionResult, block: int, path: PathLike, patch_si
             raise ValueError(f"head {h} does not exist: block {block} has heads 0..{n_heads - 1}")
     rows, cols = grid_shape(len(heads))
     ph = panel_height_in(prepared.original_size) + 0.25  # + a line of panel title
-    fig = _figure(cols * PANEL_IN, rows * ph + TITLE_IN)
+    fig = _figure(cols * PANEL_IN, rows * ph + TITLE_IN, dpi)
     top = 1 - TITLE_IN / (rows * ph + TITLE_IN)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04, hspace=0.25 / ph * 1.2)
     extent = _token_extent(prepared, ba.grid, patch_size)
@@ -149,11 +149,11 @@ def uniform_mean_distance(h: int, w: int, patch_size: int) -> float:
     return float(patch_size * (count * np.hypot(dr, dc)).sum() / (h * w) ** 2)
 
 
-def plot_distance(result: DistanceResult, path: PathLike, title: str = "", grid: Optional[Tuple[int, int]] = None
-                  ) -> Tuple[int, int]:
+def plot_distance(result: DistanceResult, path: PathLike, title: str = "", grid: Optional[Tuple[int, int]] = None,
+                  dpi: int = DPI) -> Tuple[int, int]:
     """Mean attention distance per head (one dot each) against block depth; windowed and global blocks in two
     colours; the window limit (its diameter) and uniform attention over a window / the whole grid drawn in."""
-    fig = _figure(*DISTANCE_IN)
+    fig = _figure(*DISTANCE_IN, dpi)
     ax = fig.add_subplot(1, 1, 1)
     fig.subplots_adjust(left=0.09, right=0.98, bottom=0.11, top=0.88)
     d, blocks, wins = result.mean_distance, np.asarray(result.blocks), np.asarray(result.windows)
@@ -186,7 +186,8 @@ def plot_distance(result: DistanceResult, path: PathLike, title: str = "", grid:
     return _save(fig, path)
 
 
-def plot_pca(result: PCAResult, path: PathLike, patch_size: int, title: str = "") -> Tuple[int, int]:
+def plot_pca(result: PCAResult, path: PathLike, patch_size: int, title: str = "", dpi: int = DPI
+             ) -> Tuple[int, int]:
     """The image beside the first three principal components of its features (pre-neck, post-neck) as RGB."""
     prepared = result.prepared
     panels: List[Tuple[str, Optional[np.ndarray]]] = [("image", None),
@@ -195,7 +196,7 @@ def plot_pca(result: PCAResult, path: PathLike, patch_size: int, title: str = ""
     if result.post_neck is not None:
         panels.append((_pca_label("post-neck", result.explained_post), result.post_neck))
     ph = panel_height_in(prepared.original_size) + 0.25
-    fig = _figure(len(panels) * PANEL_IN, ph + TITLE_IN)
+    fig = _figure(len(panels) * PANEL_IN, ph + TITLE_IN, dpi)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_IN / (ph + TITLE_IN), wspace=0.04)
     grid = result.pre_neck.shape[:2]
     for j, (label, rgb) in enumerate(panels):
