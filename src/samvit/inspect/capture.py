@@ -9,7 +9,7 @@ Geometry. A block attends within "windows": the whole (H, W) token grid for a gl
 the grid zero-padded bottom/right to a multiple of ws (after norm1, as the official code pads). A padded slot is
 never a query here; as a key it holds probability mass in the official arithmetic (its key is the qkv bias), so
 the captured rows keep it: every row sums to 1 over all the keys of its window, real and padded, which are the
-keys the model attends to. `BlockAttention.grid()` places the real keys on the image grid and
+keys the model attends to. `BlockAttention.grid_map(i)` places the real keys on the image grid and
 `BlockAttention.padding_mass()` holds the rest.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ..modeling.attention import rel_pos_terms, to_windows
 from ..modeling.encoder import ImageEncoder, resize_pos_embed
 
 # Score entries (windows x heads x queries x keys, float32) per chunk: 64 MiB (one head of a 64x64 global block).
-# Each chunk takes about eight tensor operations (bias, scores, log-softmax, exp, the reducers' row sums), and four
-# such temporaries live at once (256 MiB, a tenth of ViT-H's weights). Smaller chunks fit the cache better but pay
+# Each chunk takes about eight tensor operations (bias, scores, log-softmax, exp, the reducers' row sums), and three
+# such tensors live at once (192 MiB, under a tenth of ViT-H's weights). Smaller chunks fit the cache better but pay
 # each operation's fixed cost more often: on the shared 2-core build machine, a ViT-B global block took 2.5x longer
 # to capture with 2^20 than with 2^22, and 2^24 was faster again.
 CHUNK_ELEMS = 1 << 24
@@ -94,7 +94,7 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
                  chunk_elems: int = CHUNK_ELEMS) -> Iterator[Chunk]:
     """The attention probabilities of block `index` for the residual stream x (1,H,W,C), chunk by chunk: windows,
-    then query rows, then heads, at most about chunk_elems scores each (small enough to stay in cache)."""
+    then query rows, then heads, at most about chunk_elems scores each (more only when one query row is larger)."""
     blk = encoder.blocks[index]
     attn = blk.attn
     if x.shape[0] != 1:
