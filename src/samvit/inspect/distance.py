@@ -119,7 +119,8 @@ class DistanceResult:
 
 
 def _as_list(images) -> list:
-    if isinstance(images, (str, os.PathLike, np.ndarray, Prepared)) or not isinstance(images, Iterable):
+    if (isinstance(images, (str, os.PathLike, np.ndarray, Prepared)) or hasattr(images, "getpixel")  # PIL image
+            or not isinstance(images, Iterable)):
         return [images]
     if isinstance(images, torch.Tensor):
         return [images] if images.ndim == 3 else list(images.unbind(0))

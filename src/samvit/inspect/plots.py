@@ -123,7 +123,7 @@ def plot_attention(result: AttentionResult, block: int, path: PathLike, patch_si
             r0, c0 = ba.origins[query]
             ax.add_patch(Rectangle((c0 * patch_size / sx, r0 * patch_size / sy), ba.window_size * patch_size / sx,
                                    ba.window_size * patch_size / sy, fill=False, edgecolor="cyan", linewidth=1.5))
-        label = f"head {h}: {dist[h]:.0f} px, max p {m.max():.3f}"
+        label = f"head {h}: {dist[h]:.0f} px, max p {m.max():.2g}"
         off = 1.0 - float(m[image_tokens].sum())  # on window padding slots or on the canvas padding: not drawn
         if off > 0.005:
             label += f", off-image {off:.2f}"
