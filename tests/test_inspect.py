@@ -23,10 +23,11 @@ from conftest import randomize_
 PATCH = 16
 
 
-def tiny(window: int, heads: int = 2) -> EncoderConfig:
+def tiny(window: int, heads: int = 2, **changes) -> EncoderConfig:
     """16x16 tokens; block 1 global; window 6 pads the grid to 18x18, window 4 does not pad."""
-    return EncoderConfig(img_size=256, embed_dim=64, depth=3, num_heads=heads, window_size=window,
-                         global_attn_indexes=(1,), out_chans=32, name=f"tiny_w{window}")
+    fields = dict(img_size=256, embed_dim=64, depth=3, num_heads=heads, window_size=window, global_attn_indexes=(1,),
+                  out_chans=32, name=f"tiny_w{window}")
+    return EncoderConfig(**{**fields, **changes})
 
 
 def image_tensor(seed: int = 1) -> torch.Tensor:
@@ -36,8 +37,8 @@ def image_tensor(seed: int = 1) -> torch.Tensor:
 # ---------------------------------------------------------------- faithful maps: transformers as the oracle
 
 
-@pytest.mark.parametrize("window", [6, 4])
-def test_maps_equal_transformers_output_attentions(window):
+@pytest.mark.parametrize("window, rel_pos", [(6, True), (4, True), (6, False)])
+def test_maps_equal_transformers_output_attentions(window, rel_pos):
     """Every query's row in every block equals SamVisionModel(output_attentions=True) on the same weights.
 
     transformers returns (windows * heads, ws*ws, ws*ws) for a windowed block (padded slots as queries and keys)
@@ -46,12 +47,12 @@ def test_maps_equal_transformers_output_attentions(window):
 
     from samvit.convert import from_official
 
-    cfg = tiny(window)
+    cfg = tiny(window, use_rel_pos=rel_pos)
     enc = randomize_(ImageEncoder(cfg).eval(), seed=3)
     vc = SamVisionConfig(hidden_size=cfg.embed_dim, output_channels=cfg.out_chans, num_hidden_layers=cfg.depth,
                          num_attention_heads=cfg.num_heads, image_size=cfg.img_size, patch_size=PATCH,
                          window_size=window, global_attn_indexes=list(cfg.global_attn_indexes),
-                         mlp_dim=4 * cfg.embed_dim)
+                         mlp_dim=4 * cfg.embed_dim, use_rel_pos=rel_pos)
     vc._attn_implementation = "eager"  # the sdpa class returns no weights
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -240,6 +241,22 @@ def test_feature_pca_shapes(coffee):
     for rgb in (res.pre_neck, res.post_neck):
         assert rgb.min() >= 0 and rgb.max() <= 1 and rgb[res.image_tokens].std() > 0.1
     assert (np.diff(res.explained_pre) <= 0).all() and 0 < res.explained_pre.sum() <= 1
+
+
+def test_no_neck_no_relative_position_bfloat16(coffee):
+    """vit_h_spec's arrangement (no relative position, no neck) and bfloat16 weights: maps still sum to 1 and match
+    the float32 model's closely; PCA has no post-neck picture."""
+    cfg = tiny(4, use_rel_pos=False, out_chans=None)
+    enc = randomize_(ImageEncoder(cfg).eval())
+    res = feature_pca(enc, coffee)
+    assert res.post_neck is None and res.pre_neck.shape == (16, 16, 3)
+    x = image_tensor()
+    a32 = attention(enc, x, queries=[(3, 3), (9, 14)])
+    a16 = attention(enc.to(torch.bfloat16), x, queries=[(3, 3), (9, 14)])
+    for b in range(3):
+        assert (a16.blocks[b].probs.sum(-1) - 1).abs().max() <= 1e-5
+        assert (a16.blocks[b].probs - a32.blocks[b].probs).abs().max() < 0.05
+    assert attention_distance(enc, x).mean_distance.shape == (3, 2)
 
 
 # ---------------------------------------------------------------- the CLI: PNGs, CSV, errors
