@@ -45,7 +45,7 @@ def test_maps_equal_transformers_output_attentions(window, rel_pos):
     and (heads, N, N) for a global one; each real query's row is looked up there by its window and local index."""
     from transformers import SamVisionConfig, SamVisionModel
 
-    from samvit.convert import from_official
+    from samvit.checkpoints.keymaps import from_official
 
     cfg = tiny(window, use_rel_pos=rel_pos)
     enc = randomize_(ImageEncoder(cfg).eval(), seed=3)
