@@ -48,7 +48,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .runtime import tune_allocator
 
 
+# subpackages reachable as attributes of `samvit` (samvit.inspect.attention(...)) without an explicit import
+_SUBPACKAGES = ("inspect",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'samvit' has no attribute {name!r}")
@@ -58,4 +64,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> List[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))

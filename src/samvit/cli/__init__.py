@@ -17,6 +17,7 @@ COMMANDS = {
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
     "export": ("export", "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"),
     "serve": ("serve", "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"),
+    "inspect": ("inspect", "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"),
 }
 
 
