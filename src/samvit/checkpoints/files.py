@@ -1,15 +1,16 @@
 """The vocabulary every checkpoint module shares: errors, state-dict types, the safe read, the atomic write,
-file sha256 and the strict key check. A leaf: it imports nothing else of samvit."""
+file sha256 and the strict key check. It imports nothing else of samvit but the error types."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
 import pickle
-import zipfile
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
+
+from ..errors import InputError, SamvitError, open_regular
 
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
@@ -17,15 +18,16 @@ CONFIG_METADATA_KEY = "samvit_config"  # the EncoderConfig as JSON in samvit's o
 CHUNK = 1 << 22
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SamvitError, ValueError):
     """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
 
 
 def sha256_file(path: PathLike, progress: Optional[Callable[[int, int], None]] = None) -> str:
-    """Hex sha256 of a file's bytes; progress(bytes done, total) after each block when given."""
+    """Hex sha256 of a file's bytes; progress(bytes done, total) after each block when given. Only a regular
+    file is read (InputError otherwise: a FIFO or a device would never end)."""
     h = hashlib.sha256()
     total, done = os.path.getsize(path), 0
-    with open(path, "rb") as f:
+    with open_regular(path, "file to hash", InputError) as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
             done += len(block)
@@ -79,17 +81,22 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, str]]:
     from safetensors.torch import load_file
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if os.path.getsize(path) == 0:
+    with open_regular(path, "checkpoint file", CheckpointError) as f:  # a FIFO or a device is refused, unopened
+        head = f.read(9)
+    if not head:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     if _is_safetensors(path):
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
             return load_file(path), metadata
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, Exception) as e:  # safetensors' own type, OSError, ValueError, MemoryError...
             raise CheckpointError(f"{path}: safetensors file is truncated or corrupt ({e})") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a pickle
+        raise CheckpointError(f"{path}: not a checkpoint: neither a safetensors file nor a PyTorch file (a zip "
+                              f"archive or a pickle); it starts with {head[:8]!r}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -100,9 +107,26 @@ def read_checkpoint(path: PathLike) -> Tuple[StateDict, Dict[str, str]]:
             f"{path}: refused to load: the file is not a plain tensor checkpoint "
             f"(it needs code to unpickle, which is not allowed; weights_only=True): {why}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    return _unwrap_state_dict(obj, path), {}
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, ValueError, OSError... from a damaged file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+    metadata = {}
+    if isinstance(obj, dict) and isinstance(obj.get(CONFIG_METADATA_KEY), str):  # written by convert: see below
+        metadata[CONFIG_METADATA_KEY] = obj[CONFIG_METADATA_KEY]
+    return _unwrap_state_dict(obj, path), metadata
+
+
+def save_checkpoint(path: PathLike, tensors: StateDict, config_json: Optional[str] = None) -> None:
+    """Write tensors atomically as safetensors (config in the metadata) or, for another suffix, with torch.save:
+    a plain dict of tensors, or {"state_dict": tensors, "samvit_config": config} when a config must be kept (a
+    model that no preset describes); read_checkpoint reads both."""
+    if os.fspath(path).endswith(".safetensors"):
+        write_tensors(path, tensors, {CONFIG_METADATA_KEY: config_json, "format": "pt"} if config_json else
+                      {"format": "pt"})
+        return
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_write(path) as tmp:
+        torch.save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json} if config_json else tensors, tmp)
 
 
 def _unwrap_state_dict(obj, path: str) -> StateDict:
@@ -115,14 +139,17 @@ def _unwrap_state_dict(obj, path: str) -> StateDict:
 
 
 def check_keys(sd: StateDict, expected: Dict[str, tuple], header: str) -> None:
-    """Raise CheckpointError(header + details) naming every missing, unexpected and wrongly shaped key."""
+    """Raise CheckpointError(header + details) naming every missing, unexpected, wrongly shaped and non-float
+    key."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
                    for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
-    if missing or unexpected or wrong:
+    dtypes = sorted(f"{k}: {sd[k].dtype}" for k in set(expected) & set(sd) if not sd[k].is_floating_point())
+    if missing or unexpected or wrong or dtypes:
         parts = [header]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong),
+                             ("not floating point", dtypes)):
             if items:
                 shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
                 parts.append(f"{label}: {shown}")
