@@ -3,6 +3,7 @@ file sha256 and the strict key check. It imports nothing else of samvit but the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -43,7 +44,11 @@ def atomic_write(path: PathLike) -> Iterator[str]:
     Readers see the old file or the whole new one, never a partial write.
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except FileExistsError as e:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)", e.filename) from None
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         yield tmp
@@ -61,9 +66,14 @@ def write_tensors(path: PathLike, tensors: StateDict, metadata: Optional[Dict[st
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_write(path) as tmp:
         if os.fspath(path).endswith(".safetensors"):
-            save_file(tensors, tmp, metadata=metadata)
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+            except OSError:
+                raise
+            except Exception as e:  # safetensors reports a full disk as its own error type: name the file
+                raise OSError(f"cannot write {os.fspath(path)} ({e})") from None
         else:
-            torch.save(tensors, tmp)
+            _torch_save(tensors, tmp, path)
 
 
 def _is_safetensors(path: str) -> bool:
@@ -126,7 +136,17 @@ def save_checkpoint(path: PathLike, tensors: StateDict, config_json: Optional[st
         return
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_write(path) as tmp:
-        torch.save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json} if config_json else tensors, tmp)
+        _torch_save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json} if config_json else tensors, tmp, path)
+
+
+def _torch_save(obj, tmp: str, path: PathLike) -> None:
+    """torch.save into an open file, so a full or read-only disk is an OSError naming `path` (torch's own writer
+    reports it as a RuntimeError)."""
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            raise OSError(f"cannot write {os.fspath(path)} ({str(e).splitlines()[-1]})") from None
 
 
 def _unwrap_state_dict(obj, path: str) -> StateDict:

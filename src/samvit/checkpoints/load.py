@@ -56,22 +56,23 @@ def encoder_config(model: ModelSpec, metadata: Dict[str, str], sd: StateDict, so
         except (ValueError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{source}: its {CONFIG_METADATA_KEY} metadata is not a valid encoder config "
                                   f"({e})") from None
-    return infer_config(sd)
+    return infer_config(sd, source)
 
 
-def infer_config(sd: StateDict) -> EncoderConfig:
-    """The preset whose parameter names and shapes match an encoder state dict exactly."""
+def infer_config(sd: StateDict, source: str = "checkpoint") -> EncoderConfig:
+    """The preset whose parameter names and shapes match an encoder state dict exactly (CheckpointError naming
+    `source` otherwise)."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     for cfg in PRESETS.values():
         if _expected_shapes(cfg) == shapes:
             return cfg
     w = sd.get("patch_embed.proj.weight")
     if w is None:
-        raise CheckpointError("cannot infer the model: no `patch_embed.proj.weight` tensor "
+        raise CheckpointError(f"{source}: cannot infer the model: no `patch_embed.proj.weight` tensor "
                               "(is this a SAM image encoder checkpoint?)")
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     raise CheckpointError(
-        f"no preset matches this checkpoint (width {w.shape[0]}, {depth} blocks); pass model= with one of "
+        f"{source}: no preset matches this checkpoint (width {w.shape[0]}, {depth} blocks); pass model= with one of "
         f"{', '.join(PRESETS)} or an EncoderConfig")
 
 

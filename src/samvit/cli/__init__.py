@@ -92,7 +92,7 @@ def describe_error(e: BaseException) -> "tuple[str, int]":
         what = e.strerror or str(e) or type(e).__name__
         return (f"{where}: {what}" if where else what), EXIT_USAGE
     if type(e).__name__ == "SafetensorError":  # safetensors' own type, without importing it here
-        return f"not a valid safetensors file ({e})", EXIT_USAGE
+        return f"safetensors: {e}", EXIT_USAGE
     if isinstance(e, ValueError):  # argument checks of the library (ValueError by convention)
         return str(e) or type(e).__name__, EXIT_USAGE
     if isinstance(e, MemoryError):
@@ -108,7 +108,9 @@ def missing_dependency(e: ImportError) -> str:
     """'needs the optional package X: pip install samvit[extra]' for a package one of samvit's extras holds."""
     import re
 
-    module = (e.name or "").split(".")[0] or "?"
+    if not e.name:  # raised by samvit itself with its own advice
+        return str(e) if "pip install" in str(e) else f"{e}: a needed package is missing (see pip install samvit[...])"
+    module = e.name.split(".")[0]
     dist = _DISTRIBUTIONS.get(module, module)
     extras = []
     try:

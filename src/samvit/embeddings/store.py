@@ -265,8 +265,6 @@ class EmbeddingStore:
 
     def _check_item(self, key: str, rec: Dict[str, Any]) -> Tuple[Optional[np.ndarray], Optional[str]]:
         """(rows, None) of an intact item, else (None, what is wrong with it)."""
-        missing = [r for r in range(rec["row"], rec["row"] + rec["rows"])
-                   if not os.path.isfile(self._chunk_path(rec["array"], r))]
         try:
             rows = self._rows(rec)
         except Exception as e:  # a missing, damaged or foreign array
@@ -274,7 +272,9 @@ class EmbeddingStore:
         if rows.shape != (rec["rows"],) + self.shape:
             return None, f"data shape {rows.shape}, expected {(rec['rows'],) + self.shape}"
         if data_sha256(rows) != rec["data_sha256"]:
-            if missing:  # (a missing chunk reads as zeros: fine only for an all-zero row, which the sha256 shows)
+            missing = [r for r in range(rec["row"], rec["row"] + rec["rows"])  # zarr reads a missing chunk as zeros
+                       if not os.path.isfile(self._chunk_path(rec["array"], r))]
+            if missing:
                 return None, f"data rows {missing[:8]} of data/{rec['array']} are missing"
             return None, f"data checksum mismatch (corrupted data in data/{rec['array']})"
         return rows, None
@@ -579,7 +579,7 @@ def _identity_problem(ident: Dict[str, Any]) -> Optional[str]:
     for k in ("model", "checkpoint_sha256"):
         if not isinstance(ident.get(k), str):
             return f"field {k!r} missing or not text"
-    if ident.get("dtype") not in STORE_DTYPES:
+    if not isinstance(ident.get("dtype"), str) or ident["dtype"] not in STORE_DTYPES:
         return f"dtype {str(ident.get('dtype'))[:40]!r} is not one of {', '.join(STORE_DTYPES)}"
     shape = ident.get("embedding_shape")
     if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_is_int(s, 1, MAX_ROW_ELEMENTS) for s in shape)
