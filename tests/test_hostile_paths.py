@@ -3,13 +3,16 @@ silent overwrite, special files reported (never a hang), degenerate images, list
 outputs. Every case: the exit code, a message naming the culprit, no traceback, nothing else changed."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 from _hostile_utils import cli, files_under, fill, small_fs, snapshot, time_limit, tiny_sam_checkpoint, write_image
 from conftest import TINY, randomize_
+from PIL import Image
 
 import samvit
 from samvit.embeddings.files import load_embedding
@@ -339,6 +342,25 @@ def test_segment_refuses_existing_output_and_same_out_and_overlay(tmp_path, ckpt
     assert snapshot(tmp_path, ckpt) == before
 
 
+def test_segment_on_a_degenerate_image(tmp_path, sam_ckpt, capsys):
+    img = write_image(tmp_path / "thin.png", 1, 600)
+    rc, out, err = cli(["segment", img, "--point", "300,0", "--checkpoint", sam_ckpt, "--out", tmp_path / "m.png"],
+                       capsys)
+    assert rc == 0, err
+    assert json.loads(out)["out"] == str(tmp_path / "m.png")
+    assert np.asarray(Image.open(tmp_path / "m.png")).shape == (1, 600)
+
+
+def test_export_refuses_an_existing_output(tmp_path, ckpt, capsys):
+    (tmp_path / "e.onnx").write_bytes(b"old")
+    before = snapshot(tmp_path, ckpt)
+    rc, _, err = cli(["export", "onnx", "--checkpoint", ckpt, "--out", tmp_path / "e.onnx", "--quiet"], capsys)
+    assert rc == 2 and "e.onnx" in err and "--force" in err
+    rc, _, err = cli(["export", "onnx", "--checkpoint", ckpt, "--out", ckpt, "--quiet", "--force"], capsys)
+    assert rc == 2 and "is the checkpoint" in err
+    assert snapshot(tmp_path, ckpt) == before
+
+
 def test_convert_refuses_an_existing_output(tmp_path, ckpt, capsys):
     out = tmp_path / "o.pth"
     out.write_bytes(b"precious")
@@ -396,7 +418,7 @@ def test_full_disk_for_segment_output(tmp_path, sam_ckpt, capsys, tiny_fs):
     out = os.path.join(tiny_fs, "overlay.png")  # 300x400 random RGB: far more than the 4 KiB left
     rc, _, err = cli(["segment", img, "--point", "1,1", "--checkpoint", sam_ckpt, "--out", tmp_path / "m.png",
                       "--overlay", out, "--quiet"], capsys)
-    assert rc == 2 and "No space left on device" in err
+    assert rc == 2 and "No space left on device" in err and out in err
     assert os.listdir(tiny_fs) == ["filler.bin"]  # no half-written PNG
 
 

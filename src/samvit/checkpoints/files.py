@@ -41,7 +41,8 @@ def sha256_file(path: PathLike, progress: Optional[Callable[[int, int], None]] =
 def atomic_write(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
 
-    Readers see the old file or the whole new one, never a partial write.
+    Readers see the old file or the whole new one, never a partial write. An OSError that names no file (a
+    full disk seen by a write) is raised again naming `path`.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -53,6 +54,10 @@ def atomic_write(path: PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
