@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "OUT (size, speed and accuracy measured in docs/export.md); check yours with --verify")
     p.add_argument("--verify", action="store_true",
                    help="run the file in onnxruntime on a random input and print the difference to PyTorch")
+    p.add_argument("--force", action="store_true", help="replace OUT (and OUT.data) if they exist (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
@@ -52,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     args.out = args.out or "encoder.onnx"
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory; expected a file name such as encoder.onnx")
+    for path in (args.out, args.out + ".data"):
+        if os.path.lexists(path) and os.path.lexists(args.checkpoint) and os.path.realpath(path) == \
+                os.path.realpath(args.checkpoint):
+            raise UserError(f"--out {path} is the checkpoint; choose another output file")
+        if os.path.lexists(path) and not args.force:
+            raise UserError(f"--out {path}: exists; pass --force to replace it")
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     if args.int8 and args.external_data:
         raise UserError("--int8 files are written whole (vit_h in int8 is about 0.65 GB): drop --external-data")
