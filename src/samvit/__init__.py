@@ -11,6 +11,8 @@ from .predictor import Predictor, PromptError
 from .automatic import AutomaticMaskGenerator
 from .decoder_weights import load_decoder
 from .export import export_onnx
+from .config import MAE_PRESETS, MAEConfig, mae_preset
+from .modeling.mae import MaskedAutoencoder
 
 __version__ = "0.1.0"
 
@@ -19,4 +21,5 @@ __all__ = [
     "load_image", "preprocess", "CheckpointError", "load_encoder", "save_encoder", "__version__",
     "EmbeddingStore", "resolve_checkpoint", "download_checkpoint", "convert_checkpoint",
     "Predictor", "PromptError", "AutomaticMaskGenerator", "load_decoder", "export_onnx",
+    "MAE_PRESETS", "MAEConfig", "mae_preset", "MaskedAutoencoder",
 ]

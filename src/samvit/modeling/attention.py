@@ -201,6 +201,13 @@ class Attention(nn.Module):
                     out[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.transpose(1, 2))
         return out.view(B, N, nh * hd)
 
+    def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """Global attention over a token sequence (B,N,C), no relative position (the MAE ViT, class token included)."""
+        if self.use_rel_pos:
+            raise ValueError("forward_seq: relative positions need a (B,H,W,C) grid; use forward")
+        B, N, C = x.shape
+        return self.proj(self._attend(self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), (N, 1)))
+
 
 def _chunking(batch: int, heads: int, rows: int, row_len: int, n_keys: int, max_elems: int,
               min_queries: int = 768) -> Tuple[int, int, int]:
