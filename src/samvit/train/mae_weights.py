@@ -29,6 +29,7 @@ is a CheckpointError. The official ViT-H is patch 14 (its config is read from th
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -78,7 +79,7 @@ def _strip_wrappers(sd: StateDict) -> StateDict:
 
 def detect_mae_format(sd: StateDict) -> str:
     """'transformers', 'official' or 'samvit', from the key names."""
-    if any(k.startswith(("vit.", "decoder.")) for k in sd):
+    if any(k.startswith(("vit.", "decoder.", "embeddings.")) for k in sd):
         return "transformers"
     if any(".mlp.fc1." in k for k in sd):
         return "official"
@@ -158,6 +159,9 @@ def infer_mae_config(sd: StateDict) -> MAEConfig:
     hidden = sd["blocks.0.mlp.lin1.weight"].shape[0] if depth else 4 * dim
     fields = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
                   num_heads=_heads_for(dim, decoder=False), mlp_ratio=hidden / dim)
+    same = [c for c in MAE_PRESETS.values() if all(getattr(c, f) == v for f, v in fields.items())]
+    if "decoder_embed.weight" not in sd and same:  # encoder only: the decoder of the preset with this encoder
+        fields.update({f: getattr(same[0], f) for f in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")})
     if "decoder_embed.weight" in sd:
         ddim = sd["decoder_embed.weight"].shape[0]
         ddepth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1)
@@ -188,14 +192,19 @@ class MAELoadReport:
         return s
 
 
-def _read(src: Union[str, os.PathLike]) -> StateDict:
+def read_mae_file(src: Union[str, os.PathLike]) -> StateDict:
+    """The state dict of a file or of a transformers save_pretrained folder. The official training script's
+    checkpoints also hold its argparse.Namespace ("args"): that one class is allowed to unpickle."""
     path = os.fspath(src)
-    if os.path.isdir(path):  # a transformers save_pretrained folder
+    if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.isfile(os.path.join(path, name)):
-                return read_checkpoint(os.path.join(path, name))[0]
-        raise CheckpointError(f"{path}: a folder without model.safetensors or pytorch_model.bin")
-    return read_checkpoint(path)[0]
+                path = os.path.join(path, name)
+                break
+        else:
+            raise CheckpointError(f"{path}: a folder without model.safetensors or pytorch_model.bin")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return read_checkpoint(path)[0]
 
 
 def load_mae(src: Union[str, os.PathLike, StateDict], config: Union[MAEConfig, str, None] = None,
@@ -204,7 +213,7 @@ def load_mae(src: Union[str, os.PathLike, StateDict], config: Union[MAEConfig, s
     transformers folder or a state dict). The config is the one given, else inferred from the tensors;
     `overrides` replace config fields (e.g. norm_pix_loss=False for the official visualisation checkpoints)."""
     source = "state dict" if isinstance(src, dict) else os.fspath(src)
-    sd, fmt = to_mae_state(src if isinstance(src, dict) else _read(src), fmt)
+    sd, fmt = to_mae_state(src if isinstance(src, dict) else read_mae_file(src), fmt)
     cfg = mae_preset(config) if isinstance(config, str) else config
     cfg = cfg if cfg is not None else infer_mae_config(sd)
     cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
