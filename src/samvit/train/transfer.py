@@ -8,14 +8,14 @@ trainable) and the neck (PyTorch's default init). Windowed and global blocks fol
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 
 from ..config import EncoderConfig, preset
 from ..modeling.encoder import ImageEncoder, resize_pos_embed
 from ..modeling.mae import MaskedAutoencoder
-from ..weights import CheckpointError, save_encoder
+from ..weights import CheckpointError
 from .mae_weights import read_mae_file, to_mae_state
 
 StateDict = Dict[str, torch.Tensor]
@@ -65,16 +65,4 @@ def mae_to_sam_encoder(src: MAESource, encoder: Union[str, EncoderConfig] = "vit
             grid = int(round(pos.shape[1] ** 0.5))
             pos = pos.reshape(1, grid, grid, dim).float()
             model.pos_embed.copy_(resize_pos_embed(pos, (cfg.grid_size, cfg.grid_size)))
-    return model
-
-
-def export_encoder(src: MAESource, encoder: Union[str, EncoderConfig], out: Union[str, os.PathLike],
-                   metadata: Optional[Dict[str, str]] = None) -> ImageEncoder:
-    """mae_to_sam_encoder, written to `out` as a safetensors file that samvit.load_encoder reads."""
-    if not isinstance(src, (MaskedAutoencoder, dict)) and os.path.exists(out) \
-            and os.path.samefile(os.fspath(src), os.fspath(out)):
-        raise ValueError(f"--out {os.fspath(out)} is the input checkpoint; choose another file")
-    model = mae_to_sam_encoder(src, encoder)
-    meta = {"source": "MAE transfer" if isinstance(src, (MaskedAutoencoder, dict)) else os.fspath(src)}
-    save_encoder(model, out, {**meta, **(metadata or {})})
     return model
