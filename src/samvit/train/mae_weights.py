@@ -1,27 +1,30 @@
 """MAE checkpoints in: the official facebookresearch/mae files and transformers' ViTMAEForPreTraining weights.
 
-Key names (N: block index; every Linear and LayerNorm has .weight and .bias):
+Key names (N: block index; every Linear and LayerNorm has .weight and .bias; T = vit.encoder.layer.N in
+transformers' files, vit.layers.N in transformers >= 5 in memory):
 
-| samvit MaskedAutoencoder       | official models_mae (.pth "model")  | transformers ViTMAEForPreTraining: file layout /
-|                                |                                      | transformers >= 5 in memory                             |
-|--------------------------------|--------------------------------------|---------------------------------------------------------|
-| cls_token                      | cls_token                            | vit.embeddings.cls_token                                |
-| pos_embed (1, 1+L, D)          | pos_embed                            | vit.embeddings.position_embeddings                      |
-| patch_embed.proj               | patch_embed.proj                     | vit.embeddings.patch_embeddings.projection              |
-| blocks.N.norm1                 | blocks.N.norm1                       | vit.encoder.layer.N.layernorm_before / vit.layers.N.... |
-| blocks.N.attn.qkv (3D, D)      | blocks.N.attn.qkv                    | ...attention.attention.{query,key,value} (concatenated  |
-|                                |                                      |   q, k, v) / ...attention.{q,k,v}_proj                  |
-| blocks.N.attn.proj             | blocks.N.attn.proj                   | ...attention.output.dense / ...attention.o_proj         |
-| blocks.N.norm2                 | blocks.N.norm2                       | ...layernorm_after                                      |
-| blocks.N.mlp.lin1              | blocks.N.mlp.fc1                     | ...intermediate.dense / ...mlp.fc1                      |
-| blocks.N.mlp.lin2              | blocks.N.mlp.fc2                     | ...output.dense / ...mlp.fc2                            |
-| norm                           | norm                                 | vit.layernorm                                           |
-| decoder_embed                  | decoder_embed                        | decoder.decoder_embed                                   |
-| mask_token                     | mask_token                           | decoder.mask_token                                      |
-| decoder_pos_embed              | decoder_pos_embed                    | decoder.decoder_pos_embed                               |
-| decoder_blocks.N.* (as blocks) | decoder_blocks.N.* (as blocks)       | decoder.decoder_layers.N.* (as layers; written as       |
-|                                |                                      |   decoder.decoder_encoder.layer.N.* by transformers 5)  |
-| decoder_norm, decoder_pred     | decoder_norm, decoder_pred           | decoder.decoder_norm, decoder.decoder_pred              |
+| samvit MaskedAutoencoder  | official models_mae (.pth "model") | transformers ViTMAEForPreTraining             |
+|---------------------------|------------------------------------|-----------------------------------------------|
+| cls_token                 | cls_token                          | vit.embeddings.cls_token                      |
+| pos_embed (1, 1+L, D)     | pos_embed                          | vit.embeddings.position_embeddings            |
+| patch_embed.proj          | patch_embed.proj                   | vit.embeddings.patch_embeddings.projection    |
+| blocks.N.norm1            | blocks.N.norm1                     | T.layernorm_before                            |
+| blocks.N.attn.qkv (3D, D) | blocks.N.attn.qkv                  | T.attention.attention.{query,key,value}       |
+|                           |                                    |   (or T.attention.{q,k,v}_proj), stacked      |
+| blocks.N.attn.proj        | blocks.N.attn.proj                 | T.attention.output.dense (T.attention.o_proj) |
+| blocks.N.norm2            | blocks.N.norm2                     | T.layernorm_after                             |
+| blocks.N.mlp.lin1         | blocks.N.mlp.fc1                   | T.intermediate.dense (T.mlp.fc1)              |
+| blocks.N.mlp.lin2         | blocks.N.mlp.fc2                   | T.output.dense (T.mlp.fc2)                    |
+| norm                      | norm                               | vit.layernorm                                 |
+| decoder_embed             | decoder_embed                      | decoder.decoder_embed                         |
+| mask_token                | mask_token                         | decoder.mask_token                            |
+| decoder_pos_embed         | decoder_pos_embed                  | decoder.decoder_pos_embed                     |
+| decoder_blocks.N.*        | decoder_blocks.N.* (as blocks)     | decoder.decoder_layers.N.* (as T; written     |
+|                           |                                    |   decoder.decoder_encoder.layer.N.* by 5.x)   |
+| decoder_norm              | decoder_norm                       | decoder.decoder_norm                          |
+| decoder_pred              | decoder_pred                       | decoder.decoder_pred                          |
+
+transformers' ViTMAEModel (the encoder alone) has the vit.* keys without the "vit." prefix.
 
 The released pre-training checkpoints (mae_pretrain_vit_base/large/huge.pth) hold the encoder only: they load
 with the decoder left at its MAE init, and the report says so. Anything else missing, any unexpected key or shape
