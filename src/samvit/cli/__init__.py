@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
     "export": ("export", "export the image encoder to ONNX (external data for vit_h), --verify in onnxruntime"),
+    "train": ("train", "MAE pre-training of the encoder (one process or torchrun), export to a SAM encoder"),
 }
 
 
