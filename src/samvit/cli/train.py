@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its ckpt_*.pt files, or an MAE checkpoint (official mae_pretrain_vit_*.pth, transformers "
                    "ViTMAEForPreTraining)")
     e.add_argument("--preset", required=True, help="SAM encoder preset of the result (vit_b, vit_l, vit_h, "
-                   "vit_h_spec)")
+                   "vit_h_spec), or a JSON file of EncoderConfig fields (for other widths, e.g. a mae_tiny run)")
     e.add_argument("--out", required=True, metavar="PATH", help="output .safetensors file")
     e.set_defaults(_train=_run_export)
 
@@ -119,7 +119,7 @@ def _run_mae(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ..train.ckpt import latest_checkpoint, load_checkpoint
+    from ..train.ckpt import latest_checkpoint, list_checkpoints, load_checkpoint
     from ..train.transfer import mae_to_sam_encoder
     from ..weights import save_encoder
     from . import UserError
@@ -134,16 +134,27 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out}: would write into the input {src}; choose a path outside it")
     if not out.endswith(".safetensors"):
         raise UserError(f"--out {out}: expected a .safetensors path")
-    if os.path.isdir(src):
-        state = latest_checkpoint(src)
-        if state is None:
-            raise UserError(f"{src}: no checkpoint (ckpt_*.pt) in this run directory")
-        mae = state["model"]
-    elif os.path.basename(src).startswith("ckpt_") and src.endswith(".pt"):
+    if os.path.isdir(src) and list_checkpoints(src):
+        mae = latest_checkpoint(src)["model"]  # a run directory: its newest checkpoint
+    elif os.path.isdir(src) and os.path.exists(os.path.join(src, "config.json")) and not any(
+            os.path.exists(os.path.join(src, f)) for f in ("model.safetensors", "pytorch_model.bin")):
+        raise UserError(f"{src}: a run directory without a checkpoint (ckpt_*.pt) yet")
+    elif os.path.isfile(src) and os.path.basename(src).startswith("ckpt_") and src.endswith(".pt"):
         mae = load_checkpoint(src)["model"]
     else:
-        mae = src  # an MAE checkpoint file in the official or transformers layout: transfer reads it
-    encoder = mae_to_sam_encoder(mae, args.preset)
+        mae = src  # an official or transformers MAE file, or a save_pretrained folder: transfer reads it
+    target = args.preset
+    if target.endswith(".json"):
+        import json
+
+        from ..config import EncoderConfig
+
+        try:
+            with open(target, encoding="utf-8") as fh:
+                target = EncoderConfig.from_dict(json.load(fh))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"--preset {args.preset}: cannot read an EncoderConfig from it ({e})") from None
+    encoder = mae_to_sam_encoder(mae, target)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_encoder(encoder, out)
     if not getattr(args, "quiet", False):

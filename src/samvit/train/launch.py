@@ -25,6 +25,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # setup() created the process group (and teardown() destroys it)
 
     @property
     def main(self) -> bool:
@@ -36,16 +37,19 @@ class Processes:
 
 
 def setup(device: Optional[str] = None) -> Processes:
-    """Initialise torch.distributed when run under torchrun (nccl on cuda:LOCAL_RANK, gloo on CPU)."""
+    """Initialise torch.distributed when run under torchrun (nccl on cuda:LOCAL_RANK, gloo on CPU); a process
+    group that already exists is used as it is."""
+    existed = dist.is_available() and dist.is_initialized()
     dev, env = init_distributed(device)
     if env is None:
         return Processes(dev)
     rank, world, local_rank = env
-    return Processes(dev, rank, world, local_rank)
+    return Processes(dev, rank, world, local_rank, owns_group=not existed)
 
 
 def teardown(procs: Processes) -> None:
-    if procs.distributed and dist.is_initialized():
+    """Destroy the process group if setup() created it."""
+    if procs.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -93,12 +97,16 @@ def fsdp_units(model: nn.Module) -> List[nn.Module]:
     return units
 
 
-def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
-    """DDP over the processes (the default), or FSDP2: fully_shard on each block, then on the root. One process:
-    the model as it is."""
+def check_fsdp(procs: Processes, fsdp: bool) -> None:
     if fsdp and not procs.distributed:
         raise ValueError("--fsdp shards the model over processes: run under torchrun with --nproc_per_node 2 or "
                          "more (one process trains without it)")
+
+
+def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
+    """DDP over the processes (the default), or FSDP2: fully_shard on each block, then on the root. One process:
+    the model as it is."""
+    check_fsdp(procs, fsdp)
     if not procs.distributed:
         return model
     if fsdp:
@@ -113,8 +121,11 @@ def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    # parameters broadcast through expand/repeat (MAE's mask token) get gradients whose size-1 dimensions have
+    # other strides than DDP's bucket: a harmless copy of a few values that DDP warns about at every start
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [procs.device.index] if procs.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

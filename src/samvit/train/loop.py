@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .ckpt import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .ckpt import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .data import Batches, to_device
-from .launch import (Processes, all_gather, autocast, barrier, check_precision, gradient_sync, mean_over_processes,
-                     seed_everything, setup, teardown, unwrap, wrap)
-from .log import Logger, peak_memory_mib, truncate_log
+from .launch import (Processes, all_gather, autocast, barrier, check_fsdp, check_precision, gradient_sync,
+                     mean_over_processes, seed_everything, setup, teardown, unwrap, wrap)
+from .log import LOG_FILE, Logger, peak_memory_mib, truncate_log
 from .optim import LRSchedule, build_optimizer, scaled_lr
 
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Union[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -103,7 +103,8 @@ class TrainConfig:
 def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
     """Create RUN_DIR with its config.json, or check that an existing run is the same run (only with --resume)."""
     path = os.path.join(cfg.out, CONFIG_FILE)
-    if os.path.exists(path):
+    started = os.path.exists(os.path.join(cfg.out, LOG_FILE)) or bool(list_checkpoints(cfg.out))
+    if os.path.exists(path) and started:
         with open(path, encoding="utf-8") as fh:
             saved = json.load(fh).get("identity", {})
         now = cfg.identity()
@@ -115,7 +116,7 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         if diff:
             raise ValueError(f"--resume: {cfg.out} was started with a different config: {'; '.join(diff)}")
         return
-    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE}:  # a run that never took a step: anew
         raise ValueError(f"--out {cfg.out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another "
                          "--out")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -142,6 +143,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
     procs = setup(cfg.device)
     device = procs.device
     try:
+        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers)
+        check_fsdp(procs, cfg.fsdp)
         prepare_run_dir(cfg, procs)
 
         # -- the model: the same initial weights on every process (FSDP2 does not broadcast them)
@@ -155,8 +158,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
         model = wrap(model, procs, cfg.fsdp)
         seed_everything(cfg.seed + procs.rank)  # each process its own stream for what the task draws itself
 
-        # -- data, optimizer, lr schedule, grad scaler
-        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers)
+        # -- optimizer, lr schedule, grad scaler
         global_batch = cfg.batch_size * cfg.accum * procs.world
         total = cfg.steps if cfg.steps is not None else cfg.epochs * batches.per_epoch // cfg.accum
         if total < 1:
