@@ -91,10 +91,11 @@ def assert_equal_runs(one: str, two: str) -> None:
 
 def test_two_processes_ddp_and_fsdp_equal_one_and_fsdp_checkpoint_loads_in_one_process(tmp_path, one_process):
     """2 processes x batch 1 x accumulation 2 = 1 process x batch 4: DDP (no_sync on the first micro-batch), and
-    FSDP2 (per-block fully_shard); then the FSDP2 run continues in one process without FSDP."""
+    FSDP2 (per-block fully_shard, with activation checkpointing); then the FSDP2 run continues in one process
+    without FSDP."""
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     two = ["--batch-size", "1", "--accum", "2"]
-    torchrun(tmp_path, [COMMON + two + ["--out", ddp], COMMON + two + ["--fsdp", "--out", fsdp]])
+    torchrun(tmp_path, [COMMON + two + ["--out", ddp], COMMON + two + ["--fsdp", "--checkpointing", "--out", fsdp]])
     for run in (ddp, fsdp):
         assert json.load(open(os.path.join(run, "config.json")))["processes"] == 2
         assert_equal_runs(one_process, run)

@@ -136,14 +136,15 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
 
 def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Dataset, loss_fn: LossFn,
           hooks: Sequence[Hook] = ()) -> Dict:
-    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'checkpoint'} of the last step."""
+    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'run_dir'} (loss of the last logged step)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     # -- processes and the run directory
     procs = setup(cfg.device)
     device = procs.device
     try:
-        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers)
+        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers,
+                          pin_memory=device.type == "cuda")
         check_fsdp(procs, cfg.fsdp)
         prepare_run_dir(cfg, procs)
 
@@ -191,6 +192,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
             del state
         elif cfg.resume and procs.main and not cfg.quiet:
             print(f"samvit train: no checkpoint in {cfg.out} yet; starting from step 0")
+        if step >= total and procs.main and not cfg.quiet:
+            print(f"samvit train: {cfg.out} is at step {step} already (asked for {total}); nothing to do")
 
         logger = Logger(cfg.out, total, step, enabled=procs.main, quiet=cfg.quiet)
         if procs.main and not cfg.quiet:

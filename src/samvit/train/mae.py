@@ -2,6 +2,7 @@
 reconstruction pictures (original | masked | reconstruction | reconstruction with the visible patches pasted)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, List, Optional
 
@@ -111,9 +112,11 @@ def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthet
         raise ValueError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
     if synthetic_size < 1:
         raise ValueError(f"--synthetic-size must be at least 1, got {synthetic_size}")
-    cfg.task = {"task": "mae", "model": model, "data": os.path.abspath(data) if data != "synthetic" else data,
-                "mask_ratio": mask_ratio if mask_ratio is not None else mae_cfg.mask_ratio,
-                **({"synthetic_size": synthetic_size} if data == "synthetic" else {})}
+    task = {"task": "mae", "model": model, "data": os.path.abspath(data) if data != "synthetic" else data,
+            "mask_ratio": mask_ratio if mask_ratio is not None else mae_cfg.mask_ratio}
+    if data == "synthetic":
+        task["synthetic_size"] = synthetic_size
+    cfg = dataclasses.replace(cfg, task=task)  # the task's settings are part of the run's identity
     check_precision(cfg.precision, mae_cfg, cfg.fsdp)  # before building a model that may be refused
     source = open_source(data, mae_cfg.img_size, synthetic_size)
     report = os.path.join(cfg.out, BAD_IMAGES_FILE)
