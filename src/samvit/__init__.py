@@ -25,6 +25,7 @@ _EXPORTS = {
     "EmbeddingStore": "embeddings.store", "embed": "embeddings.pipeline",
     "Predictor": "masks.predictor", "PromptError": "masks.prompts", "AutomaticMaskGenerator": "masks.automatic",
     "export_onnx": "export", "export_decoder_onnx": "export",
+    "MAEConfig": "config", "MAE_PRESETS": "config", "mae_preset": "config", "MaskedAutoencoder": "modeling.mae",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .checkpoints.files import CheckpointError
     from .checkpoints.load import load_decoder, load_encoder, load_sam, save_encoder
     from .checkpoints.registry import download_checkpoint, resolve_checkpoint
-    from .config import PRESETS, DecoderConfig, EncoderConfig, preset
+    from .config import MAE_PRESETS, PRESETS, DecoderConfig, EncoderConfig, MAEConfig, mae_preset, preset
     from .data.images import ImageError, load_image
     from .data.preprocess import PreparedImage, preprocess
     from .embeddings.pipeline import embed
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .masks.predictor import Predictor
     from .masks.prompts import PromptError
     from .modeling.encoder import ImageEncoder
+    from .modeling.mae import MaskedAutoencoder
     from .modeling.sam import SamDecoder
     from .runtime import tune_allocator
 

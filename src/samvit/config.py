@@ -147,3 +147,82 @@ class DecoderConfig:
     def replace(self, **changes) -> "DecoderConfig":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """The masked autoencoder (He et al. 2022) that pre-trains the encoder: a plain ViT with a class token and
+    fixed sine-cosine positions, a narrow decoder, a per-patch pixel loss."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75
+    norm_eps: float = 1e-6
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        for width, heads, what in ((self.embed_dim, self.num_heads, "embed_dim"),
+                                   (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim")):
+            if width % heads:
+                raise ValueError(f"{what} {width} is not divisible by its number of heads {heads}")
+            if width % 4:
+                raise ValueError(f"{what} {width} is not a multiple of 4 (the 2-D sine-cosine position embedding)")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid (14 for 224 / 16)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown MAEConfig fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "MAEConfig":
+        return cls.from_dict(json.loads(s))
+
+
+MAE_PRESETS = {
+    # The widths of SAM's encoders, at 224 px / patch 16 (the official MAE ViT-H is patch 14; SAM's is 16).
+    "mae_vit_b": MAEConfig(embed_dim=768, depth=12, num_heads=12, name="mae_vit_b"),
+    "mae_vit_l": MAEConfig(embed_dim=1024, depth=24, num_heads=16, name="mae_vit_l"),
+    "mae_vit_h": MAEConfig(embed_dim=1280, depth=32, num_heads=16, name="mae_vit_h"),
+    # For tests and demos on CPU: the same 224/16 geometry (so it transfers to a 1024/16 encoder), width 64.
+    "mae_tiny": MAEConfig(embed_dim=64, depth=3, num_heads=2, decoder_embed_dim=64, decoder_depth=2,
+                          decoder_num_heads=2, name="mae_tiny"),
+}
+
+
+def mae_preset(name: str, **overrides) -> MAEConfig:
+    """Return the named MAE preset, optionally with some fields replaced."""
+    if name not in MAE_PRESETS:
+        raise ValueError(f"unknown MAE preset {name!r}; known presets: {', '.join(MAE_PRESETS)}")
+    cfg = MAE_PRESETS[name]
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

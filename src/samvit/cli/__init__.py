@@ -30,6 +30,7 @@ COMMANDS = {
     "export": ("export", "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"),
     "serve": ("serve", "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"),
     "inspect": ("inspect", "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"),
+    "train": ("train", "MAE pre-training of the encoder (one process or torchrun), export to a SAM encoder"),
 }
 
 

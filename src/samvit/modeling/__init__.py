@@ -1,7 +1,8 @@
 """nn.Modules of samvit: common layers, attention (and its kernel registry), the encoder, the prompt encoder,
-the mask decoder's transformer, the mask decoder, and SamDecoder (prompt encoder + mask decoder)."""
+the mask decoder's transformer, the mask decoder, SamDecoder (prompt encoder + mask decoder), and the MAE model."""
 from .attention import KERNELS, Attention, register_kernel
 from .common import LayerNorm2d, MLPBlock
 from .encoder import Block, ImageEncoder
+from .mae import MaskedAutoencoder
 
-__all__ = ["Attention", "Block", "ImageEncoder", "KERNELS", "LayerNorm2d", "MLPBlock", "register_kernel"]
+__all__ = ["Attention", "Block", "ImageEncoder", "KERNELS", "LayerNorm2d", "MLPBlock", "MaskedAutoencoder", "register_kernel"]

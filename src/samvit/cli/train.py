@@ -1,0 +1,162 @@
+"""`samvit train`: MAE pre-training of the encoder (`train mae`) and the MAE encoder -> SAM ImageEncoder transfer
+(`train export-encoder`).
+
+One machine: `samvit train mae ...`; several processes or machines: `torchrun --nproc_per_node=N -m samvit train
+mae ...` (DDP; --fsdp shards the model instead). See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="train_command", metavar="TASK")
+    m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
+                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75%% of each image's "
+                       "patches masked, the visible ones encoded, the pixels of the masked ones reconstructed. Runs "
+                       "as one process or under torchrun (DDP; --fsdp for FSDP2). Writes RUN_DIR/log.jsonl, "
+                       "checkpoints (ckpt_<step>.pt, the last --keep-last kept) and reconstruction pictures.")
+    m.add_argument("--data", required=True, metavar="DIR|synthetic",
+                   help="folder of training images (searched recursively), or 'synthetic' for a generated set of "
+                   "shapes (tests and demos)")
+    m.add_argument("--model", required=True, choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos)")
+    m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+                   "--resume)")
+    m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
+    length = m.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, metavar="N", help="train up to optimizer step N")
+    length.add_argument("--epochs", type=int, metavar="E", help="train E passes over the data")
+    o = m.add_argument_group("optimisation (AdamW 0.9/0.95, warmup + half-cycle cosine per step)")
+    o.add_argument("--accum", type=int, default=1, metavar="K", help="gradient accumulation: micro-batches per "
+                   "optimizer step (default 1); global batch = B x K x processes")
+    o.add_argument("--blr", type=float, default=1.5e-4, help="base lr: peak lr = blr x global batch / 256 "
+                   "(default 1.5e-4, MAE's)")
+    o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
+    o.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine (default 0)")
+    o.add_argument("--warmup-steps", type=int, default=None, metavar="W", help="linear warmup steps (default: "
+                   "10%% of the cosine's length, 0 when there is none)")
+    o.add_argument("--decay-steps", type=int, default=None, metavar="D",
+                   help="the cosine reaches --min-lr at step D (default: the full run with --epochs; with --steps no "
+                   "decay unless D is given, so that --steps can be raised on --resume)")
+    o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, "
+                   "position embeddings and tokens (default 0.05)")
+    o.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the gradient norm to NORM")
+    o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
+    r = m.add_argument_group("memory, precision and processes")
+    r.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block: less memory, "
+                   "about one more forward pass of compute")
+    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default), bf16 autocast, or fp16 autocast with a gradient scaler (refused for "
+                   "mae_vit_h)")
+    r.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                   "processes (FSDP2, per block) instead of DDP; needs torchrun")
+    r.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; cuda:LOCAL_RANK under "
+                   "torchrun)")
+    r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
+                   "for synthetic data, else up to 8 per process); the data is the same for any N")
+    g = m.add_argument_group("run directory and logs")
+    g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
+                   "(starts at step 0 if it has none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, augmentation and masks")
+    g.add_argument("--log-every", type=int, default=10, metavar="K", help="log every K steps (default 10)")
+    g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps and at the "
+                   "end (default 500)")
+    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default 3)")
+    g.add_argument("--vis-every", type=int, default=0, metavar="K", help="write RUN_DIR/recon_<step>.png every K "
+                   "steps (default: off)")
+    g.add_argument("--synthetic-size", type=int, default=1024, metavar="N", help="images in --data synthetic "
+                   "(default 1024)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
+    m.set_defaults(_train=_run_mae)
+
+    e = sub.add_parser("export-encoder", help="turn an MAE encoder into a SAM ImageEncoder (.safetensors)",
+                       description="Build a SAM ImageEncoder from an MAE-trained ViT (what SAM did): patch embedding "
+                       "and blocks copied, class token dropped, position embedding resized to the SAM grid, "
+                       "relative-position tables zero, windows per the preset, a fresh neck. The result loads with "
+                       "samvit.load_encoder.")
+    e.add_argument("src", metavar="SRC", help="a `samvit train mae` run directory (its newest checkpoint), one of "
+                   "its ckpt_*.pt files, or an MAE checkpoint (official mae_pretrain_vit_*.pth, transformers "
+                   "ViTMAEForPreTraining)")
+    e.add_argument("--preset", required=True, help="SAM encoder preset of the result (vit_b, vit_l, vit_h, "
+                   "vit_h_spec), or a JSON file of EncoderConfig fields (for other widths, e.g. a mae_tiny run)")
+    e.add_argument("--out", required=True, metavar="PATH", help="output .safetensors file")
+    e.set_defaults(_train=_run_export)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import UserError
+
+    if not getattr(args, "train_command", None):
+        raise UserError("name a task: `samvit train mae ...` or `samvit train export-encoder ...` (see --help)")
+    return args._train(args)
+
+
+def _run_mae(args: argparse.Namespace) -> int:
+    from ..train.loop import TrainConfig
+    from ..train.mae import pretrain_mae
+    from . import UserError
+
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
+    if args.vis_every < 0:
+        raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
+    workers = args.num_workers
+    if workers is None:
+        workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 2) //
+                                                                 int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cfg = TrainConfig(out=args.out, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
+                      accum=args.accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                      decay_steps=args.decay_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                      precision=args.precision, checkpointing=args.checkpointing, fsdp=args.fsdp, seed=args.seed,
+                      resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                      keep_last=args.keep_last, num_workers=workers, device=args.device, quiet=args.quiet)
+    pretrain_mae(cfg, model=args.model, data=args.data, mask_ratio=args.mask_ratio,
+                 synthetic_size=args.synthetic_size, vis_every=args.vis_every)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from ..train.ckpt import latest_checkpoint, list_checkpoints, load_checkpoint
+    from ..train.transfer import mae_to_sam_encoder
+    from ..checkpoints.load import save_encoder
+    from . import UserError
+
+    src, out = args.src, args.out
+    if not os.path.exists(src):
+        raise UserError(f"{src}: no such run directory or checkpoint file")
+    if os.path.abspath(out) == os.path.abspath(src) or (os.path.isdir(src) and
+                                                        os.path.commonpath([os.path.abspath(out),
+                                                                            os.path.abspath(src)]) ==
+                                                        os.path.abspath(src)):
+        raise UserError(f"--out {out}: would write into the input {src}; choose a path outside it")
+    if not out.endswith(".safetensors"):
+        raise UserError(f"--out {out}: expected a .safetensors path")
+    if os.path.isdir(src) and list_checkpoints(src):
+        mae = latest_checkpoint(src)["model"]  # a run directory: its newest checkpoint
+    elif os.path.isdir(src) and os.path.exists(os.path.join(src, "config.json")) and not any(
+            os.path.exists(os.path.join(src, f)) for f in ("model.safetensors", "pytorch_model.bin")):
+        raise UserError(f"{src}: a run directory without a checkpoint (ckpt_*.pt) yet")
+    elif os.path.isfile(src) and os.path.basename(src).startswith("ckpt_") and src.endswith(".pt"):
+        mae = load_checkpoint(src)["model"]
+    else:
+        mae = src  # an official or transformers MAE file, or a save_pretrained folder: transfer reads it
+    target = args.preset
+    if target.endswith(".json"):
+        import json
+
+        from ..config import EncoderConfig
+
+        try:
+            with open(target, encoding="utf-8") as fh:
+                target = EncoderConfig.from_dict(json.load(fh))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"--preset {args.preset}: cannot read an EncoderConfig from it ({e})") from None
+    encoder = mae_to_sam_encoder(mae, target)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_encoder(encoder, out)
+    if not getattr(args, "quiet", False):
+        print(f"samvit train export-encoder: {encoder.config.name} encoder from {src} -> {out}")
+    return 0

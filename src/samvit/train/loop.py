@@ -1,0 +1,258 @@
+"""The training loop shared by MAE pre-training and SAM fine-tuning: one function, read top to bottom.
+
+train(cfg, build_model, dataset, loss_fn) runs as a plain process or under torchrun (DDP, or FSDP2 with
+cfg.fsdp), with activation checkpointing, bf16/fp16 autocast, gradient accumulation and clipping, AdamW on the
+warmup + cosine schedule, checkpoints that resume bit for bit, and logs. The task supplies the model, the data
+and loss_fn(model, batch) -> loss tensor (or a dict with "loss" and other scalars to log).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .ckpt import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from .data import Batches, to_device
+from .launch import (Processes, all_gather, autocast, barrier, check_fsdp, check_precision, gradient_sync,
+                     mean_over_processes, seed_everything, setup, teardown, unwrap, wrap)
+from .log import LOG_FILE, Logger, peak_memory_mib, truncate_log
+from .optim import LRSchedule, build_optimizer, scaled_lr
+
+LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Union[torch.Tensor, Dict[str, torch.Tensor]]]
+Hook = Callable[[int, nn.Module], None]  # hook(step, model) after every optimizer step, on every process
+CONFIG_FILE = "config.json"
+log = logging.getLogger("samvit.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs besides the model, the data and the loss. `task` holds the task's own settings
+    (model preset, data, ...); with the optimisation fields it is the run's identity, checked on --resume."""
+
+    out: str
+    batch_size: int  # per process; the global batch is batch_size x accum x processes
+    steps: Optional[int] = None  # train up to this optimizer step (or give epochs)
+    epochs: Optional[int] = None
+    accum: int = 1
+    lr: Optional[float] = None  # absolute peak lr; default blr x global batch / 256
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_steps: Optional[int] = None  # default: 10% of the cosine's length, 0 without a cosine
+    decay_steps: Optional[int] = None  # the cosine reaches min_lr here; default: the --epochs length, else no decay
+    weight_decay: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.95)
+    clip_grad: Optional[float] = None
+    precision: str = "fp32"
+    checkpointing: bool = False
+    fsdp: bool = False
+    seed: int = 0
+    resume: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    num_workers: int = 0
+    device: Optional[str] = None
+    quiet: bool = False
+    task: Dict = field(default_factory=dict)
+
+    # the fields that must match when a run is resumed (the others only say how far and how it is watched)
+    IDENTITY = ("batch_size", "accum", "lr", "blr", "min_lr", "warmup_steps", "decay_steps", "weight_decay",
+                "betas", "clip_grad", "precision", "seed", "task")
+
+    def __post_init__(self) -> None:
+        def positive(name: str, v, allow_none: bool = False, kind=int) -> None:
+            if v is None and allow_none:
+                return
+            if not isinstance(v, kind) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of --steps N and --epochs E")
+        for name in ("batch_size", "accum", "log_every", "ckpt_every", "keep_last"):
+            positive(name, getattr(self, name))
+        positive("steps", self.steps, True)
+        positive("epochs", self.epochs, True)
+        positive("decay_steps", self.decay_steps, True)
+        for name in ("lr", "clip_grad"):
+            positive(name, getattr(self, name), True, (int, float))
+        positive("blr", self.blr, kind=(int, float))
+        if self.min_lr < 0 or self.weight_decay < 0 or self.num_workers < 0:
+            raise ValueError("--min-lr, --weight-decay and --num-workers must not be negative")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.warmup_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"--decay-steps ({self.decay_steps}) must be larger than --warmup-steps "
+                             f"({self.warmup_steps})")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"AdamW betas must be in [0, 1), got {self.betas}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+    def identity(self) -> Dict:
+        """The identity fields, as they read back from JSON."""
+        return json.loads(json.dumps({k: getattr(self, k) for k in self.IDENTITY}))
+
+
+def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
+    """Create RUN_DIR with its config.json, or check that an existing run is the same run (only with --resume)."""
+    path = os.path.join(cfg.out, CONFIG_FILE)
+    started = os.path.exists(os.path.join(cfg.out, LOG_FILE)) or bool(list_checkpoints(cfg.out))
+    if os.path.exists(path) and started:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh).get("identity", {})
+        now = cfg.identity()
+        diff = [f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+        if not cfg.resume:
+            what = f" with a different config ({'; '.join(diff)})" if diff else ""
+            raise ValueError(f"--out {cfg.out}: already holds a run{what}; pass --resume to continue it, or choose "
+                             "another --out")
+        if diff:
+            raise ValueError(f"--resume: {cfg.out} was started with a different config: {'; '.join(diff)}")
+        return
+    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE}:  # a run that never took a step: anew
+        raise ValueError(f"--out {cfg.out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another "
+                         "--out")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out}: exists and is not a directory")
+    barrier(procs)  # every process has looked before the main one writes
+    if procs.main:
+        from .._version import __version__
+
+        os.makedirs(cfg.out, exist_ok=True)
+        record = {"identity": cfg.identity(), "config": dataclasses.asdict(cfg), "processes": procs.world,
+                  "samvit": __version__}
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2)
+        os.replace(path + ".tmp", path)
+    barrier(procs)
+
+
+def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Dataset, loss_fn: LossFn,
+          hooks: Sequence[Hook] = ()) -> Dict:
+    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'run_dir'} (loss of the last logged step)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    # -- processes and the run directory
+    procs = setup(cfg.device)
+    device = procs.device
+    try:
+        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers,
+                          pin_memory=device.type == "cuda")
+        check_fsdp(procs, cfg.fsdp)
+        prepare_run_dir(cfg, procs)
+
+        # -- the model: the same initial weights on every process (FSDP2 does not broadcast them)
+        seed_everything(cfg.seed)
+        model = build_model().to(device)
+        check_precision(cfg.precision, getattr(model, "config", None), cfg.fsdp)
+        if cfg.checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"--checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        model = wrap(model, procs, cfg.fsdp)
+        seed_everything(cfg.seed + procs.rank)  # each process its own stream for what the task draws itself
+
+        # -- optimizer, lr schedule, grad scaler
+        global_batch = cfg.batch_size * cfg.accum * procs.world
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * batches.per_epoch // cfg.accum
+        if total < 1:
+            raise ValueError(f"--epochs {cfg.epochs}: {batches.per_epoch} batches per epoch make no optimizer step "
+                             f"with --accum {cfg.accum}")
+        decay = cfg.decay_steps if cfg.decay_steps is not None else (total if cfg.epochs is not None else None)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (round(0.1 * decay) if decay else 0)
+        schedule = LRSchedule(cfg.lr or scaled_lr(cfg.blr, global_batch), warmup, decay, cfg.min_lr)
+        optimizer = build_optimizer(model, schedule.peak, cfg.weight_decay, cfg.betas)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        # -- resume: model, optimizer, schedule, scaler, data position, RNG states
+        step = 0
+        state = latest_checkpoint(cfg.out) if cfg.resume else None
+        if state is not None:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+            schedule = LRSchedule.from_state_dict(state["schedule"])
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            step, batches.epoch, batches.pos = state["step"], state["epoch"], state["pos"]
+            if state["processes"] == procs.world:
+                set_rng_state(state["rng"][procs.rank])
+            elif procs.main:
+                log.warning("resumed with %d processes, the run had %d: the data order and random streams differ "
+                            "from an uninterrupted run", procs.world, state["processes"])
+            if procs.main:
+                truncate_log(cfg.out, step)
+            del state
+        elif cfg.resume and procs.main and not cfg.quiet:
+            print(f"samvit train: no checkpoint in {cfg.out} yet; starting from step 0")
+        if step >= total and procs.main and not cfg.quiet:
+            print(f"samvit train: {cfg.out} is at step {step} already (asked for {total}); nothing to do")
+
+        logger = Logger(cfg.out, total, step, enabled=procs.main, quiet=cfg.quiet)
+        if procs.main and not cfg.quiet:
+            mode = "FSDP2" if cfg.fsdp else ("DDP" if procs.distributed else "1 process")
+            print(f"samvit train: steps {step} -> {total}, global batch {global_batch} ({cfg.batch_size} x "
+                  f"{cfg.accum} accum x {procs.world} proc), peak lr {schedule.peak:.3g}, {cfg.precision}, {mode}, "
+                  f"{device}, run dir {cfg.out}")
+
+        # -- the loop
+        values: Dict[str, float] = {}
+        saved_at = step
+        while step < total:
+            lr = schedule.apply(optimizer, step)
+            sums: Dict[str, torch.Tensor] = {}
+            for micro in range(cfg.accum):
+                batch = to_device(next(batches), device)
+                with gradient_sync(model, micro == cfg.accum - 1):
+                    with autocast(device, cfg.precision):
+                        out = loss_fn(model, batch)
+                    out = out if isinstance(out, dict) else {"loss": out}
+                    scaler.scale(out["loss"] / cfg.accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum
+            step += 1
+            logging_now = step % cfg.log_every == 0 or step == total
+            grad_norm = None
+            if cfg.clip_grad is not None or logging_now:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            if logging_now:
+                means = {k: mean_over_processes(v, procs).item() for k, v in sums.items()}
+                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                values = {**means, "lr": lr, "grad_norm": gn.item(), "epoch": batches.epoch,
+                          "images_per_s": logger.throughput(step, global_batch),
+                          "peak_mem_mib": peak_memory_mib(device)}
+                if cfg.precision == "fp16":
+                    values["grad_scale"] = scaler.get_scale()
+                logger.log(step, values)
+            logger.step(step)
+            for hook in hooks:
+                hook(step, unwrap(model))
+            if step % cfg.ckpt_every == 0 or step == total:
+                msd, osd = get_state_dict(model, optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                rngs = all_gather(rng_state(), procs)
+                if procs.main:
+                    save_checkpoint({"model": msd, "optimizer": osd, "schedule": schedule.state_dict(),
+                                     "scaler": scaler.state_dict(), "epoch": batches.epoch, "pos": batches.pos,
+                                     "rng": rngs, "processes": procs.world, "identity": cfg.identity()},
+                                    cfg.out, step, cfg.keep_last)
+                barrier(procs)
+                saved_at = step
+        logger.close()
+        if procs.main and not cfg.quiet and values:
+            print(f"samvit train: step {step}, loss {values['loss']:.4f}; checkpoint {cfg.out} (step {saved_at})")
+        return {"step": step, "loss": values.get("loss"), "run_dir": cfg.out}
+    finally:
+        teardown(procs)

@@ -1,0 +1,128 @@
+"""MAE pre-training on the shared loop: the data (augmented images + per-sample masking noise), the loss, and the
+reconstruction pictures (original | masked | reconstruction | reconstruction with the visible patches pasted)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..config import mae_preset
+from ..modeling.mae import MaskedAutoencoder
+from .data import IMAGENET_MEAN, IMAGENET_STD, TrainImages, open_source
+from .launch import autocast, check_precision
+from .loop import TrainConfig, train
+
+BAD_IMAGES_FILE = "bad_images.jsonl"
+
+
+class MAEImages(TrainImages):
+    """Training images plus the masking noise of each sample, drawn from the sample's own generator: the masks a
+    step uses do not depend on how the batch is split over processes, nor on a resume."""
+
+    def __init__(self, source, img_size: int, num_patches: int, seed: int = 0, report: Optional[str] = None) -> None:
+        super().__init__(source, img_size, seed, report)
+        self.num_patches = num_patches
+
+    def make_sample(self, rgb: np.ndarray, g: torch.Generator, index: int) -> Dict[str, torch.Tensor]:
+        sample = super().make_sample(rgb, g, index)
+        sample["noise"] = torch.rand(self.num_patches, generator=g)
+        return sample
+
+
+def mae_loss(mask_ratio: Optional[float] = None):
+    """loss_fn(model, batch) for the loop: MAE's masked-patch loss with the batch's masking noise."""
+
+    def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, _, _ = model(batch["image"], mask_ratio, noise=batch["noise"])
+        return loss
+
+    return loss_fn
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3,H,W) ImageNet-normalised -> (H,W,3) uint8."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def reconstruction_picture(model: MaskedAutoencoder, images: torch.Tensor, noise: torch.Tensor,
+                           mask_ratio: Optional[float] = None, precision: str = "fp32") -> Image.Image:
+    """One row per image: original | masked (masked patches grey) | reconstruction | reconstruction with the
+    visible patches pasted. With norm_pix_loss the predicted patches are shown with each original patch's mean
+    and variance (the model predicts normalised patches)."""
+    device = next(model.parameters()).device
+    images, noise = images.to(device), noise.to(device)
+    with autocast(device, precision):
+        _, pred, mask = model(images, mask_ratio, noise=noise)
+    pred = pred.float()
+    if model.config.norm_pix_loss:
+        target = model.patchify(images)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    recon = model.unpatchify(pred)
+    p = model.config.patch_size
+    m = model.unpatchify(mask.unsqueeze(-1).repeat(1, 1, p * p * model.config.in_chans))  # 1 = masked
+    grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(IMAGENET_MEAN, IMAGENET_STD)], device=device)
+    masked = images * (1 - m) + grey.view(1, 3, 1, 1) * m
+    pasted = images * (1 - m) + recon * m
+    s, gap = images.shape[-1], 4
+    canvas = np.full((len(images) * (s + gap) - gap, 4 * (s + gap) - gap, 3), 255, dtype=np.uint8)
+    for r in range(len(images)):
+        for c, panel in enumerate((images[r], masked[r], recon[r], pasted[r])):
+            canvas[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = _to_uint8(panel)
+    return Image.fromarray(canvas)
+
+
+class ReconstructionPictures:
+    """Hook: every `every` steps, RUN_DIR/recon_<step>.png of a fixed set of images and masks (the first n
+    samples of epoch 0). Every process runs the forward (FSDP2 needs them all); the main one writes."""
+
+    def __init__(self, dataset: MAEImages, run_dir: str, every: int, n: int = 4, mask_ratio: Optional[float] = None,
+                 precision: str = "fp32") -> None:
+        self.dataset, self.n, self.run_dir, self.every = dataset, n, run_dir, every
+        self.mask_ratio, self.precision = mask_ratio, precision
+        self.images = self.noise = None
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if self.every <= 0 or step % self.every:
+            return
+        if self.images is None:
+            samples = [self.dataset[(0, i % len(self.dataset))] for i in range(self.n)]
+            self.images = torch.stack([s["image"] for s in samples])
+            self.noise = torch.stack([s["noise"] for s in samples])
+        picture = reconstruction_picture(model, self.images, self.noise, self.mask_ratio, self.precision)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            path = os.path.join(self.run_dir, f"recon_{step:08d}.png")
+            picture.save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)
+
+
+def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthetic",
+                 mask_ratio: Optional[float] = None, synthetic_size: int = 1024, vis_every: int = 0) -> Dict:
+    """MAE pre-training of preset `model` on `data` (a folder of images, or 'synthetic'); see TrainConfig."""
+    mae_cfg = mae_preset(model)
+    if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
+    if synthetic_size < 1:
+        raise ValueError(f"--synthetic-size must be at least 1, got {synthetic_size}")
+    task = {"task": "mae", "model": model, "data": os.path.abspath(data) if data != "synthetic" else data,
+            "mask_ratio": mask_ratio if mask_ratio is not None else mae_cfg.mask_ratio}
+    if data == "synthetic":
+        task["synthetic_size"] = synthetic_size
+    cfg = dataclasses.replace(cfg, task=task)  # the task's settings are part of the run's identity
+    check_precision(cfg.precision, mae_cfg, cfg.fsdp)  # before building a model that may be refused
+    source = open_source(data, mae_cfg.img_size, synthetic_size)
+    report = os.path.join(cfg.out, BAD_IMAGES_FILE)
+    dataset = MAEImages(source, mae_cfg.img_size, mae_cfg.num_patches, cfg.seed, report)
+    hooks: List = []
+    if vis_every > 0:
+        hooks.append(ReconstructionPictures(dataset, cfg.out, vis_every, mask_ratio=mask_ratio,
+                                            precision=cfg.precision))
+    return train(cfg, lambda: MaskedAutoencoder(mae_cfg), dataset, mae_loss(mask_ratio), hooks)
