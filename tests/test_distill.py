@@ -15,6 +15,7 @@ from conftest import TINY, official_tiny_sam
 from _masks_utils import liven_decoder_
 from samvit import EncoderConfig, ImageEncoder, Predictor, load_decoder, load_encoder
 from samvit.checkpoints.files import CONFIG_METADATA_KEY, write_tensors
+from samvit.checkpoints.load import infer_config
 from samvit.cli import main
 from samvit.config import DecoderConfig
 from samvit.data.preprocess import preprocess
@@ -107,6 +108,18 @@ def test_student_approaches_teacher(setup):
     print(f"held-out mask IoU vs the teacher's: student {iou_s:.3f}, untrained {iou_u:.3f}")
     assert iou_s > iou_u + 0.15 and iou_s > 0.55
 
+    # `samvit embed` takes the student like any encoder checkpoint
+    from PIL import Image
+
+    img = str(setup["tmp"] / "held_out.png")
+    Image.fromarray(HELD_OUT[0].image).save(img)
+    out = str(setup["tmp"] / "emb")
+    assert main(["embed", img, "--checkpoint", os.path.join(run, "student.safetensors"), "--out", out]) == 0
+    from safetensors.torch import load_file
+
+    emb = load_file(os.path.join(out, "held_out.safetensors"))["embedding"]
+    assert torch.allclose(emb, s[0], atol=1e-4)
+
 
 def test_sam_student_loads_in_segment_anything(setup):
     from segment_anything import SamPredictor
@@ -194,4 +207,7 @@ def test_student_presets(name, width, heads, capsys):
     assert main(["info", "--model", "vit_b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["released_weights"] is True
     with torch.device("meta"):  # shapes only
-        assert ImageEncoder(cfg)(torch.empty(1, 3, 1024, 1024)).shape == (1, 256, 64, 64)
+        enc = ImageEncoder(cfg)
+        assert enc(torch.empty(1, 3, 1024, 1024)).shape == (1, 256, 64, 64)
+    # a sam_student.pth of this preset (no metadata) is recognised from its tensors
+    assert infer_config(dict(enc.state_dict())).name == name
