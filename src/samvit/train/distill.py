@@ -127,14 +127,14 @@ def teacher_store(teacher_path: str, teacher_sha: str, items: List[Tuple[str, st
     return store
 
 
-def write_outputs(run_dir: str, cfg: EncoderConfig, teacher_path: str) -> List[str]:
+def write_outputs(run_dir: str, cfg: EncoderConfig, teacher_path: str, teacher_sha: str) -> List[str]:
     """student.safetensors and (when the teacher is a full SAM checkpoint) sam_student.pth from the run's newest
     checkpoint; returns the paths written."""
     state = latest_checkpoint(run_dir)
     student = ImageEncoder(cfg)
     student.load_state_dict(state["model"], strict=True)
     path = os.path.join(run_dir, STUDENT_FILE)
-    save_encoder(student, path, {"distilled_from_sha256": checkpoint_sha256(teacher_path)})
+    save_encoder(student, path, {"distilled_from_sha256": teacher_sha})
     written = [path]
     sd = to_official(read_checkpoint(teacher_path)[0])
     decoder = {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
@@ -193,7 +193,7 @@ def distill(cfg: TrainConfig, teacher: str, student: Union[str, EncoderConfig] =
     result = train(cfg, lambda: ImageEncoder(scfg), DistillImages(items, store, scfg.img_size),
                    distill_loss(cosine_weight))
     if int(os.environ.get("RANK", "0")) == 0:
-        result["outputs"] = write_outputs(out, scfg, teacher_path)
+        result["outputs"] = write_outputs(out, scfg, teacher_path, teacher_sha)
         if not cfg.quiet:
             print("samvit train distill: wrote " + ", ".join(result["outputs"]))
     return result
