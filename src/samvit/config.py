@@ -118,7 +118,14 @@ PRESETS = {
         embed_dim=1280, depth=32, num_heads=16, use_rel_pos=False, window_size=8,
         global_attn_indexes=tuple(range(16, 32)), out_chans=None, name="vit_h_spec",
     ),
+    # Distillation students (MobileSAM / EfficientSAM sizes): SAM's arrangement at ViT-Ti / ViT-S width, the same
+    # neck, so the (B,256,64,64) embedding fits the released prompt encoder and mask decoder unchanged.
+    "vit_t": EncoderConfig(embed_dim=192, depth=12, num_heads=3, global_attn_indexes=(2, 5, 8, 11), name="vit_t"),
+    "vit_s": EncoderConfig(embed_dim=384, depth=12, num_heads=6, global_attn_indexes=(2, 5, 8, 11), name="vit_s"),
 }
+
+# Presets with no released SAM weights: they are for training (`samvit train distill`, `samvit train mae`).
+NO_RELEASED_WEIGHTS = frozenset({"vit_h_spec", "vit_t", "vit_s"})
 
 
 def preset(name: str, **overrides) -> EncoderConfig:

@@ -1,5 +1,5 @@
-"""`samvit train`: MAE pre-training of the encoder (`train mae`) and the MAE encoder -> SAM ImageEncoder transfer
-(`train export-encoder`).
+"""`samvit train`: MAE pre-training of the encoder (`train mae`), distillation into a small encoder (`train
+distill`) and the MAE encoder -> SAM ImageEncoder transfer (`train export-encoder`).
 
 One machine: `samvit train mae ...`; several processes or machines: `torchrun --nproc_per_node=N -m samvit train
 mae ...` (DDP; --fsdp shards the model instead). See docs/training.md.
@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Tuple
 
 MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="train_command", metavar="TASK")
-    m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
-                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75%% of each image's "
-                       "patches masked, the visible ones encoded, the pixels of the masked ones reconstructed. Runs "
-                       "as one process or under torchrun (DDP; --fsdp for FSDP2). Writes RUN_DIR/log.jsonl, "
-                       "checkpoints (ckpt_<step>.pt, the last --keep-last kept) and reconstruction pictures.")
-    m.add_argument("--data", required=True, metavar="DIR|synthetic",
-                   help="folder of training images (searched recursively), or 'synthetic' for a generated set of "
-                   "shapes (tests and demos)")
-    m.add_argument("--model", required=True, choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos)")
-    m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+def _loop_arguments(p: argparse.ArgumentParser) -> Tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The shared loop's options (every `samvit train` task); returns the optimisation and run-directory groups."""
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
                    "--resume)")
-    m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    length = m.add_mutually_exclusive_group(required=True)
+    p.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
+    length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, metavar="N", help="train up to optimizer step N")
     length.add_argument("--epochs", type=int, metavar="E", help="train E passes over the data")
-    o = m.add_argument_group("optimisation (AdamW 0.9/0.95, warmup + half-cycle cosine per step)")
+    o = p.add_argument_group("optimisation (AdamW 0.9/0.95, warmup + half-cycle cosine per step)")
     o.add_argument("--accum", type=int, default=1, metavar="K", help="gradient accumulation: micro-batches per "
                    "optimizer step (default 1); global batch = B x K x processes")
     o.add_argument("--blr", type=float, default=1.5e-4, help="base lr: peak lr = blr x global batch / 256 "
@@ -44,20 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, "
                    "position embeddings and tokens (default 0.05)")
     o.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the gradient norm to NORM")
-    o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
-    r = m.add_argument_group("memory, precision and processes")
+    r = p.add_argument_group("memory, precision and processes")
     r.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block: less memory, "
                    "about one more forward pass of compute")
     r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32 (default), bf16 autocast, or fp16 autocast with a gradient scaler (refused for "
-                   "mae_vit_h)")
+                   "ViT-H-wide models)")
     r.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
                    "processes (FSDP2, per block) instead of DDP; needs torchrun")
     r.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; cuda:LOCAL_RANK under "
                    "torchrun)")
     r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
                    "for synthetic data, else up to 8 per process); the data is the same for any N")
-    g = m.add_argument_group("run directory and logs")
+    g = p.add_argument_group("run directory and logs")
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
                    "(starts at step 0 if it has none)")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, augmentation and masks")
@@ -65,12 +56,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps and at the "
                    "end (default 500)")
     g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default 3)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
+    return o, g
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="train_command", metavar="TASK")
+    m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
+                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75%% of each image's "
+                       "patches masked, the visible ones encoded, the pixels of the masked ones reconstructed. Runs "
+                       "as one process or under torchrun (DDP; --fsdp for FSDP2). Writes RUN_DIR/log.jsonl, "
+                       "checkpoints (ckpt_<step>.pt, the last --keep-last kept) and reconstruction pictures.")
+    m.add_argument("--data", required=True, metavar="DIR|synthetic",
+                   help="folder of training images (searched recursively), or 'synthetic' for a generated set of "
+                   "shapes (tests and demos)")
+    m.add_argument("--model", required=True, choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos)")
+    o, g = _loop_arguments(m)
+    o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
+    o.add_argument("--target", choices=("pixels", "teacher-features"), default="pixels",
+                   help="what the decoder reconstructs for the masked patches: their pixels (MAE, default) or "
+                   "--teacher's embedding after its neck, pooled to the token grid (SAMI, EfficientSAM)")
+    o.add_argument("--teacher", default=None, metavar="vit_h|PATH", help="with --target teacher-features: the "
+                   "teacher SAM encoder (registry name or checkpoint file)")
     g.add_argument("--vis-every", type=int, default=0, metavar="K", help="write RUN_DIR/recon_<step>.png every K "
                    "steps (default: off)")
     g.add_argument("--synthetic-size", type=int, default=1024, metavar="N", help="images in --data synthetic "
                    "(default 1024)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
     m.set_defaults(_train=_run_mae)
+
+    d = sub.add_parser("distill", help="distil a SAM encoder into a small student (MobileSAM-style)",
+                       description="Decoupled distillation: the student encoder learns the teacher's image embeddings "
+                       "(MSE, optionally + cosine). The teacher's embeddings are read from an embedding store "
+                       "(--teacher-store, made by `samvit embed --store`) or computed once into RUN_DIR/teacher_store; "
+                       "no augmentation (it would invalidate them). Writes RUN_DIR/student.safetensors (loads with "
+                       "samvit.load_encoder) and RUN_DIR/sam_student.pth (the student with the teacher's prompt "
+                       "encoder and mask decoder, official layout), besides the loop's log.jsonl and checkpoints.")
+    d.add_argument("--teacher", required=True, metavar="vit_h|PATH", help="the teacher: a registry name (vit_b, "
+                   "vit_l, vit_h) or a full SAM checkpoint file (an encoder-only file gives no sam_student.pth)")
+    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help="student preset (vit_t, vit_s, ...) or "
+                   "a JSON file of EncoderConfig fields (default vit_t); its input size is the teacher's")
+    d.add_argument("--data", required=True, metavar="DIR|synthetic", help="folder of training images (searched "
+                   "recursively), or 'synthetic' (shapes, written once to RUN_DIR/images)")
+    d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "
+                   "by `samvit embed DIR --store STORE --checkpoint TEACHER` (default: computed once into "
+                   "RUN_DIR/teacher_store)")
+    o, g = _loop_arguments(d)
+    o.add_argument("--cosine-weight", type=float, default=0.0, metavar="W", help="loss = MSE + W x (1 - cosine "
+                   "per embedding position) (default 0: MSE alone)")
+    g.add_argument("--embed-batch-size", type=int, default=1, metavar="B", help="batch of the teacher when it "
+                   "computes the store (default 1)")
+    g.add_argument("--synthetic-size", type=int, default=256, metavar="N", help="images in --data synthetic "
+                   "(default 256)")
+    d.set_defaults(_train=_run_distill)
 
     e = sub.add_parser("export-encoder", help="turn an MAE encoder into a SAM ImageEncoder (.safetensors)",
                        description="Build a SAM ImageEncoder from an MAE-trained ViT (what SAM did): patch embedding "
@@ -90,12 +127,28 @@ def run(args: argparse.Namespace) -> int:
     from . import UserError
 
     if not getattr(args, "train_command", None):
-        raise UserError("name a task: `samvit train mae ...` or `samvit train export-encoder ...` (see --help)")
+        raise UserError("name a task: `samvit train mae ...`, `samvit train distill ...` or `samvit train "
+                        "export-encoder ...` (see --help)")
     return args._train(args)
 
 
-def _run_mae(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from the shared loop's options."""
     from ..train.loop import TrainConfig
+
+    workers = args.num_workers
+    if workers is None:
+        workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 2) //
+                                                                 int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return TrainConfig(out=args.out, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
+                      accum=args.accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                      decay_steps=args.decay_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                      precision=args.precision, checkpointing=args.checkpointing, fsdp=args.fsdp, seed=args.seed,
+                      resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                      keep_last=args.keep_last, num_workers=workers, device=args.device, quiet=args.quiet)
+
+
+def _run_mae(args: argparse.Namespace) -> int:
     from ..train.mae import pretrain_mae
     from . import UserError
 
@@ -103,18 +156,25 @@ def _run_mae(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
     if args.vis_every < 0:
         raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
-    workers = args.num_workers
-    if workers is None:
-        workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 2) //
-                                                                 int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    cfg = TrainConfig(out=args.out, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
-                      accum=args.accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                      decay_steps=args.decay_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                      precision=args.precision, checkpointing=args.checkpointing, fsdp=args.fsdp, seed=args.seed,
-                      resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                      keep_last=args.keep_last, num_workers=workers, device=args.device, quiet=args.quiet)
+    cfg = _train_config(args)
     pretrain_mae(cfg, model=args.model, data=args.data, mask_ratio=args.mask_ratio,
-                 synthetic_size=args.synthetic_size, vis_every=args.vis_every)
+                 synthetic_size=args.synthetic_size, vis_every=args.vis_every, target=args.target,
+                 teacher=args.teacher)
+    return 0
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from ..train.distill import distill
+    from . import UserError
+
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
+    if args.student.endswith(".json") and not os.path.isfile(args.student):
+        raise UserError(f"--student {args.student}: no such file")
+    if args.embed_batch_size < 1:
+        raise UserError(f"--embed-batch-size must be at least 1, got {args.embed_batch_size}")
+    distill(_train_config(args), args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight,
+            args.synthetic_size, args.embed_batch_size)
     return 0
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     device: Optional[str] = None
     quiet: bool = False
     task: Dict = field(default_factory=dict)
+    inputs: Tuple[str, ...] = ()  # RUN_DIR entries the task wrote before the loop (distill's teacher store)
 
     # the fields that must match when a run is resumed (the others only say how far and how it is watched)
     IDENTITY = ("batch_size", "accum", "lr", "blr", "min_lr", "warmup_steps", "decay_steps", "weight_decay",
@@ -116,7 +117,7 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         if diff:
             raise ValueError(f"--resume: {cfg.out} was started with a different config: {'; '.join(diff)}")
         return
-    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE}:  # a run that never took a step: anew
+    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE, *cfg.inputs}:  # never took a step: anew
         raise ValueError(f"--out {cfg.out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another "
                          "--out")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
