@@ -4,7 +4,7 @@
 
 1. Throughput: N distinct JPEGs made from scikit-image photos (flips, crops, rescaled to 1024-1536 px long side)
    are embedded (a) by the bare encoder on tensors preprocessed beforehand, in memory, and (b) by the full pipeline
-   `samvit.extract.extract` (decode + preprocess in DataLoader workers, sha256, write + fsync + commit into a
+   `samvit.embeddings.pipeline.embed` into a StoreSink (decode + preprocess in DataLoader workers, sha256, write + fsync + commit into a
    fresh float16 store), same encoder object, batch size and dtype. The encoder is warmed up first; the runs
    alternate (bare, pipeline, bare, pipeline, ...) and the median of each is reported. Pass: ratio >= 0.95.
 2. Store: bytes on disk per vit_h embedding (256,64,64) float16 (random tensors, no encoder), and the time to
@@ -63,12 +63,12 @@ def bench_bare(encoder, batches, device, dtype) -> float:
 
 
 def bench_pipeline(encoder, items, root, batch_size, workers, run) -> float:
-    from samvit.extract import extract
+    from samvit.embeddings.pipeline import StoreSink, embed
 
     path = os.path.join(root, f"store{run}")
     t = time.perf_counter()
-    rep = extract(encoder, items, path, checkpoint_sha256="bench", batch_size=batch_size, workers=workers,
-                  progress=False)
+    rep = embed(encoder, items, StoreSink(path, checkpoint_sha256="bench"), batch_size=batch_size, workers=workers,
+                progress=False)
     elapsed = time.perf_counter() - t
     if rep.embedded != len(items) or rep.failed:
         raise SystemExit(f"pipeline run {run} embedded {rep.embedded} of {len(items)}: {rep.failed}")
@@ -131,10 +131,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     import samvit
-    from samvit.extract import default_workers
-    from samvit.inputs import collect_inputs
+    from samvit.embeddings.pipeline import default_workers
+    from samvit.data.sources import collect_inputs
     from samvit.runtime import resolve_device, resolve_dtype
-    from samvit.transforms import preprocess
+    from samvit.data.preprocess import preprocess
 
     samvit.tune_allocator()
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)

@@ -31,7 +31,7 @@ def samvit_models(sam: nn.Module, cfg, num_heads: int = 8, attn_impl: str = "ref
     The encoder uses the reference attention (bit-identical to the official) so that mask comparisons test the
     prompt path alone; the fast path is compared separately.
     """
-    from samvit.decoder_weights import infer_decoder_config, load_decoder
+    from samvit.checkpoints.load import infer_decoder_config, load_decoder
     from samvit.modeling.encoder import ImageEncoder
 
     sd = sam.state_dict()

@@ -8,7 +8,7 @@ from _masks_utils import liven_decoder_, samvit_models
 from conftest import TINY, official_tiny_sam
 
 from samvit import AutomaticMaskGenerator, Predictor
-from samvit.automatic import (box_nms, build_point_grid, generate_crop_boxes, mask_to_rle, masks_to_boxes,
+from samvit.masks.automatic import (box_nms, build_point_grid, generate_crop_boxes, mask_to_rle, masks_to_boxes,
                               remove_small_regions, rle_area, rle_to_coco_string, rle_to_mask)
 
 

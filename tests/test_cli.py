@@ -11,8 +11,8 @@ from PIL import Image
 
 import samvit
 from samvit.cli import main
-from samvit.embed import load_embedding
-from samvit.weights import file_sha256
+from samvit.embeddings.files import load_embedding
+from samvit.checkpoints.registry import checkpoint_sha256
 
 
 def test_help_lists_commands(capsys):
@@ -55,7 +55,7 @@ def test_embed_per_file_with_a_bad_image(tmp_path, astronaut, coffee, capsys):
     emb, meta = load_embedding(str(out / "sub" / "coffee.safetensors"))
     assert emb.shape == (32, 16, 16)
     assert meta["original_size"] == (400, 600) and meta["input_size"] == (171, 256)
-    assert meta["model"] == "tiny" and meta["checkpoint_sha256"] == file_sha256(ckpt)
+    assert meta["model"] == "tiny" and meta["checkpoint_sha256"] == checkpoint_sha256(ckpt)
     assert meta["samvit_version"] == samvit.__version__
     with torch.inference_mode():
         direct = enc(samvit.preprocess(src / "sub" / "coffee.jpg", img_size=256).tensor[None])[0]

@@ -12,8 +12,10 @@ import torch
 
 from samvit import ImageEncoder, load_encoder, preset
 from samvit.cli import main
-from samvit.convert import convert_checkpoint, detect_format, from_official, to_official
-from samvit.weights import CheckpointError, encoder_state_dict, read_checkpoint
+from samvit.checkpoints.convert import convert_checkpoint
+from samvit.checkpoints.keymaps import detect_format, from_official, to_official
+from samvit.checkpoints.files import CheckpointError, read_checkpoint
+from samvit.checkpoints.keymaps import encoder_state_dict
 
 from conftest import TINY, official_sam, official_tiny_sam
 

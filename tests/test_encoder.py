@@ -5,7 +5,7 @@ import torch
 from conftest import TINY, official_sam, official_tiny_sam
 
 import samvit
-from samvit.embed import encode_batch
+from samvit.embeddings.pipeline import encode_batch
 
 TOL = 1e-4
 

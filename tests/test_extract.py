@@ -19,13 +19,23 @@ from PIL import Image
 
 import samvit
 from samvit import EmbeddingStore, ImageEncoder, load_encoder, preprocess
+from samvit.checkpoints.files import sha256_file
+from samvit.checkpoints.registry import checkpoint_sha256
 from samvit.cli import main
-from samvit.extract import extract, tile_grid
-from samvit.inputs import collect_inputs
-from samvit.store import StoreMismatchError, _read_log
-from samvit.transforms import normalize_and_pad, resize_longest_side
+from samvit.data.tiles import tile_grid
+from samvit.embeddings.pipeline import EmbedReport, StoreSink, embed
+from samvit.data.sources import collect_inputs
+from samvit.embeddings.store import StoreMismatchError, _read_log
+from samvit.data.preprocess import normalize_and_pad, resize_longest_side
 
 from conftest import TINY, randomize_
+
+
+def extract(encoder, items, path, *, checkpoint_sha256, store_dtype=None, report_path=None, **kw) -> EmbedReport:
+    """The embed loop into a store at `path`."""
+    return embed(encoder, items, StoreSink(str(path), checkpoint_sha256, dtype=store_dtype, report_path=report_path),
+                 **kw)
+
 
 PY = sys.executable
 
@@ -104,7 +114,29 @@ def test_store_equals_direct_encoding(tmp_path, images, encoder, ckpt):
         emb, meta = s[key]
         torch.testing.assert_close(emb, ref, rtol=0, atol=1e-5)
         assert meta["original_size"] == prep.original_size and meta["input_size"] == prep.input_size
-        assert meta["sha256"] == samvit.weights.file_sha256(path) and meta["model"] == "tiny"
+        assert meta["sha256"] == sha256_file(path) and meta["model"] == "tiny"
+
+
+def test_file_sink_and_progress_callback(tmp_path, images, encoder):
+    """The same loop writes one file per image; progress goes to a callback, ending at (total, total)."""
+    from samvit.embeddings.files import load_embedding
+    from samvit.embeddings.pipeline import FileSink
+
+    items = collect_inputs([images])
+    calls = []
+    sink = FileSink(str(tmp_path / "out"), "x")
+    rep = embed(encoder, items, sink, batch_size=2, workers=0, progress=lambda done, total, **notes: calls.append(
+        (done, total)))
+    assert (rep.embedded, rep.failed) == (6, []) and calls[-1] == (6, 6) and len(calls) == 6
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    for path, key in items:
+        emb, meta = load_embedding(str(tmp_path / "out" / (os.path.splitext(key)[0] + ".safetensors")))
+        prep = preprocess(path, TINY.img_size)
+        with torch.inference_mode():
+            torch.testing.assert_close(emb, encoder(prep.tensor[None])[0], rtol=0, atol=1e-5)
+        assert meta["original_size"] == prep.original_size and meta["source"] == key and meta["model"] == "tiny"
+    with pytest.raises(ValueError, match="tiles need an embedding store"):
+        embed(encoder, items, sink, tile=100, workers=0)
 
 
 def test_resume_skips_done_and_never_duplicates(tmp_path, images, encoder):
@@ -141,7 +173,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted_run(tmp_path, ck
     for i in range(n):  # big enough that decoding keeps the run going for a few seconds
         Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(src / f"img{i:02d}.jpg")
     ref = str(tmp_path / "ref")
-    extract(encoder, collect_inputs([str(src)]), ref, checkpoint_sha256=samvit.weights.file_sha256(ckpt),
+    extract(encoder, collect_inputs([str(src)]), ref, checkpoint_sha256=checkpoint_sha256(ckpt),
             workers=0, progress=False)
     out = str(tmp_path / "s")
     cmd = [PY, "-m", "samvit", "embed", str(src), "--checkpoint", ckpt, "--store", out, "--workers", "0",
@@ -225,7 +257,7 @@ def test_bad_files_are_reported_and_the_rest_written(tmp_path, images, ckpt, cap
 
 def test_torchrun_two_processes_equal_one(tmp_path, images, ckpt, encoder):
     one = str(tmp_path / "one")
-    extract(encoder, collect_inputs([images]), one, checkpoint_sha256=samvit.weights.file_sha256(ckpt),
+    extract(encoder, collect_inputs([images]), one, checkpoint_sha256=checkpoint_sha256(ckpt),
             workers=0, progress=False)
     two = str(tmp_path / "two")
     proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",

@@ -10,7 +10,7 @@ from conftest import randomize_
 
 from samvit.config import MAEConfig, mae_preset
 from samvit.train.mae_weights import infer_mae_config, load_mae
-from samvit.weights import CheckpointError
+from samvit.checkpoints.files import CheckpointError
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

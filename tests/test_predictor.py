@@ -8,9 +8,9 @@ from _masks_utils import liven_decoder_, samvit_models
 from conftest import TINY, official_sam, official_tiny_sam
 
 from samvit import CheckpointError, Predictor, PromptError, load_decoder
-from samvit.decoder_weights import infer_decoder_config
-from samvit.embed import save_embedding
-from samvit.modeling.mask_decoder import DecoderConfig
+from samvit.checkpoints.load import infer_decoder_config
+from samvit.embeddings.files import save_embedding
+from samvit.config import DecoderConfig
 
 TOL = 1e-4
 H, W = 400, 600  # skimage coffee
@@ -254,8 +254,8 @@ def test_decoder_matches_transformers_sam(tiny):
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
     from transformers import SamModel
 
-    from samvit.convert import from_official, to_official
-    from samvit.decoder_weights import decoder_state_dict
+    from samvit.checkpoints.keymaps import from_official, to_official
+    from samvit.checkpoints.keymaps import decoder_state_dict
 
     _, ours = tiny
     sd = ours.decoder.state_dict()
@@ -281,7 +281,7 @@ def test_decoder_matches_transformers_sam(tiny):
     labels = torch.tensor([[1, 0]])
     _, iou1, low1 = ours.predict_torch(coords, labels, multimask_output=True)
     with torch.no_grad():
-        out = hf(image_embeddings=ours.features, input_points=ours._to_input_frame(coords)[:, None],
+        out = hf(image_embeddings=ours.features, input_points=ours.to_input_frame(coords)[:, None],
                  input_labels=labels[:, None], multimask_output=True)
     # transformers' own arithmetic (sdpa attention) differs in the last bits, amplified by the livened decoder
     # (logits up to ~10); a wrong key would show as differences of order 1

@@ -13,7 +13,7 @@ from conftest import TINY, randomize_
 from PIL import Image
 from safetensors.torch import save_file
 
-from samvit.automatic import AutomaticMaskGenerator, rle_to_coco_string
+from samvit.masks.automatic import AutomaticMaskGenerator, rle_to_coco_string
 from samvit.cli import main
 
 

@@ -10,7 +10,7 @@ import torch
 
 from samvit import EmbeddingStore
 from samvit.cli import main
-from samvit.store import StoreError, StoreMismatchError, decode_line, encode_line
+from samvit.embeddings.store import StoreError, StoreMismatchError, decode_line, encode_line
 
 SHAPE = (8, 4, 4)
 SHA = "ab" * 32
@@ -110,7 +110,7 @@ def test_concurrent_creation_agrees_on_one_store(tmp_path):
 def test_creation_that_loses_the_race_after_looking_opens_the_winner(tmp_path, monkeypatch):
     """The window torchrun ranks hit: a rank sees no store, another rank renames its store into place, then the
     first rank goes on to create one. It must open the winner's store, not call it "not a store"."""
-    import samvit.store as store_mod
+    import samvit.embeddings.store as store_mod
 
     first = make_store(tmp_path / "s")
     real, calls = store_mod._is_store, []

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import samvit
-from samvit.transforms import ImageError, array_to_rgb, load_image, preprocess
+from samvit.data.images import ImageError, array_to_rgb, load_image
+from samvit.data.preprocess import preprocess
 
 
 def official_input(image: np.ndarray) -> torch.Tensor:

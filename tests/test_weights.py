@@ -11,10 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from samvit import hub
+from samvit.checkpoints import registry as hub
 from samvit.cli import main
-from samvit.hub import CheckpointEntry, DownloadError, download_checkpoint, resolve_checkpoint
-from samvit.weights import CheckpointError, load_encoder, read_checkpoint
+from samvit.checkpoints.registry import CheckpointEntry, DownloadError, download_checkpoint, resolve_checkpoint
+from samvit.checkpoints.files import CheckpointError, read_checkpoint
+from samvit.checkpoints.load import load_encoder
 
 from conftest import TINY, official_tiny_sam
 
@@ -130,7 +131,7 @@ def test_cli_embed_and_info_by_name(server, entry, tmp_path, monkeypatch, capsys
     from PIL import Image
 
     from samvit import PRESETS
-    from samvit.embed import load_embedding
+    from samvit.embeddings.files import load_embedding
 
     monkeypatch.setitem(PRESETS, "tiny", TINY)
     monkeypatch.setenv("SAMVIT_CACHE", str(tmp_path / "c"))
@@ -143,6 +144,33 @@ def test_cli_embed_and_info_by_name(server, entry, tmp_path, monkeypatch, capsys
     assert len(out) == 1 and load_embedding(str(out[0]))[1]["checkpoint_sha256"] == entry.sha256
     assert main(["info", "--checkpoint", "tiny"]) == 0 and "width 64" in capsys.readouterr().out
     assert len(server.requests) == 1
+
+
+def test_segment_and_embed_take_a_name_alike(server, entry, tmp_path, monkeypatch, capsys):
+    """`samvit segment` and `samvit embed` resolve `--checkpoint NAME` the same way: the same error offline, the
+    same verified download online."""
+    from PIL import Image
+
+    from samvit import PRESETS
+
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    embed = ["embed", str(tmp_path / "red.png"), "--checkpoint", "tiny", "--out", str(tmp_path / "out"), "--quiet"]
+    segment = ["segment", str(tmp_path / "red.png"), "--point", "20,15", "--checkpoint", "tiny",
+               "--out", str(tmp_path / "mask.png"), "--quiet"]
+    monkeypatch.setenv("SAMVIT_BASE_URL", f"http://127.0.0.1:{_closed_port()}/sam")
+    errors = []
+    for argv in (embed, segment):
+        monkeypatch.setenv("SAMVIT_CACHE", str(tmp_path / argv[0]))
+        assert main(argv) == 2
+        errors.append(capsys.readouterr().err.split(": error: ", 1)[1])
+    assert "could not reach" in errors[0] and errors[0] == errors[1].replace("/segment/", "/embed/")
+    monkeypatch.setenv("SAMVIT_BASE_URL", server.url)
+    for n, argv in enumerate((embed, segment), start=1):
+        monkeypatch.setenv("SAMVIT_CACHE", str(tmp_path / argv[0]))
+        assert main(argv) == 0 and len(server.requests) == n  # one download each, into its own cache
+        assert hub.is_verified(tmp_path / argv[0] / entry.filename, entry)
+    assert (tmp_path / "mask.png").exists() and len(list((tmp_path / "out").rglob("*.safetensors"))) == 1
 
 
 def test_resume_after_dropped_connection(server, entry, ckpt_bytes, tmp_path):

@@ -77,7 +77,7 @@ def _official_encoder(cfg: EncoderConfig) -> torch.nn.Module:
 def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: torch.dtype
           ) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, bool]:
     """(forward, input dtype, autocast?) for one implementation holding the official-layout weights `sd`."""
-    from .convert import from_official
+    from .checkpoints.keymaps import from_official
 
     if impl.startswith("samvit"):
         from .modeling.encoder import ImageEncoder

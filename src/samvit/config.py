@@ -1,4 +1,4 @@
-"""EncoderConfig and the named presets (official SAM checkpoints and the spec's own arrangement)."""
+"""EncoderConfig and its named presets (official SAM checkpoints and the spec's own arrangement), DecoderConfig."""
 from __future__ import annotations
 
 import dataclasses
@@ -91,6 +91,26 @@ def preset(name: str, **overrides) -> EncoderConfig:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     cfg = PRESETS[name]
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of the prompt encoder and mask decoder (defaults: every released SAM model)."""
+
+    embed_dim: int = 256  # prompt / transformer width = encoder out_chans
+    image_embedding_size: int = 64  # side of the image embedding grid
+    input_image_size: int = 1024  # side of the padded encoder input
+    mask_in_chans: int = 16
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+
+    def replace(self, **changes) -> "DecoderConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

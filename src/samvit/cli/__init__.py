@@ -25,7 +25,7 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(prog="samvit", description="The Segment Anything ViT image encoder: "
                                      "embeddings, masks, weights and benchmarks.")
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `samvit` command."""
     from ..runtime import tune_allocator
-    from ..transforms import ImageError
-    from ..weights import CheckpointError
+    from ..data.images import ImageError
+    from ..checkpoints.files import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..convert import convert_checkpoint
-    from ..hub import resolve_checkpoint
+    from ..checkpoints.convert import convert_checkpoint
+    from ..checkpoints.registry import resolve_checkpoint
 
     src = resolve_checkpoint(args.input, cache=args.cache_dir, base_url=args.base_url,
                              progress=False if args.quiet else None)

@@ -15,14 +15,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import REGISTRY, _is_verified, cache_dir, download_checkpoint
+    from ..checkpoints.registry import REGISTRY, is_verified, cache_dir, download_checkpoint
     from . import UserError
 
     folder = cache_dir(args.cache_dir)
     if not args.names:
         for e in REGISTRY.values():
             path = folder / e.filename
-            state = ("verified" if _is_verified(path, e) else "present, not yet verified") if path.exists() \
+            state = ("verified" if is_verified(path, e) else "present, not yet verified") if path.exists() \
                 else "not downloaded"
             print(f"{e.name:6s} {e.size / 2**20:8.1f} MiB  {state:25s} {path}")
         return 0

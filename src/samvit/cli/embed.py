@@ -1,14 +1,15 @@
 """`samvit embed`: images -> SAM image embeddings, one .safetensors file per image, or into an embedding store.
 
-With --store PATH the collection pipeline runs (samvit.extract): DataLoader workers, batches, resume by content
-hash, bad files reported and skipped, tiles, and torchrun (`torchrun --nproc_per_node=N -m samvit embed ...`).
+Both run the one embed loop (samvit.embeddings.pipeline): DataLoader workers, batches, bad files reported and
+skipped, torchrun (`torchrun --nproc_per_node=N -m samvit embed ...`); with --store PATH also resume by content
+hash and tiles.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-STORE_ONLY = ("workers", "store_dtype", "tile", "halo", "report", "max_pixels")
+STORE_ONLY = ("store_dtype", "tile", "halo", "report")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,12 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader processes decoding images (default: half the CPU cores, 1 to 8; 0 = in-process)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels than N (decompression bombs; default 178956970)")
     g = p.add_argument_group("collections (with --store)")
     g.add_argument("--store", default=None, metavar="PATH",
                    help="write into the embedding store at PATH (created if new; resumes: what it holds with the "
                    "same file content is skipped)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="DataLoader processes decoding images (default: half the CPU cores, 1 to 8; 0 = in-process)")
     g.add_argument("--store-dtype", default=None, choices=["float16", "float32"],
                    help="dtype of the stored embeddings (default float16 for a new store)")
     g.add_argument("--tile", type=int, default=None, metavar="SIZE",
@@ -41,11 +44,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pixels added on every side of each tile, clipped at the image border (default 0)")
     g.add_argument("--report", default=None, metavar="PATH",
                    help="where to list failed inputs as JSON lines (default: STORE/failures.jsonl)")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="refuse images with more pixels than N (decompression bombs; default 178956970)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from ..checkpoints.load import load_encoder
+    from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
+    from ..data.images import DEFAULT_MAX_PIXELS
+    from ..data.sources import collect_inputs
+    from ..embeddings.pipeline import FileSink, StoreSink, embed
+    from ..runtime import TqdmProgress, init_distributed, local_rank_zero_first, resolve_dtype
     from . import UserError
 
     if not args.checkpoint:
@@ -56,50 +67,6 @@ def run(args: argparse.Namespace) -> int:
         given = ["--" + k.replace("_", "-") for k in STORE_ONLY if getattr(args, k) is not None]
         if given:
             raise UserError(f"{', '.join(given)} only apply with --store PATH")
-        return _run_files(args)
-    return _run_store(args)
-
-
-def _run_files(args: argparse.Namespace) -> int:
-    import sys
-
-    from .. import __version__
-    from ..embed import embed_files
-    from ..inputs import collect_inputs
-    from ..runtime import resolve_device, resolve_dtype
-    from ..hub import resolve_checkpoint
-    from ..weights import file_sha256, load_encoder
-    from . import UserError
-
-    items = collect_inputs(args.inputs)
-    if not items:
-        raise UserError(f"no images found in {args.inputs}")
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)  # a name: fetch
-    encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=dtype)
-    meta = {"model": encoder.config.name, "checkpoint_sha256": file_sha256(args.checkpoint),
-            "samvit_version": __version__, "dtype": str(dtype).replace("torch.", "")}
-    report = embed_files(encoder, items, args.out, args.batch_size, meta, progress=False if args.quiet else None)
-    for path, reason in report.failed:
-        print(f"failed: {reason}", file=sys.stderr)
-    if not args.quiet:
-        print(f"{len(report.written)} embedded into {args.out}, {len(report.failed)} failed", file=sys.stderr)
-    return 1 if report.failed else 0
-
-
-def _run_store(args: argparse.Namespace) -> int:
-    import sys
-
-    import torch
-
-    from ..extract import extract, init_distributed
-    from ..inputs import collect_inputs
-    from ..runtime import resolve_dtype
-    from ..transforms import DEFAULT_MAX_PIXELS
-    from ..hub import resolve_checkpoint
-    from ..weights import file_sha256, load_encoder
-    from . import UserError
-
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be at least 1 pixel, got {args.tile}")
     if args.halo is not None and (args.halo < 0 or args.tile is None):
@@ -111,25 +78,27 @@ def _run_store(args: argparse.Namespace) -> int:
         raise UserError(f"no images found in {args.inputs}")
     device, env = init_distributed(args.device)
     rank = env[0] if env else 0
+    quiet = args.quiet or rank != 0
     try:
-        if env and env[2] != 0:
-            torch.distributed.barrier()  # local rank 0 fetches a named checkpoint first, the others find it cached
-        args.checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet or rank else None)
-        if env and env[2] == 0:
-            torch.distributed.barrier()
-        encoder = load_encoder(args.model, args.checkpoint, device=device, dtype=resolve_dtype(args.dtype))
-        checkpoint_sha = file_sha256(args.checkpoint)
-        report = extract(encoder, items, args.store, checkpoint_sha256=checkpoint_sha, batch_size=args.batch_size,
-                         workers=args.workers, tile=args.tile, halo=args.halo or 0, store_dtype=args.store_dtype,
-                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, report_path=args.report,
-                         progress=False if args.quiet else None)
+        with local_rank_zero_first(env):  # local rank 0 fetches a named checkpoint, the others find it cached
+            checkpoint = resolve_checkpoint(args.checkpoint, progress=False if quiet else None)
+        encoder = load_encoder(args.model, checkpoint, device=device, dtype=resolve_dtype(args.dtype))
+        sha = checkpoint_sha256(checkpoint)
+        sink = FileSink(args.out, sha) if args.store is None else \
+            StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report)
+        with TqdmProgress("embed" + (f" (rank 0 of {env[1]})" if env else ""), "img",
+                          enabled=False if quiet else None) as bar:
+            report = embed(encoder, items, sink, batch_size=args.batch_size, workers=args.workers, tile=args.tile,
+                           halo=args.halo or 0, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=bar)
     finally:
         if env is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank == 0:
         for f in report.failed:
             print(f"failed: {f['reason']}", file=sys.stderr)
-        if not args.quiet:
+        if not args.quiet and args.store is None:
+            print(f"{report.embedded} embedded into {args.out}, {len(report.failed)} failed", file=sys.stderr)
+        elif not args.quiet:
             report_path = args.report or os.path.join(args.store, "failures.jsonl")
             print(f"{report.total} inputs: {report.embedded} embedded, {report.skipped} already in the store, "
                   f"{report.reused} reused (same content as a stored key), {len(report.failed)} failed; "

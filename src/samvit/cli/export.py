@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..export import DEFAULT_OPSET, export_onnx, quantize_onnx_int8, verify_onnx
-    from ..hub import resolve_checkpoint
-    from ..weights import load_encoder
+    from ..checkpoints.load import load_encoder
+    from ..checkpoints.registry import resolve_checkpoint
     from . import UserError
 
     if not args.checkpoint:

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import PRESETS, preset
     from ..modeling.encoder import ImageEncoder
-    from ..weights import checkpoint_info
+    from ..checkpoints.load import checkpoint_info
 
     if args.checkpoint:
         info = checkpoint_info(args.checkpoint)

@@ -60,9 +60,10 @@ def _numbers(text: str, n: Tuple[int, ...], what: str) -> List[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predictor import Predictor
+    from ..data.images import load_image
+    from ..masks.predictor import Predictor
     from ..runtime import resolve_device, resolve_dtype
-    from ..transforms import load_image
+    from ..embeddings.store import EmbeddingStore
     from . import UserError
 
     if not args.checkpoint:
@@ -85,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
                         f"{'--embedding' if args.embedding else '--store'}")
     rgb = load_image(args.image)
     predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=resolve_device(args.device),
-                                          dtype=resolve_dtype(args.dtype), with_encoder=not precomputed)
+                                          dtype=resolve_dtype(args.dtype), with_encoder=not precomputed,
+                                          progress=False if args.quiet else None)
     if precomputed:
         if args.embedding:
             predictor.set_embedding(args.embedding)
         else:
-            predictor.set_embedding(*_from_store(args.store, args.key or os.path.basename(args.image)))
+            store = EmbeddingStore.open(args.store)
+            predictor.set_embedding(*store.image_embedding(args.key or os.path.basename(args.image)))
         if predictor.original_size != rgb.shape[:2]:
             raise UserError(f"{precomputed} holds the embedding of an image of size {predictor.original_size} "
                             f"(H, W), but {args.image} is {rgb.shape[:2]}")
@@ -106,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     mask = masks[best]
     _save_png(args.out, mask.astype(np.uint8) * 255)
     if args.overlay:
-        _save_png(args.overlay, _overlay(rgb, [mask], points, box))
+        from ..masks.draw import draw_overlay
+
+        _save_png(args.overlay, draw_overlay(rgb, [mask], points, box))
     if not args.quiet:
         print(json.dumps({"out": args.out, "area": int(mask.sum()), "predicted_iou": float(scores[best]),
                           "candidates": [float(s) for s in scores]}))
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _auto(args: argparse.Namespace, predictor, rgb: np.ndarray) -> int:
-    from ..automatic import AutomaticMaskGenerator, rle_to_mask
+    from ..masks.automatic import AutomaticMaskGenerator, rle_to_mask
+    from ..masks.draw import draw_overlay
 
     gen = AutomaticMaskGenerator(
         predictor, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
@@ -125,9 +131,9 @@ def _auto(args: argparse.Namespace, predictor, rgb: np.ndarray) -> int:
     records = gen.generate(None if args.embedding or args.store else rgb)
     if args.overlay:
         by_area = sorted(records, key=lambda r: -r["area"])
-        _save_png(args.overlay, _overlay(rgb, [rle_to_mask(r["segmentation"]) for r in by_area], [], None))
+        _save_png(args.overlay, draw_overlay(rgb, [rle_to_mask(r["segmentation"]) for r in by_area], [], None))
     if args.rle == "coco":
-        from ..automatic import rle_to_coco_string
+        from ..masks.automatic import rle_to_coco_string
 
         for r in records:
             r["segmentation"] = rle_to_coco_string(r["segmentation"])
@@ -142,42 +148,8 @@ def _auto(args: argparse.Namespace, predictor, rgb: np.ndarray) -> int:
     return 0
 
 
-def _from_store(path: str, key: str):
-    """(embedding, original_size, input_size) of one key of an embedding store."""
-    from ..store import EmbeddingStore
-    from . import UserError
-
-    store = EmbeddingStore.open(path)
-    if store.tiled:
-        raise UserError(f"store {path} holds tiled embeddings (large images); segment needs whole-image embeddings")
-    if key not in store:
-        raise UserError(f"{key!r} is not in the store {path}; pass --key (see `samvit store ls {path}`)")
-    emb, meta = store[key]
-    return emb, meta["original_size"], meta.get("input_size")
-
-
 def _save_png(path: str, array: np.ndarray) -> None:
     from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")
-
-
-def _overlay(rgb: np.ndarray, masks: List[np.ndarray], points: List[List[float]], box) -> np.ndarray:
-    """The image with each mask blended in a colour (half opacity), points as dots, the box as a rectangle."""
-    from PIL import Image, ImageDraw
-
-    out = rgb.astype(np.float32)
-    rng = np.random.default_rng(0)
-    for i, m in enumerate(masks):
-        color = np.array([30, 144, 255], np.float32) if len(masks) == 1 else rng.integers(40, 256, 3).astype(np.float32)
-        out[m] = 0.5 * out[m] + 0.5 * color
-    img = Image.fromarray(out.round().astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    r = max(3, round(max(rgb.shape[:2]) / 150))
-    for pt in points:
-        fill = (0, 200, 0) if (len(pt) < 3 or pt[2] == 1) else (220, 0, 0)
-        draw.ellipse([pt[0] - r, pt[1] - r, pt[0] + r, pt[1] + r], fill=fill, outline=(255, 255, 255))
-    if box:
-        draw.rectangle(box, outline=(255, 200, 0), width=max(1, r // 2))
-    return np.asarray(img)

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store import EmbeddingStore
+    from ..embeddings.store import EmbeddingStore
 
     store = EmbeddingStore.open(args.path)
     if args.action == "info":

@@ -121,7 +121,7 @@ def _run_mae(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from ..train.ckpt import latest_checkpoint, list_checkpoints, load_checkpoint
     from ..train.transfer import mae_to_sam_encoder
-    from ..weights import save_encoder
+    from ..checkpoints.load import save_encoder
     from . import UserError
 
     src, out = args.src, args.out

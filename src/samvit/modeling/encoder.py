@@ -258,6 +258,11 @@ class ImageEncoder(nn.Module):
         """The dtype of the matmuls and of the input they take (that of the linear and conv weights)."""
         return self.patch_embed.proj.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights (and of the input they take)."""
+        return self.patch_embed.proj.weight.device
+
     def num_parameters(self, include_pos_embed: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if not include_pos_embed and self.pos_embed is not None:

@@ -1,14 +1,13 @@
 """The SAM mask decoder, and SamDecoder: prompt encoder + mask decoder under the official checkpoint key names."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import DecoderConfig
 from .encoder import LayerNorm2d
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
@@ -77,25 +76,6 @@ class MaskDecoder(nn.Module):
         _, c2, h2, w2 = up.shape
         masks = (hyper_in @ up.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
         return masks, self.iou_prediction_head(iou_token_out)
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """Architecture of the prompt encoder and mask decoder (defaults: every released SAM model)."""
-
-    embed_dim: int = 256  # prompt / transformer width = encoder out_chans
-    image_embedding_size: int = 64  # side of the image embedding grid
-    input_image_size: int = 1024  # side of the padded encoder input
-    mask_in_chans: int = 16
-    depth: int = 2
-    num_heads: int = 8
-    mlp_dim: int = 2048
-    num_multimask_outputs: int = 3
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-
-    def replace(self, **changes) -> "DecoderConfig":
-        return dataclasses.replace(self, **changes)
 
 
 class SamDecoder(nn.Module):

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..inputs import collect_inputs
-from ..transforms import ImageError, load_image
+from ..data.sources import collect_inputs
+from ..data.images import ImageError, load_image
 from .shapes import SyntheticShapes
 
 # MAE normalises with the ImageNet mean/std of 0-1 pixels (main_pretrain.py), not SAM's 0-255 constants.

@@ -123,7 +123,7 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         raise ValueError(f"--out {cfg.out}: exists and is not a directory")
     barrier(procs)  # every process has looked before the main one writes
     if procs.main:
-        from .. import __version__
+        from .._version import __version__
 
         os.makedirs(cfg.out, exist_ok=True)
         record = {"identity": cfg.identity(), "config": dataclasses.asdict(cfg), "processes": procs.world,

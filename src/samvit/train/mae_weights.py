@@ -43,7 +43,7 @@ import torch
 
 from ..config import MAE_PRESETS, MAEConfig, mae_preset
 from ..modeling.mae import MaskedAutoencoder
-from ..weights import CheckpointError, check_keys, read_checkpoint
+from ..checkpoints.files import CheckpointError, check_keys, read_checkpoint
 
 StateDict = Dict[str, torch.Tensor]
 MAE_FORMATS = ("samvit", "official", "transformers")

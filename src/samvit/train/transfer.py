@@ -15,7 +15,7 @@ import torch
 from ..config import EncoderConfig, preset
 from ..modeling.encoder import ImageEncoder, resize_pos_embed
 from ..modeling.mae import MaskedAutoencoder
-from ..weights import CheckpointError
+from ..checkpoints.files import CheckpointError
 from .mae_weights import read_mae_file, to_mae_state
 
 StateDict = Dict[str, torch.Tensor]

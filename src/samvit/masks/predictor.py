@@ -10,34 +10,14 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .config import EncoderConfig, preset
-from .decoder_weights import infer_decoder_config, load_decoder
-from .modeling.encoder import ImageEncoder
-from .modeling.mask_decoder import SamDecoder
-from .transforms import ImageInput, get_preprocess_shape, load_image, normalize_and_pad, resize_longest_side
-from .weights import (CONFIG_METADATA_KEY, CheckpointError, check_state_dict, encoder_state_dict, infer_config,
-                      read_checkpoint)
-
-ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be used: wrong shape, outside the image, bad label or box."""
-
-
-def _tensor(x: ArrayLike, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    try:
-        t = torch.as_tensor(np.asarray(x) if isinstance(x, (list, tuple)) else x)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise PromptError(f"{name}: expected a numeric array, got {type(x).__name__} ({e})") from None
-    if t.dtype == torch.bool or t.is_complex():
-        raise PromptError(f"{name}: expected a numeric array, got dtype {t.dtype}")
-    t = t.to(dtype) if dtype is not None else t
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise PromptError(f"{name}: contains NaN or infinite values")
-    return t
+from ..checkpoints.load import load_sam
+from ..config import EncoderConfig
+from ..data.images import ImageInput, load_image
+from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, to_input_frame
+from ..modeling.encoder import ImageEncoder
+from ..modeling.mask_decoder import SamDecoder
+from .prompts import ArrayLike, PromptError, as_tensor, check_boxes, check_points
 
 
 class Predictor:
@@ -61,33 +41,20 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], model: Union[str, EncoderConfig, None] = None,
                         device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
-                        with_encoder: bool = True, attn_impl: str = "fast") -> "Predictor":
-        """Encoder and decoder from one full SAM checkpoint (official .pth or .safetensors), read once.
+                        with_encoder: bool = True, attn_impl: str = "fast", progress: Optional[bool] = None
+                        ) -> "Predictor":
+        """Encoder and decoder from one full SAM checkpoint, read once (samvit.checkpoints.load.load_sam).
 
-        `model` (preset name or EncoderConfig) is inferred when omitted; `dtype` is the encoder's compute dtype
-        (the decoder is cheap and stays float32). with_encoder=False skips the encoder: use set_embedding.
+        Args:
+            checkpoint: a file (official .pth, transformers SamModel, .safetensors), a transformers folder, or a
+                registry name (vit_b, vit_l, vit_h) fetched into the verified cache.
+            model: preset name or EncoderConfig; inferred when omitted.
+            device: for both models. dtype: the encoder's compute dtype (the decoder is cheap, stays float32).
+            with_encoder: False skips the encoder: use set_embedding.
+            progress: download/verification bar (None: only on a terminal).
         """
-        sd, metadata = read_checkpoint(checkpoint)
-        cfg = preset(model) if isinstance(model, str) else model
-        esd = encoder_state_dict(sd) if any(k.startswith("image_encoder.") for k in sd) else {}
-        if cfg is None and CONFIG_METADATA_KEY in metadata:
-            cfg = EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
-        if cfg is None and esd:
-            cfg = infer_config(esd)
-        encoder = None
-        if with_encoder:
-            if not esd:
-                raise CheckpointError(f"{os.fspath(checkpoint)}: no image_encoder.* tensors; pass with_encoder=False "
-                                      "and use set_embedding, or give a full SAM checkpoint")
-            check_state_dict(esd, cfg, source=os.fspath(checkpoint))
-            with torch.device("meta"):
-                encoder = ImageEncoder(cfg, attn_impl=attn_impl)
-            encoder.load_state_dict(esd, strict=True, assign=True)
-            encoder.eval().to(device=device, dtype=dtype)
-        base = infer_decoder_config(sd, source=os.fspath(checkpoint))
-        if cfg is not None:
-            base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
-        decoder = load_decoder(sd, base, device=device)
+        encoder, decoder = load_sam(checkpoint, model, device=device, dtype=dtype, with_encoder=with_encoder,
+                                    attn_impl=attn_impl, progress=progress)
         return cls(encoder, decoder)
 
     # ---- image state ----
@@ -116,10 +83,9 @@ class Predictor:
         rgb = load_image(image)
         if image_format == "BGR":
             rgb = np.ascontiguousarray(rgb[..., ::-1])
-        resized = resize_longest_side(rgb, self.img_size)
-        p = next(self.encoder.parameters())
-        x = normalize_and_pad(resized, self.img_size)[None].to(device=p.device, dtype=self.encoder.dtype)
-        self.set_embedding(self.encoder(x)[0], rgb.shape[:2], resized.shape[:2])
+        prepared = prepare(rgb, self.img_size)
+        x = prepared.tensor[None].to(device=self.encoder.device, dtype=self.encoder.dtype)
+        self.set_embedding(self.encoder(x)[0], prepared.original_size, prepared.input_size)
 
     def set_embedding(self, embedding: Union[torch.Tensor, str, os.PathLike], original_size: Optional[Tuple[int, int]] = None,
                       input_size: Optional[Tuple[int, int]] = None) -> None:
@@ -129,7 +95,7 @@ class Predictor:
         input_size defaults to the official long-side resize of original_size.
         """
         if isinstance(embedding, (str, os.PathLike)):
-            from .embed import load_embedding
+            from ..embeddings.files import load_embedding
 
             embedding, meta = load_embedding(os.fspath(embedding))
             original_size = original_size or meta.get("original_size")
@@ -157,47 +123,24 @@ class Predictor:
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, (1,C,h,w)."""
-        self._require_image()
+        self.require_image()
         return self.features
 
-    def _require_image(self) -> None:
+    def require_image(self) -> None:
+        """Raise RuntimeError unless an image or embedding is set."""
         if self.features is None:
             raise RuntimeError("no image set: call set_image(...) or set_embedding(...) before predicting")
 
     # ---- prompts ----
 
-    def _to_input_frame(self, coords: torch.Tensor) -> torch.Tensor:
-        """(..., 2) original-image (x, y) -> the resized input frame, float64 arithmetic as the official, float32."""
-        (oh, ow), (nh, nw) = self.original_size, self.input_size
-        scale = torch.tensor([nw / ow, nh / oh], dtype=torch.float64)
-        return (coords.to(torch.float64).cpu() * scale).to(device=self.device, dtype=torch.float32)
-
-    def _check_points(self, coords: torch.Tensor, labels: torch.Tensor, allow_padding: bool) -> None:
-        h, w = self.original_size
-        valid = (0, 1, -1) if allow_padding else (0, 1)
-        bad = ~torch.isin(labels, torch.tensor(valid, dtype=labels.dtype, device=labels.device))
-        if bad.any():
-            raise PromptError(f"point_labels must be 1 (foreground) or 0 (background)"
-                              f"{' or -1 (padding)' if allow_padding else ''}; got {labels[bad][:5].tolist()}")
-        real = coords[labels != -1]
-        out = (real[:, 0] < 0) | (real[:, 0] > w) | (real[:, 1] < 0) | (real[:, 1] > h)
-        if out.any():
-            raise PromptError(f"point {real[out][0].tolist()} is outside the image: x must be in [0, {w}] and y in "
-                              f"[0, {h}] (original-image pixels, x before y)")
-
-    def _check_boxes(self, boxes: torch.Tensor) -> None:
-        h, w = self.original_size
-        x0, y0, x1, y1 = boxes.unbind(-1)
-        for i in range(boxes.shape[0]):
-            b = boxes[i].tolist()
-            if x1[i] < x0[i] or y1[i] < y0[i]:
-                raise PromptError(f"box {b}: expected x0, y0, x1, y1 with x1 >= x0 and y1 >= y0")
-            if x0[i] < 0 or y0[i] < 0 or x1[i] > w or y1[i] > h:
-                raise PromptError(f"box {b} is outside the image: x in [0, {w}], y in [0, {h}] expected")
+    def to_input_frame(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 2) original-image (x, y) of the current image -> the model's input frame, float32, on device."""
+        self.require_image()
+        return to_input_frame(coords, self.original_size, self.input_size, self.device)
 
     def _prepare(self, point_coords, point_labels, boxes, mask_input, batched: bool):
         """Validate prompts (original pixels) and map them to the model's input frame."""
-        self._require_image()
+        self.require_image()
         if point_coords is None and point_labels is not None:
             raise PromptError("point_labels given without point_coords")
         if point_coords is None and boxes is None and mask_input is None:
@@ -208,8 +151,8 @@ class Predictor:
         if point_coords is not None:
             if point_labels is None:
                 raise PromptError("point_labels must be given with point_coords (1 = foreground, 0 = background)")
-            coords = _tensor(point_coords, "point_coords")
-            labels = _tensor(point_labels, "point_labels")
+            coords = as_tensor(point_coords, "point_coords")
+            labels = as_tensor(point_labels, "point_labels")
             nd = 3 if batched else 2
             if coords.ndim != nd or coords.shape[-1] != 2:
                 raise PromptError(f"point_coords: expected shape ({lead}N, 2) of (x, y), got {tuple(coords.shape)}")
@@ -219,16 +162,16 @@ class Predictor:
             if labels.is_floating_point() and (labels != labels.round()).any():
                 raise PromptError(f"point_labels must be integers 0 or 1, got {labels.flatten()[:5].tolist()}")
             labels = labels.long()
-            self._check_points(coords.reshape(-1, 2), labels.reshape(-1), allow_padding=batched)
+            check_points(coords.reshape(-1, 2), labels.reshape(-1), self.original_size, allow_padding=batched)
             if not batched:
                 coords, labels = coords[None], labels[None]
             if coords.shape[1] == 0:
                 raise PromptError("point_coords: no points given (shape with N = 0)")
-            points = (self._to_input_frame(coords), labels.to(device=self.device, dtype=torch.int32))
+            points = (self.to_input_frame(coords), labels.to(device=self.device, dtype=torch.int32))
             sizes["point_coords"] = coords.shape[0]
         box_t = None
         if boxes is not None:
-            box_t = _tensor(boxes, "box")
+            box_t = as_tensor(boxes, "box")
             if batched and (box_t.ndim != 2 or box_t.shape[-1] != 4):
                 raise PromptError(f"boxes: expected shape (B, 4) of x0, y0, x1, y1, got {tuple(box_t.shape)}")
             if not batched:
@@ -236,12 +179,12 @@ class Predictor:
                     raise PromptError(f"box: expected 4 numbers x0, y0, x1, y1 (shape (4,) or (1, 4)), got shape "
                                       f"{tuple(box_t.shape)}; use predict_torch for many boxes")
                 box_t = box_t.reshape(1, 4)
-            self._check_boxes(box_t)
-            box_t = self._to_input_frame(box_t.reshape(-1, 2, 2)).reshape(-1, 4)
+            check_boxes(box_t, self.original_size)
+            box_t = self.to_input_frame(box_t.reshape(-1, 2, 2)).reshape(-1, 4)
             sizes["boxes"] = box_t.shape[0]
         mask_t = None
         if mask_input is not None:
-            mask_t = _tensor(mask_input, "mask_input", torch.float32)
+            mask_t = as_tensor(mask_input, "mask_input", torch.float32)
             hw = self.decoder.prompt_encoder.mask_input_size
             want = (1, *hw)
             if not batched and mask_t.shape == hw:
@@ -258,17 +201,17 @@ class Predictor:
     # ---- prediction ----
 
     @torch.inference_mode()
-    def _decode(self, points, boxes, masks, multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompts already in the input frame -> (low-res logits float32 (B,M,4h,4w), IoU predictions (B,M))."""
+    def decode(self, points: Optional[Tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor],
+               masks: Optional[torch.Tensor], multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompts already in the input frame (see to_input_frame), unchecked -> (low-res logits float32
+        (B,M,4h,4w), IoU predictions (B,M)) for the current image."""
         low, iou = self.decoder(self.features, points, boxes, masks, multimask_output)
         return low.float(), iou.float()
 
     @torch.inference_mode()
     def postprocess_masks(self, low_res: torch.Tensor) -> torch.Tensor:
         """(B,M,4h,4w) logits -> (B,M,H,W) logits at the original size: upsample, crop the padding, resize."""
-        x = F.interpolate(low_res.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        x = x[..., :self.input_size[0], :self.input_size[1]]
-        return F.interpolate(x, self.original_size, mode="bilinear", align_corners=False)
+        return postprocess_masks(low_res, self.input_size, self.original_size, self.img_size)
 
     def predict(self, point_coords: Optional[ArrayLike] = None, point_labels: Optional[ArrayLike] = None,
                 box: Optional[ArrayLike] = None, mask_input: Optional[ArrayLike] = None, multimask_output: bool = True,
@@ -289,6 +232,6 @@ class Predictor:
         return self._predict(points, box_t, mask_t, multimask_output, return_logits)
 
     def _predict(self, points, boxes, masks, multimask_output, return_logits):
-        low, iou = self._decode(points, boxes, masks, multimask_output)
+        low, iou = self.decode(points, boxes, masks, multimask_output)
         full = self.postprocess_masks(low)
         return (full if return_logits else full > self.mask_threshold), iou, low

@@ -250,6 +250,16 @@ class EmbeddingStore:
         emb = torch.from_numpy(rows) if self.tiled else torch.from_numpy(rows[0])
         return emb, self.metadata(item)
 
+    def image_embedding(self, key: str) -> Tuple[torch.Tensor, Tuple[int, int], Optional[Tuple[int, int]]]:
+        """(embedding, original_size, input_size) of a whole-image key, the arguments of Predictor.set_embedding."""
+        if self.tiled:
+            raise StoreError(f"store {self.path} holds tiled embeddings (large images); masks need whole-image "
+                             "embeddings")
+        if key not in self:
+            raise StoreError(f"{key!r} is not in the store {self.path} (see `samvit store ls {self.path}`)")
+        emb, meta = self[key]
+        return emb, meta["original_size"], meta.get("input_size")
+
     def get(self, key: str) -> torch.Tensor:
         """The embedding alone (the store's dtype; a tiled store gives all tiles, (T,*shape))."""
         return self[key][0]
@@ -504,7 +514,7 @@ def _create_atomically(path: str, identity: Dict[str, Any]) -> None:
     the winner's store)."""
     import zarr
 
-    from . import __version__
+    from .._version import __version__
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

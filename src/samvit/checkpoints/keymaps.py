@@ -1,19 +1,19 @@
 """Key maps between the official SAM layout and the transformers (SamModel / SamVisionModel) and timm (samvit_*)
-layouts, layout detection, and checkpoint conversion. Only names change: every tensor is passed through as is
+layouts, and layout detection. Only names change: every tensor is passed through as is
 (all three keep the fused qkv projection and the same relative position tables)."""
 from __future__ import annotations
 
-import os
 import re
 import warnings
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .weights import CheckpointError, ModelSpec, StateDict
+from .files import CheckpointError, StateDict
 
 FORMATS = ("official", "transformers", "timm")
-OUTPUTS = ("safetensors",) + FORMATS
+ENCODER_PREFIX = "image_encoder."
+DECODER_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 # (official, transformers) name pairs, matched as whole keys; {n} is a number.
 _HF_ENCODER = [
@@ -177,60 +177,14 @@ def from_official(sd: StateDict, fmt: str) -> StateDict:
     return out
 
 
-def _write(sd: StateDict, path: str, metadata: Dict[str, str]) -> None:
-    """Write tensors as safetensors (by the .safetensors suffix) or as a plain torch.save dict, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp, metadata=metadata)
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def encoder_state_dict(sd: StateDict) -> StateDict:
+    """The encoder's tensors under official key names, from an official, transformers or timm state dict."""
+    sd = to_official(sd)
+    if any(k.startswith(ENCODER_PREFIX) for k in sd):
+        return {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
+    return dict(sd)
 
 
-def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], to: str = "safetensors",
-                       model: ModelSpec = None) -> str:
-    """Write the checkpoint `src` (any supported layout, .pth/.bin/.safetensors) to `dst` in layout `to`.
-
-    `to`: 'safetensors' (samvit's own file: encoder weights plus config metadata, what save_encoder writes),
-    'official', 'transformers' or 'timm'. `src` may be a registry name (vit_b, ...). `model` (a preset name or
-    EncoderConfig) is needed only when no preset fits and the file carries no config. `dst` is a safetensors file
-    if it ends in .safetensors, else a torch.save dict of tensors. Returns the detected input layout.
-    """
-    from .hub import resolve_checkpoint
-    from .weights import (CONFIG_METADATA_KEY, _resolve_config, check_state_dict, encoder_state_dict,
-                          infer_config, read_checkpoint)
-
-    if to not in OUTPUTS:
-        raise ValueError(f"--to {to!r}: expected one of {', '.join(OUTPUTS)}")
-    src = resolve_checkpoint(src)
-    dst = os.fspath(dst)
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise ValueError(f"{dst}: output is the input file; choose another output path")
-    sd, metadata = read_checkpoint(src)
-    fmt = detect_format(sd)
-    official = to_official(sd, fmt)
-    enc = encoder_state_dict(official)
-    cfg = _resolve_config(model)
-    if cfg is None and CONFIG_METADATA_KEY in metadata:
-        from .config import EncoderConfig
-
-        cfg = EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
-    cfg = cfg or infer_config(enc)
-    check_state_dict(enc, cfg, source=src)
-    if to == "safetensors":
-        if not dst.endswith(".safetensors"):
-            raise ValueError(f"{dst}: --to safetensors writes a .safetensors file; give the output that suffix")
-        if len(enc) < len(official):
-            warnings.warn("samvit's safetensors file holds the image encoder only: the prompt encoder and mask "
-                          "decoder tensors are not written (use --to official to keep them)")
-        _write(enc, dst, {CONFIG_METADATA_KEY: cfg.to_json(), "format": "samvit"})
-    else:
-        _write(from_official(official, to), dst, {"format": "pt"})
-    return fmt
+def decoder_state_dict(sd: StateDict) -> StateDict:
+    """The `prompt_encoder.*` and `mask_decoder.*` tensors of a full SAM state dict (official key names)."""
+    return {k: v for k, v in to_official(sd).items() if k.startswith(DECODER_PREFIXES)}

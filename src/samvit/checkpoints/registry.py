@@ -1,18 +1,19 @@
-"""The official SAM checkpoints: registry, verified download cache (resumable, sha256-checked), name resolution."""
+"""The official SAM checkpoints: registry, verified download cache (resumable, sha256-checked), and the one
+resolution of a checkpoint argument (registry name, file, or transformers model folder) to a file."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .weights import CheckpointError
+from .._version import __version__
+from ..runtime import progress_callback
+from .files import CheckpointError, PathLike, sha256_file
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
 CHUNK = 1 << 20
@@ -67,7 +68,7 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + ".verified")
 
 
-def _is_verified(path: Path, entry: CheckpointEntry) -> bool:
+def is_verified(path: Path, entry: CheckpointEntry) -> bool:
     """True when a marker written after a successful sha256 check still matches the file's size and mtime."""
     try:
         st, mark = path.stat(), json.loads(_marker(path).read_text())
@@ -96,9 +97,9 @@ def verify_cached(entry: CheckpointEntry, path: Path, progress: Optional[bool] =
     if size != entry.size:
         raise DownloadError(f"{path}: {size} bytes, expected {entry.size} for {entry.name}; delete it or run "
                             f"`samvit download {entry.name} --force` to fetch it again")
-    if _is_verified(path, entry):
+    if is_verified(path, entry):
         return
-    digest = _sha256_file(path, desc=f"verifying {entry.filename}", progress=progress)
+    digest = _sha256(path, entry, progress)
     if digest != entry.sha256:
         raise DownloadError(f"{path}: sha256 {digest} does not match {entry.sha256} for {entry.name}; the file is "
                             f"corrupt or a different checkpoint; delete it or run "
@@ -106,21 +107,9 @@ def verify_cached(entry: CheckpointEntry, path: Path, progress: Optional[bool] =
     _write_marker(path, entry)
 
 
-def _sha256_file(path: Path, desc: str, progress: Optional[bool] = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f, _bar(path.stat().st_size, 0, desc, progress) as bar:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
-
-
-def _bar(total: int, initial: int, desc: str, progress: Optional[bool]):
-    from tqdm import tqdm
-
-    disable = not progress if progress is not None else not sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=disable, leave=False)
+def _sha256(path: Path, entry: CheckpointEntry, progress: Optional[bool]) -> str:
+    with progress_callback(progress, f"verifying {entry.filename}", "B", total=entry.size, leave=False) as bar:
+        return sha256_file(path, bar)
 
 
 class _Lock:
@@ -181,7 +170,7 @@ def download_checkpoint(name: str, cache: Union[str, os.PathLike, None] = None, 
                     raise DownloadError(f"download of {entry.name} from {entry.url(base_url)} failed {retries} "
                                         f"times (last: {e!r}); {have} bytes are kept in {part}, run again to resume. "
                                         f"{_manual_hint(entry, dest, base_url)}") from None
-        digest = _sha256_file(part, desc=f"verifying {entry.filename}", progress=progress)
+        digest = _sha256(part, entry, progress)
         if digest != entry.sha256:
             part.unlink()
             raise DownloadError(f"downloaded {entry.filename} from {entry.url(base_url)} has sha256 {digest}, "
@@ -195,8 +184,6 @@ def download_checkpoint(name: str, cache: Union[str, os.PathLike, None] = None, 
 def _fetch(entry: CheckpointEntry, dest: Path, part: Path, base_url: Optional[str], progress: Optional[bool],
            timeout: float) -> None:
     """Stream the file into `part`, continuing from its current length with an HTTP Range request."""
-    from . import __version__
-
     have = part.stat().st_size if part.exists() else 0
     if have > entry.size:
         part.unlink()
@@ -223,7 +210,8 @@ def _fetch(entry: CheckpointEntry, dest: Path, part: Path, base_url: Optional[st
             if start != str(have):
                 part.unlink()
                 raise ConnectionError(f"server answered a resume with an unexpected Content-Range {start!r}")
-        with open(part, "r+b" if have else "wb") as f, _bar(entry.size, have, entry.filename, progress) as bar:
+        with open(part, "r+b" if have else "wb") as f, \
+                progress_callback(progress, entry.filename, "B", total=entry.size, initial=have, leave=False) as bar:
             f.seek(have)
             f.truncate()
             while True:
@@ -231,16 +219,24 @@ def _fetch(entry: CheckpointEntry, dest: Path, part: Path, base_url: Optional[st
                 if not block:
                     break
                 f.write(block)
-                bar.update(len(block))
+                bar(f.tell(), entry.size)
             got = f.tell()
     if got != entry.size:
         raise ConnectionError(f"connection closed after {got} of {entry.size} bytes")
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike], cache: Union[str, os.PathLike, None] = None,
+def resolve_checkpoint(name_or_path: PathLike, cache: Union[str, os.PathLike, None] = None,
                        base_url: Optional[str] = None, progress: Optional[bool] = None) -> str:
-    """A checkpoint file path: an existing file as is, the weights file of a transformers model folder
-    (model.safetensors or pytorch_model.bin), or a registry name (vit_b, ...) fetched into the cache."""
+    """The file a checkpoint argument names; every loader and command resolves its argument here.
+
+    Args:
+        name_or_path: an existing file (returned as is), a transformers model folder (its model.safetensors or
+            pytorch_model.bin), or a registry name (vit_b, vit_l, vit_h, or their file names) fetched into the
+            verified cache (downloading it if needed, from base_url / $SAMVIT_BASE_URL).
+        cache, base_url, progress: as for download_checkpoint.
+    Returns:
+        the path of the checkpoint file.
+    """
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         for name in HF_WEIGHTS:
@@ -256,10 +252,15 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], cache: Union[str, 
                           f"({', '.join(REGISTRY)})")
 
 
-def known_sha256(path: Union[str, os.PathLike]) -> Optional[str]:
+def known_sha256(path: PathLike) -> Optional[str]:
     """The sha256 of a verified cached registry file without re-reading it, else None."""
     p = Path(path)
     for e in REGISTRY.values():
-        if p.name == e.filename and _is_verified(p, e):
+        if p.name == e.filename and is_verified(p, e):
             return e.sha256
     return None
+
+
+def checkpoint_sha256(path: PathLike) -> str:
+    """Hex sha256 of a checkpoint file: from the cache's marker for a verified registry file, else by reading it."""
+    return known_sha256(path) or sha256_file(path)

@@ -8,15 +8,15 @@ box NMS is plain torch (no torchvision); min_mask_region_area uses scipy.ndimage
 from __future__ import annotations
 
 import math
-import sys
 from itertools import product
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..data.images import ImageInput, load_image
+from ..runtime import ProgressArg, progress_callback
 from .predictor import Predictor
-from .transforms import ImageInput, load_image
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -172,7 +172,7 @@ class AutomaticMaskGenerator:
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
                  crop_n_points_downscale_factor: int = 1, point_grids: Optional[Sequence[np.ndarray]] = None,
                  min_mask_region_area: int = 0, output_mode: str = "binary_mask",
-                 progress: Optional[bool] = None) -> None:
+                 progress: ProgressArg = None) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
         if points_per_side is not None:
@@ -208,47 +208,50 @@ class AutomaticMaskGenerator:
         if image is None:
             if self.crop_n_layers > 0:
                 raise ValueError("crop_n_layers > 0 needs the image itself (crops are re-encoded)")
-            self.predictor._require_image()
+            self.predictor.require_image()
             orig_size = self.predictor.original_size
             rgb = None
         else:
             rgb = load_image(image)
             orig_size = rgb.shape[:2]
         crop_boxes, layers = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-        data: Dict[str, Any] = {}
-        from tqdm import tqdm
-
+        data = MaskData()
         total = sum(len(self.point_grids[i]) for i in layers)
-        disable = not sys.stderr.isatty() if self.progress is None else not self.progress
-        with tqdm(total=total, unit="pt", desc="masks", disable=disable) as bar:
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar(done[0], total)
+
+        with progress_callback(self.progress, "masks", "pt", total=total) as bar:
             for crop_box, layer in zip(crop_boxes, layers):
-                _cat(data, self._process_crop(rgb, crop_box, layer, orig_size, bar))
+                data.cat(self._process_crop(rgb, crop_box, layer, orig_size, advance))
         if len(crop_boxes) > 1 and data.get("rles"):
             cb = data["crop_boxes"].float()
             scores = 1 / ((cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1]))
-            _filter(data, box_nms(data["boxes"], scores, self.crop_nms_thresh))
+            data.filter(box_nms(data["boxes"], scores, self.crop_nms_thresh))
         if self.min_mask_region_area > 0 and data.get("rles"):
             self._remove_small_regions(data, max(self.box_nms_thresh, self.crop_nms_thresh))
         return self._records(data)
 
     def _process_crop(self, rgb: Optional[np.ndarray], crop_box: List[int], layer: int,
-                      orig_size: Tuple[int, int], bar) -> Dict[str, Any]:
+                      orig_size: Tuple[int, int], advance: Callable[[int], None]) -> "MaskData":
         p = self.predictor
         x0, y0, x1, y1 = crop_box
         if rgb is not None:
             p.set_image(rgb[y0:y1, x0:x1])
         crop_h, crop_w = p.original_size
         points = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
-        data: Dict[str, Any] = {}
+        data = MaskData()
         for s in range(0, len(points), self.points_per_batch):
             batch = points[s:s + self.points_per_batch]
-            _cat(data, self._process_batch(batch, (crop_h, crop_w), crop_box, orig_size))
-            bar.update(len(batch))
+            data.cat(self._process_batch(batch, (crop_h, crop_w), crop_box, orig_size))
+            advance(len(batch))
         if rgb is not None:
             p.reset_image()
         if not data.get("rles"):
-            return {}
-        _filter(data, box_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+            return MaskData()
+        data.filter(box_nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
         offset = torch.tensor([x0, y0, x0, y0])
         data["boxes"] = data["boxes"] + offset
         data["points"] = data["points"] + offset[:2].double()
@@ -256,12 +259,12 @@ class AutomaticMaskGenerator:
         return data
 
     def _process_batch(self, points: np.ndarray, crop_size: Tuple[int, int], crop_box: List[int],
-                       orig_size: Tuple[int, int]) -> Dict[str, Any]:
+                       orig_size: Tuple[int, int]) -> "MaskData":
         p = self.predictor
         pts = torch.as_tensor(points)
-        coords = p._to_input_frame(pts)[:, None]
+        coords = p.to_input_frame(pts)[:, None]
         labels = torch.ones(len(points), 1, dtype=torch.int32, device=p.device)
-        low, iou = p._decode((coords, labels), None, None, multimask_output=True)
+        low, iou = p.decode((coords, labels), None, None, multimask_output=True)
         m = low.shape[1]
         low, iou = low.flatten(0, 1), iou.flatten(0, 1)
         pts = pts.repeat_interleave(m, dim=0)
@@ -280,10 +283,10 @@ class AutomaticMaskGenerator:
         x0, y0, x1, y1 = crop_box
         if (x0, y0, x1, y1) != (0, 0, ow, oh):
             masks = torch.nn.functional.pad(masks, (x0, ow - x1, y0, oh - y1), value=False)
-        return {"rles": mask_to_rle(masks), "boxes": boxes.cpu(), "iou_preds": iou.cpu(), "points": pts,
-                "stability_score": stab.cpu()}
+        return MaskData(rles=mask_to_rle(masks), boxes=boxes.cpu(), iou_preds=iou.cpu(), points=pts,
+                        stability_score=stab.cpu())
 
-    def _remove_small_regions(self, data: Dict[str, Any], nms_thresh: float) -> None:
+    def _remove_small_regions(self, data: "MaskData", nms_thresh: float) -> None:
         masks, scores = [], []
         for rle in data["rles"]:
             mask = rle_to_mask(rle)
@@ -298,9 +301,9 @@ class AutomaticMaskGenerator:
             if scores[i] == 0.0:
                 data["rles"][i] = mask_to_rle(masks_t[i:i + 1])[0]
                 data["boxes"][i] = boxes[i]
-        _filter(data, keep)
+        data.filter(keep)
 
-    def _records(self, data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _records(self, data: "MaskData") -> List[Dict[str, Any]]:
         out = []
         for i, rle in enumerate(data.get("rles", [])):
             if self.output_mode == "binary_mask":
@@ -328,18 +331,23 @@ def _near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_box: List[int
     return (near_crop & ~near_image).any(1)
 
 
-def _cat(data: Dict[str, Any], new: Dict[str, Any]) -> None:
-    for k, v in new.items():
-        if k not in data:
-            data[k] = v
-        elif isinstance(v, list):
-            data[k] = data[k] + v
-        else:
-            data[k] = torch.cat([data[k], v])
+class MaskData(dict):
+    """Per-mask fields of equal length (tensors, or lists such as RLEs), filtered and concatenated together
+    (the official amg.MaskData)."""
 
+    def cat(self, new: Dict[str, Any]) -> None:
+        """Append the masks of `new` (same fields) after these."""
+        for k, v in new.items():
+            if k not in self:
+                self[k] = v
+            elif isinstance(v, list):
+                self[k] = self[k] + v
+            else:
+                self[k] = torch.cat([self[k], v])
 
-def _filter(data: Dict[str, Any], keep: torch.Tensor) -> None:
-    idx = keep.nonzero()[:, 0] if keep.dtype == torch.bool else keep
-    idx_list = idx.tolist()
-    for k, v in data.items():
-        data[k] = [v[i] for i in idx_list] if isinstance(v, list) else v[idx.to(v.device)]
+    def filter(self, keep: torch.Tensor) -> None:
+        """Keep the masks selected by a bool mask or a tensor of indices, in that order."""
+        idx = keep.nonzero()[:, 0] if keep.dtype == torch.bool else keep
+        idx_list = idx.tolist()
+        for k, v in self.items():
+            self[k] = [v[i] for i in idx_list] if isinstance(v, list) else v[idx.to(v.device)]

@@ -5,7 +5,7 @@ import glob
 import os
 from typing import Iterable, List, Tuple
 
-from .transforms import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 

@@ -1,4 +1,4 @@
-"""Image decoding and the official SAM preprocessing: resize long side, normalise, pad bottom/right.
+"""Image decoding: files, PIL images and arrays -> HxWx3 uint8 RGB.
 
 Conversion rule for images that are not 8-bit RGB (files and arrays alike):
 - grayscale (L, 1, HxW, HxWx1) is repeated to three channels; palette, CMYK, YCbCr, LAB, HSV convert to RGB
@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error limit (2 x MAX_IMAGE_PIXELS)
 
@@ -30,21 +25,6 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 class ImageError(ValueError):
     """An input that cannot be read or converted into an RGB image."""
-
-
-@dataclass
-class PreparedImage:
-    """A preprocessed image: (3,S,S) float32 normalised and padded, with the sizes needed to map back."""
-
-    tensor: torch.Tensor
-    original_size: Tuple[int, int]  # (H, W) of the decoded image
-    input_size: Tuple[int, int]  # (H, W) after the long-side resize, before padding
-
-
-def get_preprocess_shape(h: int, w: int, long_side: int = 1024) -> Tuple[int, int]:
-    """(H, W) after scaling the long side to long_side, rounded as the official code does."""
-    scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
 def _array_to_uint8(a: np.ndarray, name: str) -> np.ndarray:
@@ -124,32 +104,3 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
         raise ImageError(f"{path}: {e}") from None
     except Exception as e:  # Pillow raises many types for truncated or foreign files
         raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-
-
-def resize_longest_side(rgb: np.ndarray, long_side: int = 1024) -> np.ndarray:
-    """Pillow bilinear resize of a uint8 RGB image so its long side is long_side (official ResizeLongestSide)."""
-    h, w = rgb.shape[:2]
-    newh, neww = get_preprocess_shape(h, w, long_side)
-    return np.array(Image.fromarray(rgb).resize((neww, newh), Image.BILINEAR))
-
-
-def normalize_and_pad(resized: np.ndarray, img_size: int = 1024) -> torch.Tensor:
-    """HxWx3 uint8 -> (3,S,S) float32: (x - mean) / std, then zeros padded bottom/right."""
-    x = torch.as_tensor(resized).permute(2, 0, 1).contiguous()
-    mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(-1, 1, 1)
-    x = (x - mean) / std
-    h, w = x.shape[-2:]
-    return F.pad(x, (0, img_size - w, 0, img_size - h))
-
-
-def preprocess(source: ImageInput, img_size: int = 1024, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Decode and preprocess one image exactly as the official SamPredictor.set_image does."""
-    rgb = load_image(source, max_pixels=max_pixels)
-    resized = resize_longest_side(rgb, img_size)
-    return PreparedImage(normalize_and_pad(resized, img_size), tuple(rgb.shape[:2]), tuple(resized.shape[:2]))
-
-
-def collate(items: Sequence[PreparedImage]) -> torch.Tensor:
-    """Stack prepared images into a (B,3,S,S) batch."""
-    return torch.stack([it.tensor for it in items])

@@ -1,0 +1,240 @@
+"""Building models from checkpoints: load_encoder, load_decoder and load_sam resolve a checkpoint argument the
+same way (registry name, file, transformers folder: registry.resolve_checkpoint), read the file once, map any
+supported layout to the official names, resolve the encoder config once (given -> file metadata -> inferred
+from the tensors) and check every key strictly before loading."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from ..config import PRESETS, DecoderConfig, EncoderConfig, preset
+from ..modeling.encoder import ImageEncoder
+from ..modeling.mask_decoder import SamDecoder
+from .files import CONFIG_METADATA_KEY, CheckpointError, PathLike, StateDict, check_keys, read_checkpoint, write_tensors
+from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
+from .registry import resolve_checkpoint
+
+ModelSpec = Union[str, EncoderConfig, None]
+CheckpointSource = Union[str, os.PathLike, StateDict]
+Device = Union[str, torch.device, None]
+
+
+def read_official(checkpoint: CheckpointSource, progress: Optional[bool] = None
+                  ) -> Tuple[StateDict, Dict[str, str], str]:
+    """(state dict under official names, file metadata, source name) of a checkpoint argument or a state dict."""
+    if isinstance(checkpoint, dict):
+        return to_official(checkpoint), {}, "state dict"
+    path = resolve_checkpoint(checkpoint, progress=progress)
+    sd, metadata = read_checkpoint(path)
+    return to_official(sd), metadata, path
+
+
+def _encoder_part(sd: StateDict) -> StateDict:
+    """The encoder tensors of an official-layout state dict (a full SAM model or an encoder alone)."""
+    if any(k.startswith(ENCODER_PREFIX) for k in sd):
+        return {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
+    return dict(sd)
+
+
+def encoder_config(model: ModelSpec, metadata: Dict[str, str], sd: StateDict) -> EncoderConfig:
+    """The encoder config: `model` (preset name or EncoderConfig) if given, else the file's samvit metadata,
+    else the preset whose tensor names and shapes match `sd` (encoder keys, official names)."""
+    if isinstance(model, EncoderConfig):
+        return model
+    if model is not None:
+        return preset(model)
+    if CONFIG_METADATA_KEY in metadata:
+        return EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    return infer_config(sd)
+
+
+def infer_config(sd: StateDict) -> EncoderConfig:
+    """The preset whose parameter names and shapes match an encoder state dict exactly."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for cfg in PRESETS.values():
+        if _expected_shapes(cfg) == shapes:
+            return cfg
+    w = sd.get("patch_embed.proj.weight")
+    if w is None:
+        raise CheckpointError("cannot infer the model: no `patch_embed.proj.weight` tensor "
+                              "(is this a SAM image encoder checkpoint?)")
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    raise CheckpointError(
+        f"no preset matches this checkpoint (width {w.shape[0]}, {depth} blocks); pass model= with one of "
+        f"{', '.join(PRESETS)} or an EncoderConfig")
+
+
+_SHAPE_CACHE: Dict[EncoderConfig, Dict[str, tuple]] = {}
+
+
+def _expected_shapes(cfg: EncoderConfig) -> Dict[str, tuple]:
+    if cfg not in _SHAPE_CACHE:
+        with torch.device("meta"):
+            model = ImageEncoder(cfg)
+        _SHAPE_CACHE[cfg] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return _SHAPE_CACHE[cfg]
+
+
+def check_state_dict(sd: StateDict, cfg: EncoderConfig, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and wrongly shaped encoder key."""
+    check_keys(sd, _expected_shapes(cfg), f"{source} does not fit model {cfg.name!r}:")
+
+
+def _count(sd: StateDict, prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in sd for m in [pat.match(k)] if m), default=-1)
+
+
+def infer_decoder_config(sd: StateDict, base: DecoderConfig = DecoderConfig(), source: str = "checkpoint"
+                         ) -> DecoderConfig:
+    """Widths and depths from the tensors' shapes; num_heads and the image sizes (not stored) come from `base`.
+
+    When the state dict also holds the image encoder, the image sizes are read from its patch and position
+    embeddings.
+    """
+    sd = to_official(sd)
+    try:
+        cfg = base.replace(
+            embed_dim=sd["mask_decoder.iou_token.weight"].shape[1],
+            mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0],
+            depth=_count(sd, "mask_decoder.transformer.layers."),
+            mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+            num_multimask_outputs=sd["mask_decoder.mask_tokens.weight"].shape[0] - 1,
+            iou_head_depth=_count(sd, "mask_decoder.iou_prediction_head.layers."),
+            iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: not a full SAM checkpoint: no {e.args[0]!r} tensor (the prompt_encoder.* "
+                              "and mask_decoder.* tensors are needed; an encoder-only file has neither)") from None
+    pos = sd.get("image_encoder.pos_embed")
+    patch = sd.get("image_encoder.patch_embed.proj.weight")
+    if pos is not None and patch is not None:
+        cfg = cfg.replace(image_embedding_size=pos.shape[1], input_image_size=pos.shape[1] * patch.shape[-1])
+    return cfg
+
+
+def check_decoder_state_dict(sd: StateDict, cfg: DecoderConfig, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and wrongly shaped decoder key."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SamDecoder(cfg).state_dict().items()}
+    check_keys(sd, expected, f"{source}: prompt encoder / mask decoder do not fit {cfg}:")
+
+
+def _finish(module: torch.nn.Module, device: Device, dtype: Optional[torch.dtype]) -> torch.nn.Module:
+    module.eval()
+    if device is not None or dtype is not None:
+        module.to(device=device, dtype=dtype)
+    return module
+
+
+def _build_encoder(sd: StateDict, cfg: EncoderConfig, source: str, attn_impl: str) -> ImageEncoder:
+    check_state_dict(sd, cfg, source=source)
+    with torch.device("meta"):
+        encoder = ImageEncoder(cfg, attn_impl=attn_impl)
+    encoder.load_state_dict(sd, strict=True, assign=True)
+    return encoder
+
+
+def _build_decoder(full: StateDict, config: Optional[DecoderConfig], source: str) -> SamDecoder:
+    sd = {k: v for k, v in full.items() if k.startswith(DECODER_PREFIXES)}
+    if not sd:
+        raise CheckpointError(f"{source}: no prompt_encoder.* / mask_decoder.* tensors: a full SAM checkpoint "
+                              "(e.g. sam_vit_b_01ec64.pth) is needed, not an encoder-only file")
+    cfg = config if config is not None else infer_decoder_config(full, source=source)
+    check_decoder_state_dict(sd, cfg, source)
+    with torch.device("meta"):
+        decoder = SamDecoder(cfg)
+    decoder.load_state_dict(sd, strict=True, assign=True)
+    return decoder
+
+
+def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = None, device: Device = None,
+                 dtype: Optional[torch.dtype] = None, attn_impl: str = "fast", progress: Optional[bool] = None
+                 ) -> ImageEncoder:
+    """Build an ImageEncoder and load its weights.
+
+    Args:
+        model: a preset name or an EncoderConfig; None: from the file's metadata, else inferred from the tensors.
+        checkpoint: a file (official, transformers or timm layout; .pth/.bin/.safetensors), a transformers model
+            folder, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache. None: the preset's
+            freshly initialised weights.
+        device, dtype: where and in which dtype to put the weights (see ImageEncoder for the float32 ones).
+        attn_impl: the attention path ("fast" or "reference").
+        progress: download/verification bar (None: only on a terminal).
+    Returns:
+        the encoder in eval mode.
+    """
+    if checkpoint is None:
+        if model is None:
+            raise ValueError("load_encoder needs a model preset, a checkpoint, or both")
+        return _finish(ImageEncoder(encoder_config(model, {}, {}), attn_impl=attn_impl), device, dtype)
+    sd, metadata, source = read_official(checkpoint, progress)
+    sd = _encoder_part(sd)
+    encoder = _build_encoder(sd, encoder_config(model, metadata, sd), source, attn_impl)
+    return _finish(encoder, device, dtype)
+
+
+def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] = None, device: Device = None,
+                 dtype: Optional[torch.dtype] = None, progress: Optional[bool] = None) -> SamDecoder:
+    """Build a SamDecoder (prompt encoder + mask decoder) from a full SAM checkpoint.
+
+    Args:
+        checkpoint: as for load_encoder (a full SAM model: official .pth, transformers SamModel), or a state dict.
+        config: the decoder's architecture; None: widths and depths inferred from the tensors, num_heads 8 (as
+            in every released model).
+        device, dtype: where and in which dtype to put the weights (default float32 on the CPU).
+    Returns:
+        the decoder in eval mode.
+    """
+    sd, _, source = read_official(checkpoint, progress)
+    return _finish(_build_decoder(sd, config, source), device, dtype)
+
+
+def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
+             dtype: Optional[torch.dtype] = None, with_encoder: bool = True, attn_impl: str = "fast",
+             progress: Optional[bool] = None) -> Tuple[Optional[ImageEncoder], SamDecoder]:
+    """Encoder and decoder from one read of a full SAM checkpoint.
+
+    Args:
+        checkpoint: as for load_encoder (a full SAM model).
+        model: the encoder's preset or EncoderConfig; None: from the file's metadata, else inferred.
+        device: for both. dtype: the encoder's compute dtype; the decoder (cheap) stays float32.
+        with_encoder: False skips the encoder (for precomputed embeddings); its tensors need not be present.
+        attn_impl: the encoder's attention path.
+    Returns:
+        (encoder in eval mode or None, decoder in eval mode); the decoder's image sizes follow the encoder's.
+    """
+    sd, metadata, source = read_official(checkpoint, progress)
+    esd = _encoder_part(sd) if any(k.startswith(ENCODER_PREFIX) for k in sd) else {}
+    cfg = encoder_config(model, metadata, esd) if (model is not None or esd or CONFIG_METADATA_KEY in metadata) \
+        else None
+    encoder = None
+    if with_encoder:
+        if not esd:
+            raise CheckpointError(f"{source}: no image_encoder.* tensors; pass with_encoder=False and use "
+                                  "set_embedding, or give a full SAM checkpoint")
+        encoder = _finish(_build_encoder(esd, cfg, source, attn_impl), device, dtype)
+    base = infer_decoder_config(sd, source=source)
+    if cfg is not None:
+        base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
+    return encoder, _finish(_build_decoder(sd, base, source), device, None)
+
+
+def save_encoder(encoder: ImageEncoder, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write the encoder's weights as safetensors (atomically), with its config in the metadata."""
+    meta = {CONFIG_METADATA_KEY: encoder.config.to_json(), "format": "samvit"}
+    meta.update(metadata or {})
+    write_tensors(path, encoder.state_dict(), meta)
+
+
+def checkpoint_info(checkpoint: PathLike) -> Dict[str, object]:
+    """Config, parameter count and dtypes of a checkpoint's encoder, without building the model on real memory."""
+    sd, metadata, _ = read_official(checkpoint)
+    sd = _encoder_part(sd)
+    cfg = encoder_config(None, metadata, sd)
+    return {"config": cfg, "num_parameters": sum(v.numel() for v in sd.values()),
+            "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata)}

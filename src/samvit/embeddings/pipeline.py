@@ -1,0 +1,327 @@
+"""The one embed loop: images -> embeddings into a sink (one file per image, or an EmbeddingStore).
+
+Every rank (under torchrun) takes a disjoint shard of the inputs; its DataLoader workers hash each file (sha256 of
+its bytes), skip what the sink already holds under the same key and content, decode and preprocess the rest (whole
+images, or tiles: samvit.data.tiles); the main thread runs the encoder on batches while a writer thread hands the
+finished items to the sink (which writes, fsyncs and commits), so decoding and writing hide behind compute.
+Progress goes to a callback, so a CLI, a service or a notebook can drive it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .._version import __version__
+from ..checkpoints.files import atomic_write, sha256_file
+from ..data.images import DEFAULT_MAX_PIXELS, load_image
+from ..data.preprocess import PreparedImage, collate, prepare
+from ..data.tiles import tile_grid
+from ..modeling.encoder import ImageEncoder
+from ..runtime import ProgressArg, progress_callback
+from .files import output_path, save_embedding
+from .store import EmbeddingStore, embedding_shape
+
+Item = Tuple[str, str]  # (path, key)
+
+
+class _Units(IterableDataset):
+    """Yields, per input, either a status ('done', 'reuse', 'failed') or its prepared tensors, one per tile."""
+
+    def __init__(self, items: Sequence[Tuple[str, str]], img_size: int, done: Dict[str, str],
+                 by_sha: Dict[str, str], tile: Optional[int], halo: int, max_pixels: int) -> None:
+        self.items, self.img_size, self.done, self.by_sha = list(items), img_size, done, by_sha
+        self.tile, self.halo, self.max_pixels = tile, halo, max_pixels
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        items = self.items if info is None else self.items[info.id::info.num_workers]
+        for path, key in items:
+            yield from self._units(path, key)
+
+    def _units(self, path: str, key: str) -> Iterator[Dict[str, Any]]:
+        base = {"key": key, "path": path}
+        try:
+            sha = sha256_file(path)
+        except OSError as e:
+            reason = f"{path}: cannot read file ({type(e).__name__}: {e.strerror or e})"
+            yield dict(base, status="failed", reason=reason)
+            return
+        if self.done.get(key) == sha:
+            yield dict(base, status="done")
+            return
+        if sha in self.by_sha:
+            yield dict(base, status="reuse", source=self.by_sha[sha])
+            return
+        try:
+            rgb = load_image(path, max_pixels=self.max_pixels)
+            h, w = rgb.shape[:2]
+            grid = [(None, None)] if self.tile is None else tile_grid(h, w, self.tile, self.halo)
+            for i, (core, box) in enumerate(grid):  # one tile at a time: a huge image never sits in memory twice
+                crop = rgb if box is None else rgb[box[1]:box[3], box[0]:box[2]]
+                prepared = prepare(crop, self.img_size)
+                x, input_size = prepared.tensor, list(prepared.input_size)
+                tile = None if box is None else {"box": list(box), "core": list(core), "input_size": input_size}
+                yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=tile,
+                           tile_index=i, n_tiles=len(grid), tensor=x)
+        except Exception as e:  # ImageError carries the reason; anything else is reported by type
+            reason = str(e) if isinstance(e, ValueError) else f"{path}: {type(e).__name__}: {e}"
+            yield dict(base, status="failed", reason=reason)  # after any tiles already sent: the item is dropped
+
+
+@dataclass
+class EmbedReport:
+    """Counts of one run (all ranks together when distributed) and the failed inputs with their reasons."""
+
+    total: int = 0
+    embedded: int = 0
+    skipped: int = 0  # already in the output with the same content
+    reused: int = 0  # same content as another key already in the store: committed without encoding
+    failed: List[Dict[str, str]] = field(default_factory=list)  # {"key", "path", "reason"}
+    seconds: float = 0.0
+    encoded_rows: int = 0  # forward-pass inputs (tiles count one each)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def merge(self, other: "EmbedReport") -> None:
+        for k in ("total", "embedded", "skipped", "reused", "encoded_rows"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.failed += other.failed
+        self.seconds = max(self.seconds, other.seconds)
+
+
+class FileSink:
+    """Output: one .safetensors per input under out_dir, at the input key's relative path (embeddings.files)."""
+
+    def __init__(self, out_dir: str, checkpoint_sha256: str = "", metadata: Optional[Dict[str, str]] = None) -> None:
+        self.out_dir, self.checkpoint_sha256, self.extra = out_dir, checkpoint_sha256, dict(metadata or {})
+        self.out_dtype = torch.float32
+        self.written: List[str] = []
+
+    def open(self, encoder: ImageEncoder, tile: Optional[int], halo: int, rank: int, world: int) -> Dict[str, str]:
+        """Prepare for a run; returns what is already done (key -> content sha256): nothing, files are rewritten."""
+        if tile is not None:
+            raise ValueError("tiles need an embedding store: pass a StoreSink (samvit embed --store PATH)")
+        self.metadata = {"model": encoder.config.name, "checkpoint_sha256": self.checkpoint_sha256,
+                         "samvit_version": __version__, "dtype": str(encoder.dtype).replace("torch.", ""),
+                         **self.extra}
+        return {}
+
+    def put(self, key: str, embedding: torch.Tensor, *, sha256: str, original_size, input_size, tiles=None) -> None:
+        dest = output_path(self.out_dir, key)
+        save_embedding(dest, embedding, original_size, input_size, dict(self.metadata, source=key))
+        self.written.append(dest)
+
+    def put_alias(self, key: str, source_key: str) -> None:
+        raise AssertionError("a FileSink reports nothing done, so nothing is reused")
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def finish(self, report: "EmbedReport", rank: int) -> None:
+        pass
+
+
+class StoreSink:
+    """Output: an EmbeddingStore at `path` (created if new; resumes: what it holds with the same content is
+    skipped). Failed inputs are listed in report_path (default PATH/failures.jsonl, rewritten every run)."""
+
+    def __init__(self, path: str, checkpoint_sha256: str, dtype: Optional[str] = None,
+                 report_path: Optional[str] = None, durable: bool = True) -> None:
+        self.path, self.checkpoint_sha256, self.dtype = path, checkpoint_sha256, dtype
+        self.report_path, self.durable = report_path, durable
+
+    def open(self, encoder: ImageEncoder, tile: Optional[int], halo: int, rank: int, world: int) -> Dict[str, str]:
+        """Create or open the store (refusing another model, checkpoint, dtype or tiling) and a writer session;
+        returns what it holds (key -> content sha256)."""
+        cfg = encoder.config
+        self.store = EmbeddingStore.create(
+            self.path, model=cfg.name, config=cfg.to_dict(), embedding_shape=embedding_shape(cfg),
+            checkpoint_sha256=self.checkpoint_sha256, dtype=self.dtype,
+            tile=None if tile is None else {"size": int(tile), "halo": int(halo)})
+        self.out_dtype = torch.float16 if self.store.identity["dtype"] == "float16" else torch.float32
+        self.writer = self.store.writer(model=cfg.name, checkpoint_sha256=self.checkpoint_sha256,
+                                        samvit_version=__version__,
+                                        compute_dtype=str(encoder.dtype).replace("torch.", ""),
+                                        name=f"rank{rank}" if world > 1 else None, durable=self.durable)
+        self.put, self.put_alias = self.writer.put, self.writer.put_alias
+        self.commit, self.close = self.writer.commit, self.writer.close
+        return {k: self.store.record(k)["sha256"] for k in self.store.keys()}
+
+    def finish(self, report: "EmbedReport", rank: int) -> None:
+        """Rank 0 lists the run's failures, one JSON object a line."""
+        if rank == 0:
+            path = self.report_path or os.path.join(self.store.path, "failures.jsonl")
+            with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                for item in sorted(report.failed, key=lambda d: d["key"]):
+                    f.write(json.dumps(item) + "\n")
+
+
+Sink = Any  # FileSink, StoreSink, or any object with their methods
+
+
+class _WriteBehind:
+    """A thread that puts finished items into the sink and commits whenever it has caught up."""
+
+    def __init__(self, writer: "Sink", max_items: int) -> None:
+        self.writer = writer
+        self.queue: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=max(2, max_items))
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._loop, name="samvit-store-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                job = self.queue.get()
+                if job is None:
+                    break
+                kind, args, kwargs = job
+                getattr(self.writer, kind)(*args, **kwargs)
+                if self.queue.empty():
+                    self.writer.commit()
+            self.writer.close()
+        except BaseException as e:  # surfaced in the main thread
+            self.error = e
+
+    def submit(self, kind: str, *args, **kwargs) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put((kind, args, kwargs), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def default_workers() -> int:
+    """Decoding workers: half the CPU cores, 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@torch.inference_mode()
+def encode_batch(encoder: ImageEncoder, items: Sequence[PreparedImage]) -> torch.Tensor:
+    """Run the encoder on prepared images; returns float32 embeddings on the CPU."""
+    x = collate(items).to(device=encoder.device, dtype=encoder.dtype)
+    return encoder(x).float().cpu()
+
+
+def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_size: int = 1,
+          workers: Optional[int] = None, tile: Optional[int] = None, halo: int = 0,
+          max_pixels: int = DEFAULT_MAX_PIXELS, progress: ProgressArg = None) -> EmbedReport:
+    """Embed (path, key) items into a sink; a bad input is reported and skipped, the rest go on.
+
+    Args:
+        encoder: the image encoder (its device and dtype are used as they are).
+        items: (path, key) pairs, e.g. from samvit.data.sources.collect_inputs.
+        sink: FileSink(out_dir, ...) or StoreSink(path, ...).
+        batch_size: images (or tiles) per forward pass. workers: DataLoader decoding processes (None: half the
+            CPU cores, 1 to 8; 0: in this process).
+        tile, halo: embed tiles of SIZE pixels grown by halo pixels (StoreSink only; see samvit.data.tiles).
+        max_pixels: larger images are refused (decompression bombs).
+        progress: a callback progress(done, total, failed=n), or None/True/False for a tqdm bar by the rule of
+            samvit.runtime.progress_enabled; shown on rank 0 only.
+    Returns:
+        the report of all ranks together. Under torch.distributed (initialised by the caller, see
+        samvit.runtime.init_distributed) each rank takes items[rank::world_size].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if halo and tile is None:
+        raise ValueError("halo needs tile: pass a tile size as well")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    device, compute_dtype = encoder.device, encoder.dtype
+    done = sink.open(encoder, tile, halo, rank, world)
+    by_sha = {sha: k for k, sha in done.items()}
+    shard = list(items)[rank::world]
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(_Units(shard, encoder.config.img_size, done, by_sha, tile, halo, max_pixels),
+                        batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=max(2, -(-2 * batch_size // workers)) if workers else None)
+    report = EmbedReport(total=len(shard))
+    pending: List[Tuple[Dict[str, Any], torch.Tensor]] = []  # (unit, input tensor) waiting for a forward pass
+    partial: Dict[str, Dict[str, list]] = {}  # key -> {"units", "outputs"}, per tile, until all tiles are encoded
+    start = time.perf_counter()
+    behind = _WriteBehind(sink, max_items=2 * batch_size + 2)
+    count = [0]
+    desc = "embed" + (f" (rank 0 of {world})" if world > 1 else "")
+    with progress_callback(progress if rank == 0 else False, desc, "img", total=len(shard)) as bar:
+
+        def advance() -> None:
+            count[0] += 1
+            bar(count[0], len(shard), **({"failed": len(report.failed)} if report.failed else {}))
+
+        def forward(units: List[Tuple[Dict[str, Any], torch.Tensor]]) -> None:
+            x = torch.stack([t for _, t in units]).to(device=device, dtype=compute_dtype, non_blocking=True)
+            with torch.inference_mode():
+                out = encoder(x).to(sink.out_dtype).cpu()
+            report.encoded_rows += len(units)
+            for (u, _), emb in zip(units, out):
+                n = u["n_tiles"]
+                state = partial.setdefault(u["key"], {"units": [None] * n, "outputs": [None] * n})
+                state["units"][u["tile_index"]], state["outputs"][u["tile_index"]] = u, emb
+                if any(o is None for o in state["outputs"]):
+                    continue
+                del partial[u["key"]]
+                tiled = tile is not None
+                behind.submit("put", u["key"], torch.stack(state["outputs"]) if tiled else emb, sha256=u["sha256"],
+                              original_size=u["original_size"], input_size=None if tiled else u["input_size"],
+                              tiles=[v["tile"] for v in state["units"]] if tiled else None)
+                report.embedded += 1
+                advance()
+
+        try:
+            for unit in loader:
+                status = unit["status"]
+                if status == "ok":
+                    pending.append((unit, unit.pop("tensor")))
+                    if len(pending) >= batch_size:
+                        forward(pending[:batch_size])
+                        del pending[:batch_size]
+                    continue
+                if status == "done":
+                    report.skipped += 1
+                elif status == "reuse":
+                    behind.submit("put_alias", unit["key"], unit["source"])
+                    report.reused += 1
+                else:
+                    partial.pop(unit["key"], None)  # tiles of it already encoded or waiting are dropped
+                    pending[:] = [p for p in pending if p[0]["key"] != unit["key"]]
+                    report.failed.append({"key": unit["key"], "path": unit["path"], "reason": unit["reason"]})
+                advance()
+            while pending:
+                forward(pending[:batch_size])
+                del pending[:batch_size]
+        finally:
+            behind.close()
+    report.seconds = time.perf_counter() - start
+    if distributed:
+        gathered: List[Optional[EmbedReport]] = [None] * world
+        torch.distributed.all_gather_object(gathered, report)
+        report = EmbedReport()
+        for r in gathered:
+            report.merge(r)
+    sink.finish(report, rank)
+    return report

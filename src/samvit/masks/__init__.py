@@ -1,0 +1,1 @@
+"""Embedding + prompts -> masks: prompts (validation), predictor, automatic (grid prompts, MaskData), draw."""

@@ -1,0 +1,115 @@
+"""The package's import structure: no import circles inside samvit (imports inside functions included), every
+module importable on its own in a fresh process, and a start-up that does not need torch."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Set
+
+import samvit
+
+ROOT = Path(samvit.__file__).parent
+
+
+def _modules() -> Dict[str, Path]:
+    """Every module of samvit: dotted name -> file."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    """module -> the samvit modules it imports (anywhere in its code, relative imports resolved)."""
+    mods = _modules()
+    graph: Dict[str, Set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: List[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in mods and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One import circle as [a, b, ..., a], or [] when the graph is acyclic."""
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(m: str) -> List[str]:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return []
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_circles_inside_samvit():
+    graph = import_graph()
+    assert "samvit.checkpoints.load" in graph and "samvit.checkpoints.files" in graph["samvit.checkpoints.load"]
+    cycle = find_cycle(graph)
+    assert not cycle, "import circle: " + " -> ".join(cycle)
+
+
+_ISOLATED = r"""
+import importlib, os, sys, traceback
+import numpy, PIL.Image, safetensors.torch, torch, tqdm  # third-party only: samvit's own import order stays fresh
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:  # a fresh child per module: nothing of samvit imported yet
+        try:
+            importlib.import_module(name)
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print("FAILED", " ".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first, alone, in its own forked child of a process that has imported no samvit."""
+    names = sorted(m for m in _modules() if not m.endswith("__main__"))
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED, *names], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT.parent)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip() == "FAILED"
