@@ -16,7 +16,8 @@ COMMANDS = {
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
     "export": ("export", "export the image encoder to ONNX (external data for vit_h), --verify in onnxruntime"),
-    "train": ("train", "MAE pre-training of the encoder (one process or torchrun), export to a SAM encoder"),
+    "train": ("train", "MAE pre-training of the encoder, export to a SAM encoder, fine-tuning SAM on masks"),
+    "evaluate": ("evaluate", "mIoU of a SAM checkpoint on masks: 1 point, 1 box, k correction clicks (JSON, markdown)"),
 }
 
 
