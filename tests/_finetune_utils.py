@@ -13,7 +13,7 @@ import torch
 
 from samvit.config import DecoderConfig, EncoderConfig
 from samvit.modeling.encoder import ImageEncoder
-from samvit.modeling.mask_decoder import SamDecoder
+from samvit.modeling.sam import SamDecoder
 from samvit.modeling.sam import Sam
 
 SMALL = EncoderConfig(img_size=128, embed_dim=64, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,),

@@ -97,9 +97,9 @@ def test_windowed_attention_skips_padding_exactly():
     x = torch.randn(2, 12, 9, 32)
     with torch.inference_mode():
         windows, pad_hw = window_partition(x, 5)
-        expected = window_unpartition(attn.forward_fast(windows), 5, pad_hw, (12, 9))
+        expected = window_unpartition(attn(windows), 5, pad_hw, (12, 9))
         assert _max_abs(attn.forward_windowed(x, 5), expected) <= 1e-5
-        attn.impl = "reference"
+        attn.set_kernel("reference")
         assert _max_abs(window_unpartition(attn(windows), 5, pad_hw, (12, 9)), expected) <= 1e-5
 
 
@@ -115,7 +115,7 @@ def test_bias_chunking_does_not_change_the_result(monkeypatch, budget, min_queri
         ref = attn.forward_reference(x)
         monkeypatch.setattr(attn_mod, "MASK_CHUNK_ELEMS", budget)
         monkeypatch.setattr(attn_mod, "MIN_CHUNK_QUERIES", min_queries)
-        assert _max_abs(attn.forward_fast(x), ref) <= 1e-5
+        assert _max_abs(attn(x), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("args", [(1, 12, 64, 64, 4096, 1 << 23), (25, 12, 14, 14, 196, 1 << 23),
@@ -173,7 +173,7 @@ def test_bad_input_is_refused():
         enc(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         enc(torch.randn(1, 3, 64, 70))
-    with pytest.raises(ValueError, match="unknown attention implementation"):
+    with pytest.raises(ValueError, match="unknown attention kernel"):
         enc.set_attention("flash")
 
 

@@ -24,7 +24,7 @@ def test_state_dict_keys_are_the_official_ones():
 
 
 def test_decoder_call_equals_samdecoder():
-    from samvit.modeling.mask_decoder import SamDecoder
+    from samvit.modeling.sam import SamDecoder
 
     sam = tiny_sam().eval()
     dec = SamDecoder(sam.decoder_config).eval()

@@ -199,7 +199,7 @@ def test_predict_before_set_image():
 
 def test_mismatched_encoder_and_decoder():
     enc, _ = samvit_models(official_tiny_sam(), TINY, num_heads=2)
-    from samvit.modeling.mask_decoder import SamDecoder
+    from samvit.modeling.sam import SamDecoder
 
     with pytest.raises(ValueError, match="does not fit the decoder"):
         Predictor(enc, SamDecoder(DecoderConfig()))

@@ -12,8 +12,9 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ..config import PRESETS, DecoderConfig, EncoderConfig, preset
+from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
-from ..modeling.mask_decoder import SamDecoder
+from ..modeling.sam import SamDecoder
 from .files import CONFIG_METADATA_KEY, CheckpointError, PathLike, StateDict, check_keys, read_checkpoint, write_tensors
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
@@ -131,10 +132,10 @@ def _finish(module: torch.nn.Module, device: Device, dtype: Optional[torch.dtype
     return module
 
 
-def _build_encoder(sd: StateDict, cfg: EncoderConfig, source: str, attn_impl: str) -> ImageEncoder:
+def _build_encoder(sd: StateDict, cfg: EncoderConfig, source: str, kernel: str) -> ImageEncoder:
     check_state_dict(sd, cfg, source=source)
     with torch.device("meta"):
-        encoder = ImageEncoder(cfg, attn_impl=attn_impl)
+        encoder = ImageEncoder(cfg, kernel)
     encoder.load_state_dict(sd, strict=True, assign=True)
     return encoder
 
@@ -153,8 +154,8 @@ def _build_decoder(full: StateDict, config: Optional[DecoderConfig], source: str
 
 
 def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = None, device: Device = None,
-                 dtype: Optional[torch.dtype] = None, attn_impl: str = "fast", progress: Optional[bool] = None
-                 ) -> ImageEncoder:
+                 dtype: Optional[torch.dtype] = None, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
+                 attn_impl: Optional[str] = None) -> ImageEncoder:
     """Build an ImageEncoder and load its weights.
 
     Args:
@@ -163,18 +164,19 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
             folder, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache. None: the preset's
             freshly initialised weights.
         device, dtype: where and in which dtype to put the weights (see ImageEncoder for the float32 ones).
-        attn_impl: the attention path ("fast" or "reference").
+        kernel: the attention kernel ("sdpa_chunked", "reference", ...; see samvit.modeling.attention).
         progress: download/verification bar (None: only on a terminal).
+        attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
     Returns:
         the encoder in eval mode.
     """
     if checkpoint is None:
         if model is None:
             raise ValueError("load_encoder needs a model preset, a checkpoint, or both")
-        return _finish(ImageEncoder(encoder_config(model, {}, {}), attn_impl=attn_impl), device, dtype)
+        return _finish(ImageEncoder(encoder_config(model, {}, {}), attn_impl or kernel), device, dtype)
     sd, metadata, source = read_official(checkpoint, progress)
     sd = _encoder_part(sd)
-    encoder = _build_encoder(sd, encoder_config(model, metadata, sd), source, attn_impl)
+    encoder = _build_encoder(sd, encoder_config(model, metadata, sd), source, attn_impl or kernel)
     return _finish(encoder, device, dtype)
 
 
@@ -195,8 +197,9 @@ def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] =
 
 
 def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
-             dtype: Optional[torch.dtype] = None, with_encoder: bool = True, attn_impl: str = "fast",
-             progress: Optional[bool] = None) -> Tuple[Optional[ImageEncoder], SamDecoder]:
+             dtype: Optional[torch.dtype] = None, with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
+             progress: Optional[bool] = None, attn_impl: Optional[str] = None
+             ) -> Tuple[Optional[ImageEncoder], SamDecoder]:
     """Encoder and decoder from one read of a full SAM checkpoint.
 
     Args:
@@ -204,7 +207,8 @@ def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Devi
         model: the encoder's preset or EncoderConfig; None: from the file's metadata, else inferred.
         device: for both. dtype: the encoder's compute dtype; the decoder (cheap) stays float32.
         with_encoder: False skips the encoder (for precomputed embeddings); its tensors need not be present.
-        attn_impl: the encoder's attention path.
+        kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
+        progress: download/verification bar (None: only on a terminal).
     Returns:
         (encoder in eval mode or None, decoder in eval mode); the decoder's image sizes follow the encoder's.
     """
@@ -217,7 +221,7 @@ def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Devi
         if not esd:
             raise CheckpointError(f"{source}: no image_encoder.* tensors; pass with_encoder=False and use "
                                   "set_embedding, or give a full SAM checkpoint")
-        encoder = _finish(_build_encoder(esd, cfg, source, attn_impl), device, dtype)
+        encoder = _finish(_build_encoder(esd, cfg, source, attn_impl or kernel), device, dtype)
     base = infer_decoder_config(sd, source=source)
     if cfg is not None:
         base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)

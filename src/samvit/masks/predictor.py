@@ -15,8 +15,9 @@ from ..checkpoints.load import load_sam
 from ..config import EncoderConfig
 from ..data.images import ImageInput, load_image
 from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, to_input_frame
+from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
-from ..modeling.mask_decoder import SamDecoder
+from ..modeling.sam import SamDecoder
 from .prompts import ArrayLike, PromptError, as_tensor, check_boxes, check_points
 
 
@@ -41,8 +42,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], model: Union[str, EncoderConfig, None] = None,
                         device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
-                        with_encoder: bool = True, attn_impl: str = "fast", progress: Optional[bool] = None
-                        ) -> "Predictor":
+                        with_encoder: bool = True, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
+                        attn_impl: Optional[str] = None) -> "Predictor":
         """Encoder and decoder from one full SAM checkpoint, read once (samvit.checkpoints.load.load_sam).
 
         Args:
@@ -51,10 +52,11 @@ class Predictor:
             model: preset name or EncoderConfig; inferred when omitted.
             device: for both models. dtype: the encoder's compute dtype (the decoder is cheap, stays float32).
             with_encoder: False skips the encoder: use set_embedding.
+            kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
             progress: download/verification bar (None: only on a terminal).
         """
         encoder, decoder = load_sam(checkpoint, model, device=device, dtype=dtype, with_encoder=with_encoder,
-                                    attn_impl=attn_impl, progress=progress)
+                                    kernel=attn_impl or kernel, progress=progress)
         return cls(encoder, decoder)
 
     # ---- image state ----

@@ -1,22 +1,60 @@
-"""Multi-head attention with decomposed relative position bias: a reference path and a fast path.
+"""Multi-head attention with decomposed relative position bias, and the registry of attention kernels.
 
-The reference path mirrors the arithmetic of the official segment-anything code step by step and is the
-oracle in tests; the fast path computes the same function with scaled_dot_product_attention.
+A kernel computes softmax(q.k * scale + rel_h + rel_w) v from the packed (B, N, 3, heads, head_dim) projections;
+one set of weights serves every kernel. Registered here:
+- "reference": the official segment-anything arithmetic step by step (full score matrix), the oracle in tests;
+  an encoder using it runs the official arithmetic around it as well (blocks, neck, the weights' dtype).
+- "sdpa_chunked": the same function with scaled_dot_product_attention, the bias built in chunks, never whole.
+A new kernel is one function registered with @register_kernel("name"); ImageEncoder(kernel="name") uses it.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_IMPLS = ("fast", "reference")
 # The additive bias is built and used in chunks of at most this many entries (32 MiB in float32 on CPU; 2 MiB
 # more per thread beyond 4 threads, so that a chunk keeps every thread busy); on a GPU, few large launches.
 MASK_CHUNK_ELEMS = 1 << 23
 MASK_CHUNK_ELEMS_CUDA = 1 << 28
 MIN_CHUNK_QUERIES = 768  # see _chunking
+
+# A kernel: (attention module, qkv (B, N, 3, heads, head_dim), (H, W) of the N tokens) -> (B, N, heads*head_dim).
+KernelFn = Callable[["Attention", torch.Tensor, Tuple[int, int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A registered attention kernel; `official`: the encoder runs the official arithmetic around it."""
+
+    name: str
+    fn: KernelFn
+    official: bool = False
+
+
+KERNELS: Dict[str, Kernel] = {}
+KERNEL_ALIASES = {"fast": "sdpa_chunked"}  # the former attn_impl names
+DEFAULT_KERNEL = "sdpa_chunked"
+
+
+def register_kernel(name: str, official: bool = False) -> Callable[[KernelFn], KernelFn]:
+    """Decorator: register an attention kernel under `name` (see KernelFn)."""
+    def add(fn: KernelFn) -> KernelFn:
+        KERNELS[name] = Kernel(name, fn, official)
+        return fn
+    return add
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel registered as `name` (or a former alias: "fast"); the one place a kernel name is resolved."""
+    name = KERNEL_ALIASES.get(name, name)
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; expected one of {', '.join(KERNELS)} "
+                         f"(or {', '.join(KERNEL_ALIASES)})")
+    return KERNELS[name]
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -116,7 +154,7 @@ class Attention(nn.Module):
     """Multi-head attention over a (B,H,W,C) grid, with optional decomposed relative position bias."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
-                 input_size: Tuple[int, int] = (14, 14)) -> None:
+                 input_size: Tuple[int, int] = (14, 14), kernel: str = DEFAULT_KERNEL) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -127,32 +165,24 @@ class Attention(nn.Module):
         if use_rel_pos:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, self.head_dim))
-        self.impl = "fast"
+        self.set_kernel(kernel)
+
+    def set_kernel(self, name: str) -> "Attention":
+        """Use the registered kernel `name` (see KERNELS)."""
+        self.kernel = get_kernel(name)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "reference":
-            return self.forward_reference(x)
-        return self.forward_fast(x)
+        """Attention over all tokens of a (B,H,W,C) grid (a window, or the whole grid) with this module's kernel."""
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
+        return self.proj(self.kernel.fn(self, qkv, (H, W)).view(B, H, W, C))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The official arithmetic: full score matrix, bias added, softmax, weighted sum."""
-        B, H, W, _ = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)  # (B*nh, N, hd) each
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if self.use_rel_pos:
-            rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W))
-            attn = (attn.view(-1, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :])
-            attn = attn.view(-1, H * W, H * W)
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
-        return self.proj(x)
-
-    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """Global attention over a (B,H,W,C) grid with SDPA; the bias is built in chunks, never whole."""
+        """The official arithmetic whatever the kernel: full score matrix, bias added, softmax, weighted sum."""
         B, H, W, C = x.shape
-        qkv = self.qkv(x).view(B, H * W, 3, self.num_heads, self.head_dim)
-        return self.proj(self._attend(qkv, (H, W))).view(B, H, W, C)
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
+        return self.proj(reference_attention(self, qkv, (H, W)).view(B, H, W, C))
 
     def forward_windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
         """Windowed attention on an unpartitioned (B,H,W,C) grid; equals partition -> attention -> unpartition.
@@ -166,47 +196,75 @@ class Attention(nn.Module):
         fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)
         windows = to_windows(qkv, ws, fill)  # (B, nWh, nWw, ws, ws, 3C)
         nw = windows.shape[1] * windows.shape[2]
-        out = self._attend(windows.view(B * nw, ws * ws, 3, self.num_heads, self.head_dim), (ws, ws))
+        out = self.kernel.fn(self, windows.view(B * nw, ws * ws, 3, self.num_heads, self.head_dim), (ws, ws))
         out = from_windows(out.view(B, windows.shape[1], windows.shape[2], ws, ws, C), (H, W))
         return self.proj(out)
-
-    def _attend(self, qkv: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        """(B, N, 3, heads, hd) -> (B, N, heads*hd): softmax(q.k*scale + rel_h + rel_w) v with SDPA, chunked
-        over batch, heads and query rows so that the additive bias is never built whole (see _chunking)."""
-        B, N = qkv.shape[:2]
-        nh, hd = self.num_heads, self.head_dim
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, hd) strided views, no copies
-        out = qkv.new_empty(B, N, nh, hd)
-        if not self.use_rel_pos:
-            out.copy_(F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
-            return out.view(B, N, nh * hd)
-        H, W = hw
-        # The two bias terms are computed in float32 from q (cheap: H+W entries per query), then used in q's dtype:
-        # a bfloat16 mask halves the bias traffic, and the kernels add it to float32 scores (on ViT-B it changes
-        # the mean error against float32 by 0.2%, the cosine not at all).
-        rel_h, rel_w = rel_pos_terms(q.float(), self.rel_pos_h, self.rel_pos_w, hw)  # (B,nh,H,W,H), (B,nh,H,W,W)
-        on_cpu = q.device.type == "cpu"
-        budget = MASK_CHUNK_ELEMS + (max(0, torch.get_num_threads() - 4) << 21) if on_cpu else MASK_CHUNK_ELEMS_CUDA
-        nb, nhc, n_row_chunks = _chunking(B, nh, H, W, N, budget, MIN_CHUNK_QUERIES)
-        row_bounds = [H * i // n_row_chunks for i in range(n_row_chunks + 1)]
-        rel_h, rel_w = rel_h.to(q.dtype)[..., None], rel_w.to(q.dtype)[..., None, :]
-        for b0 in range(0, B, nb):
-            b1 = min(B, b0 + nb)
-            for h0 in range(0, nh, nhc):
-                h1 = min(nh, h0 + nhc)
-                for r0, r1 in zip(row_bounds[:-1], row_bounds[1:]):
-                    bias = rel_h[b0:b1, h0:h1, r0:r1] + rel_w[b0:b1, h0:h1, r0:r1]  # (b, h, rows, W, H, W)
-                    o = F.scaled_dot_product_attention(q[b0:b1, h0:h1, r0 * W:r1 * W], k[b0:b1, h0:h1],
-                                                       v[b0:b1, h0:h1], attn_mask=bias.flatten(4).flatten(2, 3))
-                    out[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.transpose(1, 2))
-        return out.view(B, N, nh * hd)
 
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
         """Global attention over a token sequence (B,N,C), no relative position (the MAE ViT, class token included)."""
         if self.use_rel_pos:
             raise ValueError("forward_seq: relative positions need a (B,H,W,C) grid; use forward")
         B, N, C = x.shape
-        return self.proj(self._attend(self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), (N, 1)))
+        return self.proj(self.kernel.fn(self, self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), (N, 1)))
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities over a (B,H,W,C) grid by the reference arithmetic: (B, heads, N, N)."""
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        return _reference_probs(self, q, k, (H, W)).view(B, self.num_heads, H * W, H * W)
+
+
+def _reference_probs(attn: Attention, q: torch.Tensor, k: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """softmax(q.k * scale + rel_h + rel_w) of (B*heads, N, hd) q and k, as the official code computes it."""
+    H, W = hw
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if attn.use_rel_pos:
+        rel_h, rel_w = rel_pos_terms(q, attn.rel_pos_h, attn.rel_pos_w, (H, W))
+        scores = (scores.view(-1, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :])
+        scores = scores.view(-1, H * W, H * W)
+    return scores.softmax(dim=-1)
+
+
+@register_kernel("reference", official=True)
+def reference_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """The official arithmetic: full score matrix, bias added, softmax, weighted sum (the oracle)."""
+    B, N = qkv.shape[:2]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * attn.num_heads, N, -1).unbind(0)  # (B*nh, N, hd) each
+    out = _reference_probs(attn, q, k, hw) @ v
+    return out.view(B, attn.num_heads, N, -1).permute(0, 2, 1, 3).reshape(B, N, -1)
+
+
+@register_kernel("sdpa_chunked")
+def sdpa_chunked_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """softmax(q.k*scale + rel_h + rel_w) v with SDPA, chunked over batch, heads and query rows so that the
+    additive bias is never built whole (see _chunking)."""
+    B, N = qkv.shape[:2]
+    nh, hd = attn.num_heads, attn.head_dim
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, hd) strided views, no copies
+    out = qkv.new_empty(B, N, nh, hd)
+    if not attn.use_rel_pos:
+        out.copy_(F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+        return out.view(B, N, nh * hd)
+    H, W = hw
+    # The two bias terms are computed in float32 from q (cheap: H+W entries per query), then used in q's dtype
+    # (a bfloat16 mask halves the bias traffic; its effect on accuracy is measured in docs/speed.md).
+    rel_h, rel_w = rel_pos_terms(q.float(), attn.rel_pos_h, attn.rel_pos_w, hw)  # (B,nh,H,W,H), (B,nh,H,W,W)
+    on_cpu = q.device.type == "cpu"
+    budget = MASK_CHUNK_ELEMS + (max(0, torch.get_num_threads() - 4) << 21) if on_cpu else MASK_CHUNK_ELEMS_CUDA
+    nb, nhc, n_row_chunks = _chunking(B, nh, H, W, N, budget, MIN_CHUNK_QUERIES)
+    row_bounds = [H * i // n_row_chunks for i in range(n_row_chunks + 1)]
+    rel_h, rel_w = rel_h.to(q.dtype)[..., None], rel_w.to(q.dtype)[..., None, :]
+    for b0 in range(0, B, nb):
+        b1 = min(B, b0 + nb)
+        for h0 in range(0, nh, nhc):
+            h1 = min(nh, h0 + nhc)
+            for r0, r1 in zip(row_bounds[:-1], row_bounds[1:]):
+                bias = rel_h[b0:b1, h0:h1, r0:r1] + rel_w[b0:b1, h0:h1, r0:r1]  # (b, h, rows, W, H, W)
+                o = F.scaled_dot_product_attention(q[b0:b1, h0:h1, r0 * W:r1 * W], k[b0:b1, h0:h1],
+                                                   v[b0:b1, h0:h1], attn_mask=bias.flatten(4).flatten(2, 3))
+                out[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.transpose(1, 2))
+    return out.view(B, N, nh * hd)
 
 
 def _chunking(batch: int, heads: int, rows: int, row_len: int, n_keys: int, max_elems: int,

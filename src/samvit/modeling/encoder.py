@@ -1,30 +1,20 @@
-"""The SAM ViT image encoder: patch embedding, absolute position embedding, pre-norm blocks, neck."""
+"""The SAM ViT image encoder: patch embedding, absolute position embedding, pre-norm blocks, neck.
+
+The attention kernel is chosen in one place (ImageEncoder(kernel=...) / set_kernel; see attention.KERNELS).
+Training hooks in the manner of timm: set_grad_checkpointing, forward_intermediates.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig
-from .attention import ATTENTION_IMPLS, Attention, window_partition, window_unpartition
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of a (B,C,H,W) tensor, as in the official neck."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight.to(x.dtype)[:, None, None] * x + self.bias.to(x.dtype)[:, None, None]
+from .attention import DEFAULT_KERNEL, KERNEL_ALIASES, Attention, get_kernel, window_partition, window_unpartition
+from .common import LayerNorm2d, MLPBlock
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
@@ -33,17 +23,6 @@ def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torc
     if x.dtype == norm.weight.dtype == dtype:
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps).to(dtype)
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(dim, hidden)
-        self.lin2 = nn.Linear(hidden, dim)
-        self.act = nn.GELU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -69,9 +48,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
         self.window_size = window_size
+        self.drop_path = 0.0  # stochastic depth of both branches in training (ImageEncoder.set_drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn.impl == "reference":
+        """x: the residual stream (B,H,W,C); the official arithmetic when the kernel asks for it."""
+        if self.attn.kernel.official:
             return self.forward_reference(x)
         return self.forward_fast(x)
 
@@ -79,9 +60,9 @@ class Block(nn.Module):
         """x: the residual stream (float32 when the weights are bfloat16/float16); windows without padded qkv/proj."""
         dtype = self.attn.qkv.weight.dtype
         y = _layer_norm(x, self.norm1, dtype)
-        y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn.forward_fast(y)
-        x = x + y
-        return x + self.mlp(_layer_norm(x, self.norm2, dtype))
+        y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn(y)
+        x = x + self._drop(y)
+        return x + self._drop(self.mlp(_layer_norm(x, self.norm2, dtype)))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The official block arithmetic: pad, partition, attention on every window token, unpartition."""
@@ -93,13 +74,30 @@ class Block(nn.Module):
             x = window_unpartition(self.attn(x), self.window_size, pad_hw, (H, W))
         else:
             x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        x = shortcut + self._drop(x)
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        """Drop path (stochastic depth, as timm): in training, each sample's branch is zeroed with probability
+        drop_path and the others scaled by 1 / (1 - drop_path); the identity otherwise."""
+        if not self.training or self.drop_path == 0.0:
+            return y
+        keep = 1.0 - self.drop_path
+        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+        return y * mask / keep
 
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
         """The block on a token sequence (B,N,C) with global attention (the MAE ViT)."""
         x = x + self.attn.forward_seq(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """This block's attention probabilities for the residual stream x (B,H,W,C), by the reference arithmetic:
+        (B * windows, heads, N, N), N = window_size**2 (zero-padded windows, as the official) or H*W."""
+        y = _layer_norm(x, self.norm1, self.attn.qkv.weight.dtype)
+        if self.window_size > 0:
+            y = window_partition(y, self.window_size)[0]
+        return self.attn.attention_probs(y)
 
 
 def build_neck(embed_dim: int, out_chans: int, eps: float) -> nn.Sequential:
@@ -155,7 +153,14 @@ def check_float16(cfg: EncoderConfig, device: torch.device) -> None:
 class ImageEncoder(nn.Module):
     """The SAM ViT image encoder; parameter names match the official `image_encoder.` keys."""
 
-    def __init__(self, config: EncoderConfig, attn_impl: str = "fast", compile: bool = False) -> None:
+    def __init__(self, config: EncoderConfig, kernel: str = DEFAULT_KERNEL, compile: bool = False,
+                 attn_impl: Optional[str] = None) -> None:
+        """Args:
+            config: the architecture.
+            kernel: the attention kernel ("sdpa_chunked", "reference", or any registered; "fast" = sdpa_chunked).
+            compile: torch.compile the forward (lazily, at the first call).
+            attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
+        """
         super().__init__()
         self.config = cfg = config
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
@@ -164,7 +169,8 @@ class ImageEncoder(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size, cfg.grid_size, cfg.embed_dim))
         self.blocks = nn.ModuleList(Block(cfg, cfg.block_window_size(i)) for i in range(cfg.depth))
         self.neck = build_neck(cfg.embed_dim, cfg.out_chans, cfg.norm_eps) if cfg.out_chans else None
-        self.set_attention(attn_impl)
+        self.grad_checkpointing = False
+        self.set_kernel(attn_impl or kernel)
         if compile:  # torch.compile of the whole forward, done lazily at the first call (after loading weights)
             self.compile(dynamic=False)
 
@@ -191,13 +197,38 @@ class ImageEncoder(nn.Module):
         if self.pos_embed is not None:
             yield self.pos_embed
 
-    def set_attention(self, impl: str) -> "ImageEncoder":
-        """Choose the attention path: 'fast' (SDPA) or 'reference' (the official arithmetic)."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
+    def set_kernel(self, name: str) -> "ImageEncoder":
+        """Use the attention kernel `name` in every block: "sdpa_chunked" (fast), "reference" (the official
+        arithmetic throughout: the oracle), or any kernel registered with attention.register_kernel."""
+        kernel = get_kernel(name)
         for blk in self.blocks:
-            blk.attn.impl = impl
-        self.attn_impl = impl
+            blk.attn.kernel = kernel
+        self.kernel = kernel.name
+        self._official = kernel.official
+        return self
+
+    def set_attention(self, impl: str) -> "ImageEncoder":
+        """Former name of set_kernel ("fast" = "sdpa_chunked", "reference")."""
+        return self.set_kernel(impl)
+
+    @property
+    def attn_impl(self) -> str:
+        """Former name of `kernel`: "fast" for sdpa_chunked."""
+        return {v: k for k, v in KERNEL_ALIASES.items()}.get(self.kernel, self.kernel)
+
+    def set_drop_path(self, rate: float) -> "ImageEncoder":
+        """Stochastic depth for training: block i drops its branches with probability rate * i / (depth - 1)
+        (0 in the first block, `rate` in the last, as timm's linear rule); 0 turns it off."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            blk.drop_path = rate * i / (n - 1) if n > 1 else rate
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "ImageEncoder":
+        """Recompute each block's activations in the backward pass instead of keeping them (when grad is enabled)."""
+        self.grad_checkpointing = enable
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,38 +242,76 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised padded images (B,3,1024,1024) -> embedding (B,256,64,64), or features without a neck;
         float32 for bfloat16/float16 weights (see forward_features)."""
-        dtype = self.dtype
-        x = self._features(x)
-        if self.neck is not None:
-            if self.attn_impl == "reference":
-                x = self.neck(x.permute(0, 3, 1, 2))
-            else:
-                x = self._neck_fast(x)
-        x = x.to(_residual_dtype(dtype))
-        if dtype == torch.float16 and not torch.isfinite(x).all():
-            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
-                                     "use bfloat16 or float32")
-        return x
+        return self._head(self._features(x))
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_intermediates(self, x: torch.Tensor, blocks: Optional[Sequence[int]] = None,
+                              return_attention: bool = False) -> Union[Tuple[torch.Tensor, List[torch.Tensor]],
+                                                                       Tuple[torch.Tensor, List[torch.Tensor],
+                                                                             List[torch.Tensor]]]:
+        """The output of forward and the outputs of some blocks (in the manner of timm).
+
+        Args:
+            x: normalised padded images (B,3,S,S).
+            blocks: block indices (negative ones count from the end); None: every block.
+            return_attention: also return those blocks' attention probabilities, computed beside the forward
+                pass by the reference arithmetic (whole score matrices: for small inputs).
+        Returns:
+            (output as forward gives it, [(B,h,w,C) residual stream after each listed block, in block order]),
+            plus [(B * windows, heads, N, N) probabilities per listed block] with return_attention.
+        """
+        n = len(self.blocks)
+        take = set(range(n)) if blocks is None else set()
+        for i in blocks or ():
+            if not -n <= int(i) < n:
+                raise ValueError(f"block index {i} is outside the {n} blocks of model {self.config.name!r}")
+            take.add(int(i) % n)
+        x = self._embed(x)
+        inter, attn = [], []
+        for i, blk in enumerate(self.blocks):
+            if return_attention and i in take:
+                with torch.no_grad():
+                    attn.append(blk.attention_probs(x))
+            x = self._block(blk, x)
+            if i in take:
+                inter.append(x.to(_residual_dtype(self.dtype)))
+        out = self._head(x)
+        return (out, inter, attn) if return_attention else (out, inter)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the residual stream: patch embedding plus position embedding."""
         dtype = self.dtype
         _check_input(x, self.config)
         if dtype == torch.float16:
             check_float16(self.config, x.device)
         x = self.patch_embed(x.to(dtype))
-        if self.attn_impl == "reference":  # the official arithmetic, in the weights' dtype
-            if self.pos_embed is not None:
-                x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
-            for blk in self.blocks:
-                x = blk(x)
-            return x
-        # Fast path: a contiguous (B,H,W,C) residual stream (the official one stays channels-first in memory,
-        # so every LayerNorm and Linear copies it), kept in float32 for bfloat16/float16 weights.
-        x = x.to(_residual_dtype(dtype)).contiguous()
+        if not self._official:
+            # A contiguous (B,H,W,C) residual stream (the official one stays channels-first in memory, so every
+            # LayerNorm and Linear copies it), kept in float32 for bfloat16/float16 weights.
+            x = x.to(_residual_dtype(dtype)).contiguous()
         if self.pos_embed is not None:
             x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
+        return x
+
+    def _block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = self._block(blk, x)
+        return x
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block -> the neck's output (if any), with the float16 check."""
+        dtype = self.dtype
+        if self.neck is not None:
+            x = self.neck(x.permute(0, 3, 1, 2)) if self._official else self._neck_fast(x)
+        x = x.to(_residual_dtype(dtype))
+        if dtype == torch.float16 and not torch.isfinite(x).all():
+            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
+                                     "use bfloat16 or float32")
         return x
 
     def _neck_fast(self, x: torch.Tensor) -> torch.Tensor:

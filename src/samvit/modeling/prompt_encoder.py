@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .encoder import LayerNorm2d
+from .common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -5,8 +5,9 @@ import math
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .common import MLPBlock
 
 
 class DecoderAttention(nn.Module):
@@ -36,16 +37,6 @@ class DecoderAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 
-class MLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(dim, hidden)
-        self.lin2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin2(F.relu(self.lin1(x)))
-
-
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image attention, token MLP, image->token attention; post-norm each."""
 
@@ -56,7 +47,7 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn_token_to_image = DecoderAttention(dim, num_heads, downsample_rate)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, mlp_dim)
+        self.mlp = MLPBlock(dim, mlp_dim, act=nn.ReLU)
         self.norm3 = nn.LayerNorm(dim)
         self.norm4 = nn.LayerNorm(dim)
         self.cross_attn_image_to_token = DecoderAttention(dim, num_heads, downsample_rate)

@@ -51,7 +51,7 @@ def parse_parts(spec: Sequence[str] | str) -> Tuple[str, ...]:
 
 def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "decoder"), lora_rank: int = 0,
               lora_targets: Sequence[str] = ("qkv",), lora_alpha: Optional[float] = None, layer_decay: float = 1.0,
-              drop_path: float = 0.0, attn_impl: str = "fast") -> Sam:
+              drop_path: float = 0.0, kernel: str = "sdpa_chunked") -> Sam:
     """A Sam from a full SAM checkpoint (name, file or state dict; samvit.load_sam) set up for training: the parts
     not in train_parts frozen, LoRA adapters (rank lora_rank > 0) on the encoder's lora_targets, layer-wise lr
     decay and drop path (stochastic depth) in the encoder."""
@@ -65,7 +65,7 @@ def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "d
         raise ValueError(f"--layer-decay must be in (0, 1], got {layer_decay}")
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"--drop-path must be in [0, 1), got {drop_path}")
-    encoder, decoder = load_sam(checkpoint, model=model, attn_impl=attn_impl)
+    encoder, decoder = load_sam(checkpoint, model=model, kernel=kernel)
     sam = Sam(encoder, decoder)
     sam.requires_grad_(False)
     for part in parts:

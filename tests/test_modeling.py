@@ -1,0 +1,129 @@
+"""Modeling seams: the kernel registry (one selection point), gradients through both paths, gradient
+checkpointing, forward_intermediates, and the encoder's device/dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import samvit
+from samvit.modeling import attention
+from samvit.modeling.attention import Attention, register_kernel, window_partition
+from samvit.modeling.encoder import ImageEncoder
+
+from conftest import randomize_
+
+CFG = samvit.EncoderConfig(img_size=96, embed_dim=32, depth=3, num_heads=2, window_size=4, global_attn_indexes=(1,),
+                           out_chans=16, name="micro")  # 6x6 grid: 4x4 windows with padding
+
+
+def _encoder(**kw) -> ImageEncoder:
+    return randomize_(ImageEncoder(CFG, **kw), seed=3).train()
+
+
+def _grads(enc: ImageEncoder, x: torch.Tensor):
+    enc.zero_grad(set_to_none=True)
+    out = enc(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+
+def test_kernel_names_and_aliases():
+    enc = ImageEncoder(CFG)
+    assert enc.kernel == "sdpa_chunked" and enc.attn_impl == "fast"
+    assert ImageEncoder(CFG, "reference").kernel == "reference"
+    assert ImageEncoder(CFG, attn_impl="reference").kernel == "reference"
+    assert enc.set_attention("reference").kernel == "reference" and enc.attn_impl == "reference"
+    assert all(b.attn.kernel.name == "reference" for b in enc.blocks)
+    assert enc.set_kernel("fast").kernel == "sdpa_chunked"
+    with pytest.raises(ValueError, match="unknown attention kernel 'nope'"):
+        ImageEncoder(CFG, kernel="nope")
+
+
+def test_a_registered_kernel_is_used_by_every_block(monkeypatch):
+    calls = []
+
+    def counting(attn, qkv, hw):
+        calls.append(hw)
+        return attention.sdpa_chunked_attention(attn, qkv, hw)
+
+    monkeypatch.setattr(attention, "KERNELS", dict(attention.KERNELS))
+    register_kernel("counting")(counting)
+    enc = randomize_(ImageEncoder(CFG, kernel="counting"), seed=1).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), enc.set_kernel("sdpa_chunked")(x), rtol=0, atol=0)
+    assert sorted(set(calls)) == [(4, 4), (6, 6)] and len(calls) == CFG.depth
+
+
+def test_fast_path_gradients_equal_the_reference_path():
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    out_f, g_fast = _grads(_encoder(kernel="sdpa_chunked"), x)
+    out_r, g_ref = _grads(_encoder(kernel="reference"), x)
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-5)
+    assert g_fast.keys() == g_ref.keys() and len(g_fast) == len(list(ImageEncoder(CFG).parameters()))
+    for name in g_fast:
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert g_fast[name].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_chunked", "reference"])
+def test_grad_checkpointing_gives_the_same_gradients(kernel):
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    enc = _encoder(kernel=kernel)
+    out, plain = _grads(enc, x)
+    calls = []
+    enc.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    out_c, ckpt = _grads(enc.set_grad_checkpointing(), x)
+    assert len(calls) == 2  # the block ran again in the backward pass
+    assert torch.equal(out, out_c)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():  # without grad, no checkpoint
+        enc(x)
+    assert len(calls) == 3
+
+
+def test_forward_intermediates():
+    enc = randomize_(ImageEncoder(CFG), seed=2).eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, inter = enc.forward_intermediates(x)
+        assert torch.equal(out, enc(x)) and len(inter) == CFG.depth
+        assert torch.equal(inter[-1], enc.forward_features(x))
+        out2, inter2, probs = enc.forward_intermediates(x, blocks=[-1, 1], return_attention=True)
+        assert torch.equal(out2, out) and [t.shape for t in inter2] == [(2, 6, 6, 32)] * 2
+        assert torch.equal(inter2[0], inter[1]) and torch.equal(inter2[1], inter[2])
+        # block 1 is global: (B, heads, 36, 36); block 2 windowed: 4 padded 4x4 windows per image
+        assert probs[0].shape == (2, 2, 36, 36) and probs[1].shape == (8, 2, 16, 16)
+        torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 2, 36))
+        # the probabilities are those of the official arithmetic on block 1's input
+        blk = enc.blocks[1]
+        y = blk.norm1(inter[0])
+        B, H, W, C = y.shape
+        qkv = blk.attn.qkv(y).reshape(B, H * W, 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        scores = (q * blk.attn.scale) @ k.transpose(-2, -1)
+        rel_h, rel_w = attention.rel_pos_terms(q, blk.attn.rel_pos_h, blk.attn.rel_pos_w, (H, W))
+        scores = (scores.view(B, 2, H, W, H, W) + rel_h[..., None] + rel_w[..., None, :]).view(B, 2, H * W, H * W)
+        torch.testing.assert_close(probs[0], scores.softmax(-1), rtol=1e-5, atol=1e-6)
+        windows = window_partition(enc.blocks[2].norm1(inter[1]), 4)[0]
+        assert torch.equal(probs[1], enc.blocks[2].attn.attention_probs(windows))
+    with pytest.raises(ValueError, match="block index 3 is outside the 3 blocks"):
+        enc.forward_intermediates(x, blocks=[3])
+
+
+def test_attention_probs_rows_are_the_reference_output():
+    attn = randomize_(Attention(32, 2, use_rel_pos=True, input_size=(5, 5)), seed=4).eval()
+    x = torch.randn(1, 5, 5, 32)
+    with torch.no_grad():
+        p = attn.attention_probs(x)
+        v = attn.qkv(x).reshape(1, 25, 3, 2, 16)[:, :, 2].transpose(1, 2)  # (B, heads, N, hd)
+        out = attn.proj((p @ v).transpose(1, 2).reshape(1, 5, 5, 32))
+        torch.testing.assert_close(out, attn.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_device_and_dtype():
+    enc = ImageEncoder(CFG)
+    assert enc.device == torch.device("cpu") and enc.dtype == torch.float32
+    enc.to(torch.bfloat16)
+    assert enc.dtype == torch.bfloat16 and enc.pos_embed.dtype == torch.float32
