@@ -2,7 +2,7 @@
 decoder, the whole trainable model), under the official checkpoint key names."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,9 +43,7 @@ class Sam(nn.Module):
     """Image encoder + prompt encoder + mask decoder; state_dict keys are exactly the official segment-anything
     `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*` keys.
 
-    forward has two calls (both through the module itself, so that DDP and FSDP see every pass):
-    `model(images=x)` -> image embeddings; `model(image_embeddings=e, points=..., boxes=..., mask_inputs=...)` ->
-    (low-res logits of all mask tokens (N,M,4h,4w), their IoU predictions (N,M)) for N prompts, one embedding each.
+    A training step runs as one forward (see forward's `session`), so that DDP and FSDP2 see one pass per backward.
     """
 
     def __init__(self, image_encoder: ImageEncoder, decoder: SamDecoder) -> None:
@@ -78,16 +76,30 @@ class Sam(nn.Module):
 
     def forward(self, images: Optional[Tensor] = None, *, image_embeddings: Optional[Tensor] = None,
                 points: Optional[Tuple[Tensor, Tensor]] = None, boxes: Optional[Tensor] = None,
-                mask_inputs: Optional[Tensor] = None):
-        """images (B,3,S,S) normalised and padded -> embeddings (B,C,h,w); or image_embeddings (N,C,h,w) with N
-        prompts in the input frame (points (N,n,2) + labels (N,n), boxes (N,4), low-res logits (N,1,4h,4w)) ->
-        (logits (N,M,4h,4w), IoU predictions (N,M)) of every mask token (M = 4: single-mask output first)."""
+                mask_inputs: Optional[Tensor] = None, session: Optional[Callable[[Tensor, Callable], Any]] = None):
+        """Three calls:
+        - `model(images=x)`: normalised padded images (B,3,S,S) -> embeddings (B,C,h,w);
+        - `model(image_embeddings=e, points=..., boxes=..., mask_inputs=...)`: see decode;
+        - `model(images=x or image_embeddings=e, session=fn)`: fn(embeddings, self.decode) inside this one call
+          (a training step's interactive rounds: DDP and FSDP2 expect one forward per backward) -> what fn returns.
+        """
+        if session is not None:
+            if (images is None) == (image_embeddings is None):
+                raise ValueError("Sam.forward(session=...): give images or image_embeddings")
+            return session(self.image_encoder(images) if images is not None else image_embeddings, self.decode)
         if images is not None:
             if image_embeddings is not None or points is not None or boxes is not None or mask_inputs is not None:
                 raise ValueError("Sam.forward: give images alone (to embed them) or image_embeddings with prompts")
             return self.image_encoder(images)
         if image_embeddings is None:
             raise ValueError("Sam.forward: give images or image_embeddings")
+        return self.decode(image_embeddings, points, boxes, mask_inputs)
+
+    def decode(self, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,
+               boxes: Optional[Tensor] = None, mask_inputs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """N embeddings (N,C,h,w) with N prompts in the input frame (points (N,n,2) + labels (N,n), boxes (N,4),
+        low-res logits (N,1,4h,4w)) -> (logits (N,M,4h,4w), IoU predictions (N,M)) of every mask token (M = 4: the
+        single-mask output first, then the 3 multimask outputs)."""
         w = self.mask_decoder.iou_token.weight
         sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
         pe = self.prompt_encoder.get_dense_pe().to(w.dtype)

@@ -105,72 +105,80 @@ def correction_clicks(logits: torch.Tensor, targets: torch.Tensor, generators: S
 
 
 def sam_loss(iterations: int, img_size: int):
-    """loss_fn(model, batch) for the loop: SAM's simulated interactive session (see the module docstring)."""
+    """loss_fn(model, batch) for the loop: SAM's simulated interactive session (see the module docstring), run
+    inside one forward of the model (Sam.forward's `session`)."""
     if iterations < 0:
         raise ValueError(f"--iterations must be 0 or more, got {iterations}")
 
     def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        b, k = batch["valid"].shape
-        emb = batch["embedding"] if "embedding" in batch else model(images=batch["image"])
-        valid = batch["valid"].flatten()
-        idx = valid.nonzero()[:, 0]
-        image_of = idx // k
-        n_valid = batch["valid"].sum(1).clamp(min=1)
-        weight = 1.0 / (n_valid[image_of].float() * b)  # mean over an image's masks, then over the images
-        targets = batch["targets"].flatten(0, 1)[idx].float()
-        emb = emb[image_of]
-        first_point = batch["point"].flatten(0, 1)[idx]
-        boxes = batch["box"].flatten(0, 1)[idx]
-        use_box = batch["use_box"].flatten()[idx]
-        gens = [torch.Generator().manual_seed(int(s)) for s in batch["click_seed"].flatten()[idx].tolist()]
-        groups = [g for g in (torch.nonzero(~use_box)[:, 0], torch.nonzero(use_box)[:, 0]) if len(g)]
-        n = len(idx)
-        clicks = first_point.new_zeros(n, 0, 2)
-        click_labels = torch.zeros(n, 0, dtype=torch.int32, device=idx.device)
-        prev: Optional[torch.Tensor] = None
-        sums = {"focal_dice": 0.0, "iou_mse": 0.0}
-        ious: List[torch.Tensor] = []
-        for it in range(iterations + 1):
-            chosen = targets.new_zeros(targets.shape)
-            per_mask = targets.new_zeros(n)
-            per_iou = targets.new_zeros(n)
-            for sel in groups:
-                box_group = bool(use_box[sel[0]])
-                if box_group:
-                    points = (clicks[sel], click_labels[sel]) if it else None
-                    out = model(image_embeddings=emb[sel], points=points, boxes=boxes[sel],
-                                mask_inputs=None if prev is None else prev[sel])
-                else:
-                    coords = torch.cat([first_point[sel, None], clicks[sel]], 1)
-                    labels = torch.cat([click_labels.new_ones(len(sel), 1), click_labels[sel]], 1)
-                    out = model(image_embeddings=emb[sel], points=(coords, labels),
-                                mask_inputs=None if prev is None else prev[sel])
-                low, iou_pred = out
-                multimask = it == 0 and not box_group  # one point: ambiguous, the best of the 3 masks trains
-                low, iou_pred = (low[:, 1:], iou_pred[:, 1:]) if multimask else (low[:, :1], iou_pred[:, :1])
-                t = targets[sel, None].expand_as(low)
-                losses = mask_loss(low, t)  # (n_sel, M)
-                best = losses.argmin(1)
-                rows = torch.arange(len(sel), device=sel.device)
-                per_mask[sel] = losses[rows, best].to(per_mask.dtype)
-                per_iou[sel] = iou_loss(iou_pred, low, t).mean(1).to(per_iou.dtype)
-                chosen[sel] = low[rows, best].float()
-            sums["focal_dice"] = sums["focal_dice"] + (weight * per_mask).sum()
-            sums["iou_mse"] = sums["iou_mse"] + (weight * per_iou).sum()
-            ious.append((weight * mask_iou(chosen, targets)).sum())
-            if it < iterations:
-                xy, lab = correction_clicks(chosen, targets, gens, img_size)
-                clicks = torch.cat([clicks, xy[:, None]], 1)
-                click_labels = torch.cat([click_labels, lab[:, None]], 1)
-                prev = chosen.detach()[:, None]
-        rounds = iterations + 1
-        out = {k: v / rounds for k, v in sums.items()}
-        out["loss"] = out["focal_dice"] + out["iou_mse"]
-        out["iou_first"] = ious[0]
-        out["iou_last"] = ious[-1]
-        return out
+        def session(emb: torch.Tensor, decode) -> Dict[str, torch.Tensor]:
+            return interactive_rounds(decode, emb, batch, iterations, img_size)
+
+        if "embedding" in batch:
+            return model(image_embeddings=batch["embedding"], session=session)
+        return model(images=batch["image"], session=session)
 
     return loss_fn
+
+
+def interactive_rounds(decode, emb: torch.Tensor, batch: Dict[str, torch.Tensor], iterations: int, img_size: int
+                       ) -> Dict[str, torch.Tensor]:
+    """The first prompt and `iterations` correction rounds on a batch's valid masks: decode(embeddings, points,
+    boxes, mask_inputs) -> (logits of all mask tokens, IoU predictions). Returns the mean losses ('loss',
+    'focal_dice', 'iou_mse') and the IoU of the first and last predictions ('iou_first', 'iou_last')."""
+    b, k = batch["valid"].shape
+    idx = batch["valid"].flatten().nonzero()[:, 0]
+    image_of = idx // k
+    n_valid = batch["valid"].sum(1).clamp(min=1)
+    weight = 1.0 / (n_valid[image_of].float() * b)  # mean over an image's masks, then over the images
+    targets = batch["targets"].flatten(0, 1)[idx].float()
+    emb = emb[image_of]
+    first_point = batch["point"].flatten(0, 1)[idx]
+    boxes = batch["box"].flatten(0, 1)[idx]
+    use_box = batch["use_box"].flatten()[idx]
+    gens = [torch.Generator().manual_seed(int(s)) for s in batch["click_seed"].flatten()[idx].tolist()]
+    groups = [(g, box) for g, box in ((torch.nonzero(~use_box)[:, 0], False), (torch.nonzero(use_box)[:, 0], True))
+              if len(g)]  # point-first and box-first prompts
+    n = len(idx)
+    clicks = first_point.new_zeros(n, 0, 2)
+    click_labels = torch.zeros(n, 0, dtype=torch.int32, device=idx.device)
+    prev: Optional[torch.Tensor] = None
+    sums = {"focal_dice": 0.0, "iou_mse": 0.0}
+    ious: List[torch.Tensor] = []
+    for it in range(iterations + 1):
+        chosen = targets.new_zeros(targets.shape)
+        per_mask = targets.new_zeros(n)
+        per_iou = targets.new_zeros(n)
+        for sel, box_group in groups:
+            masks_in = None if prev is None else prev[sel]
+            if box_group:
+                points = (clicks[sel], click_labels[sel]) if it else None
+                low, iou_pred = decode(emb[sel], points, boxes[sel], masks_in)
+            else:
+                coords = torch.cat([first_point[sel, None], clicks[sel]], 1)
+                labels = torch.cat([click_labels.new_ones(len(sel), 1), click_labels[sel]], 1)
+                low, iou_pred = decode(emb[sel], (coords, labels), None, masks_in)
+            multimask = it == 0 and not box_group  # one point: ambiguous, the best of the 3 masks trains
+            low, iou_pred = (low[:, 1:], iou_pred[:, 1:]) if multimask else (low[:, :1], iou_pred[:, :1])
+            t = targets[sel, None].expand_as(low)
+            losses = mask_loss(low, t)  # (n_sel, M)
+            best = losses.argmin(1)
+            rows = torch.arange(len(sel), device=sel.device)
+            per_mask[sel] = losses[rows, best].to(per_mask.dtype)
+            per_iou[sel] = iou_loss(iou_pred, low, t).mean(1).to(per_iou.dtype)
+            chosen[sel] = low[rows, best].float()
+        sums["focal_dice"] = sums["focal_dice"] + (weight * per_mask).sum()
+        sums["iou_mse"] = sums["iou_mse"] + (weight * per_iou).sum()
+        ious.append((weight * mask_iou(chosen, targets)).sum())
+        if it < iterations:
+            xy, lab = correction_clicks(chosen, targets, gens, img_size)
+            clicks = torch.cat([clicks, xy[:, None]], 1)
+            click_labels = torch.cat([click_labels, lab[:, None]], 1)
+            prev = chosen.detach()[:, None]
+    out = {k: v / (iterations + 1) for k, v in sums.items()}
+    out["loss"] = out["focal_dice"] + out["iou_mse"]
+    out["iou_first"], out["iou_last"] = ious[0], ious[-1]
+    return out
 
 
 # ---- decoder-only training from an embedding store ----
