@@ -4,7 +4,6 @@ counted, never a crash."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

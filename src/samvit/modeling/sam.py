@@ -129,7 +129,8 @@ class Sam(nn.Module):
         names = {"image_encoder.pos_embed", "prompt_encoder.not_a_point_embed.weight",
                  "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight",
                  "mask_decoder.mask_tokens.weight"}
-        names |= {f"prompt_encoder.point_embeddings.{i}.weight" for i in range(len(self.prompt_encoder.point_embeddings))}
+        names |= {f"prompt_encoder.point_embeddings.{i}.weight"
+                  for i in range(len(self.prompt_encoder.point_embeddings))}
         names |= {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_h", "rel_pos_w"))}
         return names
 

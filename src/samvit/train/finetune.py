@@ -271,9 +271,11 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
     img_size, low_res = probe.img_size, probe.low_res_size
     del probe
     source = open_masks(data, images, synthetic_size, synthetic_px=img_size, seed=cfg.seed)
-    ck = checkpoint if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.exists(checkpoint) \
-        else os.path.abspath(checkpoint)
-    task = {"task": "sam", "checkpoint": str(ck), "model": model if model is None or isinstance(model, str)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        ck = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else str(checkpoint)  # a file, or a name
+    else:
+        ck = "state dict"
+    task = {"task": "sam", "checkpoint": ck, "model": model if model is None or isinstance(model, str)
             else model.to_dict(), "data": data if data == "synthetic" else os.path.abspath(data),
             "images": os.path.abspath(images) if images else None, "train": list(parts), "lora_rank": lora_rank,
             "lora_targets": list(lora_targets) if lora_rank else [], "lora_alpha": lora_alpha,
@@ -285,11 +287,11 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
     opened = ensure_store(store, source, checkpoint, model, cfg.device, quiet=cfg.quiet) if store else None
     dataset = MaskSamples(source, img_size, low_res, masks_per_image, cfg.seed, opened,
                           report=os.path.join(cfg.out, SKIPPED_FILE))
-    if source.problems and not cfg.quiet and int(os.environ.get("RANK", "0")) == 0:
+    if source.problems and not cfg.quiet and _main_process():
         print(f"samvit train: skipped while reading --data: {dict(source.problems)}")
     hooks = [_ReportProblems(source, cfg.out)] if source.missing else []
     result = train(cfg, build, dataset, sam_loss(iterations, img_size), hooks)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _main_process():
         from .ckpt import latest_checkpoint
 
         state = latest_checkpoint(cfg.out)
@@ -299,6 +301,11 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
         if not cfg.quiet:
             print(f"samvit train: wrote {result['final_pth']} and {result['final_safetensors']}")
     return result
+
+
+def _main_process() -> bool:
+    """Rank 0 under torchrun, or a plain process (the loop's process group is gone once train() returns)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class _ReportProblems:
@@ -313,7 +320,7 @@ class _ReportProblems:
         if self.done:
             return
         self.done = True
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _main_process():
             import json
 
             from ..checkpoints.files import atomic_write

@@ -17,6 +17,7 @@ loss is computed there, as SAM's decoder predicts it), and the first prompt of e
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -123,10 +124,8 @@ class CocoMasks:
     """A COCO-style annotations file (polygons, RLE, uncompressed RLE) and the folder of its images."""
 
     def __init__(self, annotations: Union[str, os.PathLike], images: Union[str, os.PathLike]) -> None:
-        try:
-            from pycocotools import mask as mask_utils  # noqa: F401
-        except ImportError:
-            raise ImportError("COCO annotations need pycocotools (pip install 'samvit[finetune]')") from None
+        if importlib.util.find_spec("pycocotools") is None:
+            raise ImportError("COCO annotations need pycocotools (pip install 'samvit[finetune]')")
         annotations, images = os.fspath(annotations), os.fspath(images)
         if not os.path.isdir(images):
             raise FileNotFoundError(f"--images {images}: no such directory (the folder of the COCO file's images)")
@@ -406,6 +405,9 @@ class MaskSamples(Dataset):
         for step in range(n):
             i = (index + step) % n
             if i in self._bad:
+                continue
+            if self.store is not None and self.source.key(i) not in self.store:
+                self._skip(i, f"not in the embedding store {self.store.path} (it failed to embed?)")
                 continue
             try:
                 rgb, masks, problems = self.source.load(i)
