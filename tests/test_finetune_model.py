@@ -98,3 +98,22 @@ def test_layer_decay_groups(checkpoint):
     assert {"image_encoder.pos_embed", "image_encoder.blocks.0.attn.rel_pos_h", "mask_decoder.iou_token.weight",
             "prompt_encoder.point_embeddings.0.weight", "image_encoder.blocks.1.norm1.weight"} <= nd
     assert "image_encoder.blocks.0.attn.qkv.weight" not in nd
+
+
+def test_drop_path_is_stochastic_in_training_and_the_identity_in_eval():
+    sam = tiny_sam()
+    enc = sam.image_encoder
+    x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = enc.eval()(x)
+        enc.set_drop_path(0.5)
+        assert [b.drop_path for b in enc.blocks] == [0.0, 0.5]  # linear from 0 in the first block
+        torch.testing.assert_close(enc.eval()(x), ref, rtol=0, atol=0)
+        enc.train()
+        torch.manual_seed(1)
+        a = enc(x)
+        torch.manual_seed(2)
+        b = enc(x)
+    assert not torch.equal(a, b) and not torch.equal(a, ref)
+    with pytest.raises(ValueError, match="drop path rate"):
+        enc.set_drop_path(1.0)

@@ -37,14 +37,16 @@ def checkpoint(tmp_path_factory):
 
 
 def test_exported_model_is_sam(tmp_path, checkpoint):
-    """Full fine-tuning and LoRA (merged on export): final.pth loads strictly into segment-anything's Sam, and its
-    SamPredictor's logits equal samvit's Predictor's on the same image and prompts (max abs <= 1e-4)."""
+    """Full fine-tuning (with checkpointing, bf16, layer decay, drop path) and LoRA (merged on export): final.pth loads
+    strictly into segment-anything's Sam, and its SamPredictor's logits equal samvit's Predictor's on the same image
+    and prompts (max abs <= 1e-4)."""
     from segment_anything import SamPredictor
 
     image = ShapeMasks(1, size=100, seed=7).load(0)[0]
-    for extra in (["--train", "encoder,prompt,decoder"], ["--train", "decoder", "--lora-rank", "2",
-                                                           "--lora-targets", "qkv,proj,mlp"]):
-        run = str(tmp_path / extra[-1].replace(",", "_"))
+    for extra in (["--train", "encoder,prompt,decoder", "--checkpointing", "--precision", "bf16", "--layer-decay",
+                   "0.8", "--drop-path", "0.1"],
+                  ["--train", "decoder", "--lora-rank", "2", "--lora-targets", "qkv,proj,mlp"]):
+        run = str(tmp_path / ("lora" if "--lora-rank" in extra else "full"))
         assert main(TASK + ["--checkpoint", checkpoint, "--out", run, "--batch-size", "2", "--steps", "2"]
                     + extra) == 0
         sd = torch.load(os.path.join(run, "final.pth"), weights_only=True)
