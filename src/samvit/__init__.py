@@ -26,6 +26,7 @@ _EXPORTS = {
     "Predictor": "masks.predictor", "PromptError": "masks.prompts", "AutomaticMaskGenerator": "masks.automatic",
     "export_onnx": "export", "export_decoder_onnx": "export",
     "MAEConfig": "config", "MAE_PRESETS": "config", "mae_preset": "config", "MaskedAutoencoder": "modeling.mae",
+    "Sam": "modeling.sam",
 }
 
 __all__ = ["__version__", *_EXPORTS]

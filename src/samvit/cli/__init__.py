@@ -30,7 +30,8 @@ COMMANDS = {
     "export": ("export", "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"),
     "serve": ("serve", "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"),
     "inspect": ("inspect", "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"),
-    "train": ("train", "MAE pre-training of the encoder (one process or torchrun), export to a SAM encoder"),
+    "train": ("train", "MAE pre-training, distillation, fine-tuning SAM on masks (one process or torchrun); export to SAM"),
+    "evaluate": ("evaluate", "mIoU of a SAM checkpoint on masks: 1 point, 1 box, k correction clicks (JSON, markdown)"),
 }
 
 

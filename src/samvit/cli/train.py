@@ -1,5 +1,6 @@
-"""`samvit train`: MAE pre-training of the encoder (`train mae`), distillation into a small encoder (`train
-distill`) and the MAE encoder -> SAM ImageEncoder transfer (`train export-encoder`).
+"""`samvit train`: MAE pre-training of the encoder (`train mae`), the MAE encoder -> SAM ImageEncoder transfer
+(`train export-encoder`), fine-tuning SAM on masks (`train sam`, docs/finetune.md) and distillation into a small
+encoder (`train distill`, docs/experiments.md).
 
 One machine: `samvit train mae ...`; several processes or machines: `torchrun --nproc_per_node=N -m samvit train
 mae ...` (DDP; --fsdp shards the model instead). See docs/training.md.
@@ -13,53 +14,6 @@ from typing import Tuple
 MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
 
 
-def _loop_arguments(p: argparse.ArgumentParser) -> Tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
-    """The shared loop's options (every `samvit train` task); returns the optimisation and run-directory groups."""
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
-                   "--resume)")
-    p.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, metavar="N", help="train up to optimizer step N")
-    length.add_argument("--epochs", type=int, metavar="E", help="train E passes over the data")
-    o = p.add_argument_group("optimisation (AdamW 0.9/0.95, warmup + half-cycle cosine per step)")
-    o.add_argument("--accum", type=int, default=1, metavar="K", help="gradient accumulation: micro-batches per "
-                   "optimizer step (default 1); global batch = B x K x processes")
-    o.add_argument("--blr", type=float, default=1.5e-4, help="base lr: peak lr = blr x global batch / 256 "
-                   "(default 1.5e-4, MAE's)")
-    o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
-    o.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine (default 0)")
-    o.add_argument("--warmup-steps", type=int, default=None, metavar="W", help="linear warmup steps (default: "
-                   "10%% of the cosine's length, 0 when there is none)")
-    o.add_argument("--decay-steps", type=int, default=None, metavar="D",
-                   help="the cosine reaches --min-lr at step D (default: the full run with --epochs; with --steps no "
-                   "decay unless D is given, so that --steps can be raised on --resume)")
-    o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, "
-                   "position embeddings and tokens (default 0.05)")
-    o.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the gradient norm to NORM")
-    r = p.add_argument_group("memory, precision and processes")
-    r.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block: less memory, "
-                   "about one more forward pass of compute")
-    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32 (default), bf16 autocast, or fp16 autocast with a gradient scaler (refused for "
-                   "ViT-H-wide models)")
-    r.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
-                   "processes (FSDP2, per block) instead of DDP; needs torchrun")
-    r.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; cuda:LOCAL_RANK under "
-                   "torchrun)")
-    r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
-                   "for synthetic data, else up to 8 per process); the data is the same for any N")
-    g = p.add_argument_group("run directory and logs")
-    g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
-                   "(starts at step 0 if it has none)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, augmentation and masks")
-    g.add_argument("--log-every", type=int, default=10, metavar="K", help="log every K steps (default 10)")
-    g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps and at the "
-                   "end (default 500)")
-    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default 3)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
-    return o, g
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="train_command", metavar="TASK")
     m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
@@ -71,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of training images (searched recursively), or 'synthetic' for a generated set of "
                    "shapes (tests and demos)")
     m.add_argument("--model", required=True, choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos)")
-    o, g = _loop_arguments(m)
+    m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+                   "--resume)")
+    m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
+    o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="MAE's", fp16_refused="mae_vit_h")
     o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     o.add_argument("--target", choices=("pixels", "teacher-features"), default="pixels",
                    help="what the decoder reconstructs for the masked patches: their pixels (MAE, default) or "
@@ -83,6 +40,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-size", type=int, default=1024, metavar="N", help="images in --data synthetic "
                    "(default 1024)")
     m.set_defaults(_train=_run_mae)
+
+    f = sub.add_parser("sam", help="fine-tune SAM on masks (full, frozen parts, LoRA, or decoder-only from an "
+                       "embedding store)",
+                       description="Fine-tune a SAM checkpoint on instance masks with SAM's simulated interactive "
+                       "prompts (a point or a noisy box, then correction clicks with the previous logits as the mask "
+                       "prompt; 20 x focal + dice + IoU MSE). Runs as one process or under torchrun (DDP; --fsdp "
+                       "for FSDP2). Writes RUN_DIR/log.jsonl, checkpoints, and at the end RUN_DIR/final.pth (the "
+                       "official segment-anything layout, LoRA merged) and RUN_DIR/final.safetensors.")
+    f.add_argument("--data", required=True, metavar="DIR|ANN.json|synthetic",
+                   help="a folder with images/NAME.(png|jpg) and masks/NAME.png (0 background, each other value one "
+                   "instance), a COCO annotations .json (with --images), or 'synthetic' (generated shapes)")
+    f.add_argument("--images", default=None, metavar="DIR", help="the image folder of a COCO --data .json")
+    f.add_argument("--checkpoint", required=True, metavar="CK", help="the SAM model to start from: a registry name "
+                   "(vit_b, vit_l, vit_h) or a full SAM checkpoint file (official .pth, safetensors, transformers)")
+    f.add_argument("--model", default=None, metavar="PRESET|CONFIG.json", help="the encoder preset, or a JSON "
+                   "file of EncoderConfig fields (default: from the checkpoint)")
+    f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+                   "--resume)")
+    f.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
+    o, r, g = add_loop_arguments(f, blr=8e-4, blr_note="SAM's 8e-4 at batch 256", fp16_refused="vit_h")
+    t = f.add_argument_group("what trains, and the prompts")
+    t.add_argument("--train", default="encoder,prompt,decoder", metavar="PARTS",
+                   help="comma-separated parts that train: encoder, prompt, decoder (default: all three)")
+    t.add_argument("--lora-rank", type=int, default=0, metavar="R", help="LoRA adapters of rank R on the encoder "
+                   "instead of training its weights (merged into plain weights on export; default 0: off)")
+    t.add_argument("--lora-targets", default="qkv", metavar="LIST", help="the encoder layers that get adapters: "
+                   "qkv, proj, mlp (comma-separated; default qkv)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (update x alpha / R; default R)")
+    t.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay of the encoder: block i "
+                   "gets lr x decay^(depth - i) (default 1: none)")
+    t.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the encoder's last block "
+                   "(linear from 0 in the first; default 0)")
+    t.add_argument("--iterations", type=int, default=8, metavar="N", help="correction clicks after the first "
+                   "prompt, each from the error region of the previous prediction (default 8, SAM's; 0: the first "
+                   "prompt only)")
+    t.add_argument("--masks-per-image", type=int, default=8, metavar="K", help="instances sampled per image per step "
+                   "(default 8)")
+    t.add_argument("--store", default=None, metavar="STORE", help="decoder-only training: read the image "
+                   "embeddings from this `samvit embed --store` store (computed into it where missing) instead of "
+                   "running the frozen encoder")
+    g.add_argument("--synthetic-size", type=int, default=256, metavar="N", help="images in --data synthetic "
+                   "(default 256)")
+    f.set_defaults(_train=_run_sam)
 
     d = sub.add_parser("distill", help="distil a SAM encoder into a small student (MobileSAM-style)",
                        description="Decoupled distillation: the student encoder learns the teacher's image embeddings "
@@ -100,7 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "
                    "by `samvit embed DIR --store STORE --checkpoint TEACHER` (default: computed once into "
                    "RUN_DIR/teacher_store)")
-    o, g = _loop_arguments(d)
+    d.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+                   "--resume)")
+    d.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
+    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="MAE's", fp16_refused="vit_h")
     o.add_argument("--cosine-weight", type=float, default=0.0, metavar="W", help="loss = MSE + W x (1 - cosine "
                    "per embedding position) (default 0: MSE alone)")
     g.add_argument("--embed-batch-size", type=int, default=1, metavar="B", help="batch of the teacher when it "
@@ -123,17 +126,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.set_defaults(_train=_run_export)
 
 
-def run(args: argparse.Namespace) -> int:
-    from . import UserError
+def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp16_refused: str
+                       ) -> Tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The shared loop's options (length, optimisation, memory/precision/processes, run directory); returns the
+    three option groups for the task's own options."""
+    length = m.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, metavar="N", help="train up to optimizer step N")
+    length.add_argument("--epochs", type=int, metavar="E", help="train E passes over the data")
+    o = m.add_argument_group("optimisation (AdamW 0.9/0.95, warmup + half-cycle cosine per step)")
+    o.add_argument("--accum", type=int, default=1, metavar="K", help="gradient accumulation: micro-batches per "
+                   "optimizer step (default 1); global batch = B x K x processes")
+    o.add_argument("--blr", type=float, default=blr, help=f"base lr: peak lr = blr x global batch / 256 "
+                   f"(default {blr:g}, {blr_note})")
+    o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
+    o.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine (default 0)")
+    o.add_argument("--warmup-steps", type=int, default=None, metavar="W", help="linear warmup steps (default: "
+                   "10%% of the cosine's length, 0 when there is none)")
+    o.add_argument("--decay-steps", type=int, default=None, metavar="D",
+                   help="the cosine reaches --min-lr at step D (default: the full run with --epochs; with --steps no "
+                   "decay unless D is given, so that --steps can be raised on --resume)")
+    o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, "
+                   "position embeddings and tokens (default 0.05)")
+    o.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the gradient norm to NORM")
+    r = m.add_argument_group("memory, precision and processes")
+    r.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block: less memory, "
+                   "about one more forward pass of compute")
+    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help=f"fp32 (default), bf16 autocast, or fp16 autocast with a gradient scaler (refused for "
+                   f"{fp16_refused})")
+    r.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                   "processes (FSDP2, per block) instead of DDP; needs torchrun")
+    r.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; cuda:LOCAL_RANK under "
+                   "torchrun)")
+    r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
+                   "for synthetic data, else up to 8 per process); the data is the same for any N")
+    g = m.add_argument_group("run directory and logs")
+    g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
+                   "(starts at step 0 if it has none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, augmentation and masks")
+    g.add_argument("--log-every", type=int, default=10, metavar="K", help="log every K steps (default 10)")
+    g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps and at the "
+                   "end (default 500)")
+    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default 3)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
+    return o, r, g
 
-    if not getattr(args, "train_command", None):
-        raise UserError("name a task: `samvit train mae ...`, `samvit train distill ...` or `samvit train "
-                        "export-encoder ...` (see --help)")
-    return args._train(args)
 
-
-def _train_config(args: argparse.Namespace):
-    """TrainConfig from the shared loop's options."""
+def loop_config(args: argparse.Namespace):
+    """The TrainConfig of the shared loop's options."""
     from ..train.loop import TrainConfig
 
     workers = args.num_workers
@@ -141,11 +181,21 @@ def _train_config(args: argparse.Namespace):
         workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 2) //
                                                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     return TrainConfig(out=args.out, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
-                      accum=args.accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                      decay_steps=args.decay_steps, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                      precision=args.precision, checkpointing=args.checkpointing, fsdp=args.fsdp, seed=args.seed,
-                      resume=args.resume, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                      keep_last=args.keep_last, num_workers=workers, device=args.device, quiet=args.quiet)
+                       accum=args.accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
+                       warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, weight_decay=args.weight_decay,
+                       clip_grad=args.clip_grad, precision=args.precision, checkpointing=args.checkpointing,
+                       fsdp=args.fsdp, seed=args.seed, resume=args.resume, log_every=args.log_every,
+                       ckpt_every=args.ckpt_every, keep_last=args.keep_last, num_workers=workers,
+                       device=args.device, quiet=args.quiet)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import UserError
+
+    if not getattr(args, "train_command", None):
+        raise UserError("name a task: `samvit train mae ...`, `samvit train sam ...`, `samvit train distill ...` "
+                        "or `samvit train export-encoder ...` (see --help)")
+    return args._train(args)
 
 
 def _run_mae(args: argparse.Namespace) -> int:
@@ -156,10 +206,26 @@ def _run_mae(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
     if args.vis_every < 0:
         raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
-    cfg = _train_config(args)
-    pretrain_mae(cfg, model=args.model, data=args.data, mask_ratio=args.mask_ratio,
+    pretrain_mae(loop_config(args), model=args.model, data=args.data, mask_ratio=args.mask_ratio,
                  synthetic_size=args.synthetic_size, vis_every=args.vis_every, target=args.target,
                  teacher=args.teacher)
+    return 0
+
+
+def _run_sam(args: argparse.Namespace) -> int:
+    from ..train.finetune import finetune_sam
+    from . import UserError
+
+    if args.data != "synthetic" and not os.path.exists(args.data):
+        raise UserError(f"--data {args.data}: no such file or directory")
+    if args.store is not None and os.path.abspath(args.store) == os.path.abspath(args.out):
+        raise UserError("--store and --out must be different paths")
+    finetune_sam(loop_config(args), args.checkpoint, data=args.data, images=args.images,
+                 model=encoder_spec(args.model), train_parts=args.train, lora_rank=args.lora_rank,
+                 lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                 lora_alpha=args.lora_alpha, layer_decay=args.layer_decay, drop_path=args.drop_path,
+                 iterations=args.iterations, masks_per_image=args.masks_per_image, store=args.store,
+                 synthetic_size=args.synthetic_size)
     return 0
 
 
@@ -173,9 +239,25 @@ def _run_distill(args: argparse.Namespace) -> int:
         raise UserError(f"--student {args.student}: no such file")
     if args.embed_batch_size < 1:
         raise UserError(f"--embed-batch-size must be at least 1, got {args.embed_batch_size}")
-    distill(_train_config(args), args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight,
+    distill(loop_config(args), args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight,
             args.synthetic_size, args.embed_batch_size)
     return 0
+
+
+def encoder_spec(model):
+    """--model: None, a preset name, or a JSON file of EncoderConfig fields."""
+    if model is None or not model.endswith(".json"):
+        return model
+    import json
+
+    from ..config import EncoderConfig
+    from . import UserError
+
+    try:
+        with open(model, encoding="utf-8") as fh:
+            return EncoderConfig.from_dict(json.load(fh))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise UserError(f"--model {model}: cannot read an EncoderConfig from it ({e})") from None
 
 
 def _run_export(args: argparse.Namespace) -> int:

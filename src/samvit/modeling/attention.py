@@ -200,6 +200,13 @@ class Attention(nn.Module):
         out = from_windows(out.view(B, windows.shape[1], windows.shape[2], ws, ws, C), (H, W))
         return self.proj(out)
 
+    def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """Global attention over a token sequence (B,N,C), no relative position (the MAE ViT, class token included)."""
+        if self.use_rel_pos:
+            raise ValueError("forward_seq: relative positions need a (B,H,W,C) grid; use forward")
+        B, N, C = x.shape
+        return self.proj(self.kernel.fn(self, self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), (N, 1)))
+
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The attention probabilities over a (B,H,W,C) grid by the reference arithmetic: (B, heads, N, N)."""
         B, H, W, _ = x.shape

@@ -48,6 +48,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
         self.window_size = window_size
+        self.drop_path = 0.0  # stochastic depth of both branches in training (ImageEncoder.set_drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: the residual stream (B,H,W,C); the official arithmetic when the kernel asks for it."""
@@ -60,8 +61,8 @@ class Block(nn.Module):
         dtype = self.attn.qkv.weight.dtype
         y = _layer_norm(x, self.norm1, dtype)
         y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn(y)
-        x = x + y
-        return x + self.mlp(_layer_norm(x, self.norm2, dtype))
+        x = x + self._drop(y)
+        return x + self._drop(self.mlp(_layer_norm(x, self.norm2, dtype)))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The official block arithmetic: pad, partition, attention on every window token, unpartition."""
@@ -73,7 +74,21 @@ class Block(nn.Module):
             x = window_unpartition(self.attn(x), self.window_size, pad_hw, (H, W))
         else:
             x = self.attn(x)
-        x = shortcut + x
+        x = shortcut + self._drop(x)
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+    def _drop(self, y: torch.Tensor) -> torch.Tensor:
+        """Drop path (stochastic depth, as timm): in training, each sample's branch is zeroed with probability
+        drop_path and the others scaled by 1 / (1 - drop_path); the identity otherwise."""
+        if not self.training or self.drop_path == 0.0:
+            return y
+        keep = 1.0 - self.drop_path
+        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+        return y * mask / keep
+
+    def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on a token sequence (B,N,C) with global attention (the MAE ViT)."""
+        x = x + self.attn.forward_seq(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +220,16 @@ class ImageEncoder(nn.Module):
     def attn_impl(self) -> str:
         """Former name of `kernel`: "fast" for sdpa_chunked."""
         return {v: k for k, v in KERNEL_ALIASES.items()}.get(self.kernel, self.kernel)
+
+    def set_drop_path(self, rate: float) -> "ImageEncoder":
+        """Stochastic depth for training: block i drops its branches with probability rate * i / (depth - 1)
+        (0 in the first block, `rate` in the last, as timm's linear rule); 0 turns it off."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            blk.drop_path = rate * i / (n - 1) if n > 1 else rate
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> "ImageEncoder":
         """Recompute each block's activations in the backward pass instead of keeping them (when grad is enabled)."""

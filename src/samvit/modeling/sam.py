@@ -1,11 +1,14 @@
-"""SamDecoder: the prompt encoder and the mask decoder together, under the official checkpoint key names."""
+"""SamDecoder (the prompt encoder and the mask decoder together) and Sam (image encoder + prompt encoder + mask
+decoder, the whole trainable model), under the official checkpoint key names."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+import torch
 from torch import Tensor, nn
 
-from ..config import DecoderConfig
+from ..config import DecoderConfig, EncoderConfig
+from .encoder import ImageEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
@@ -34,3 +37,114 @@ class SamDecoder(nn.Module):
         w = self.mask_decoder.iou_token.weight
         sparse, dense = self.prompt_encoder(points, boxes, masks)
         return self.mask_decoder(image_embeddings.to(w.dtype), self.dense_pe(), sparse, dense, multimask_output)
+
+
+class Sam(nn.Module):
+    """Image encoder + prompt encoder + mask decoder; state_dict keys are exactly the official segment-anything
+    `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*` keys.
+
+    A training step runs as one forward (see forward's `session`), so that DDP and FSDP2 see one pass per backward.
+    """
+
+    def __init__(self, image_encoder: ImageEncoder, decoder: SamDecoder) -> None:
+        super().__init__()
+        enc, dec = image_encoder.config, decoder.config
+        if enc.out_chans != dec.embed_dim or enc.grid_size != dec.image_embedding_size or \
+                enc.img_size != dec.input_image_size:
+            raise ValueError(f"encoder ({enc.out_chans} channels, {enc.grid_size}x{enc.grid_size} grid, input "
+                             f"{enc.img_size}) does not fit the decoder ({dec.embed_dim} channels, "
+                             f"{dec.image_embedding_size} grid, input {dec.input_image_size})")
+        self.image_encoder = image_encoder
+        self.prompt_encoder = decoder.prompt_encoder
+        self.mask_decoder = decoder.mask_decoder
+        self.decoder_config = dec
+        self.layer_decay = 1.0  # layer-wise lr decay of the encoder (lr_scales), set by the training task
+
+    @property
+    def config(self) -> EncoderConfig:
+        """The image encoder's config (what the model is called by: vit_b, vit_l, ...)."""
+        return self.image_encoder.config
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.config.img_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the low-res mask logits (256 for a 1024 input)."""
+        return 4 * self.decoder_config.image_embedding_size
+
+    def forward(self, images: Optional[Tensor] = None, *, image_embeddings: Optional[Tensor] = None,
+                points: Optional[Tuple[Tensor, Tensor]] = None, boxes: Optional[Tensor] = None,
+                mask_inputs: Optional[Tensor] = None, session: Optional[Callable[[Tensor, Callable], Any]] = None):
+        """Three calls:
+        - `model(images=x)`: normalised padded images (B,3,S,S) -> embeddings (B,C,h,w);
+        - `model(image_embeddings=e, points=..., boxes=..., mask_inputs=...)`: see decode;
+        - `model(images=x or image_embeddings=e, session=fn)`: fn(embeddings, self.decode) inside this one call
+          (a training step's interactive rounds: DDP and FSDP2 expect one forward per backward) -> what fn returns.
+        """
+        if session is not None:
+            if (images is None) == (image_embeddings is None):
+                raise ValueError("Sam.forward(session=...): give images or image_embeddings")
+            return session(self.image_encoder(images) if images is not None else image_embeddings, self.decode)
+        if images is not None:
+            if image_embeddings is not None or points is not None or boxes is not None or mask_inputs is not None:
+                raise ValueError("Sam.forward: give images alone (to embed them) or image_embeddings with prompts")
+            return self.image_encoder(images)
+        if image_embeddings is None:
+            raise ValueError("Sam.forward: give images or image_embeddings")
+        return self.decode(image_embeddings, points, boxes, mask_inputs)
+
+    def decode(self, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,
+               boxes: Optional[Tensor] = None, mask_inputs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """N embeddings (N,C,h,w) with N prompts in the input frame (points (N,n,2) + labels (N,n), boxes (N,4),
+        low-res logits (N,1,4h,4w)) -> (logits (N,M,4h,4w), IoU predictions (N,M)) of every mask token (M = 4: the
+        single-mask output first, then the 3 multimask outputs)."""
+        w = self.mask_decoder.iou_token.weight
+        sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
+        pe = self.prompt_encoder.get_dense_pe().to(w.dtype)
+        masks, iou = self.mask_decoder.predict_masks(image_embeddings.to(w.dtype), pe, sparse, dense)
+        if self.training and torch.is_grad_enabled():
+            # A call uses some prompt embeddings only (no box corners without boxes, no mask embedding without a
+            # mask input); DDP needs a gradient for every trainable parameter in every step, so the rest take
+            # part with weight zero (their gradient is exactly 0).
+            unused = [p.sum() for p in self.prompt_encoder.parameters() if p.requires_grad]
+            if unused:
+                iou = iou + 0.0 * torch.stack(unused).sum().to(iou.dtype)
+        return masks, iou
+
+    # ---- training hooks (used by samvit.train.loop) ----
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "Sam":
+        """Activation checkpointing of the image encoder's blocks."""
+        self.image_encoder.set_grad_checkpointing(enable)
+        return self
+
+    def fsdp_units(self) -> List[nn.Module]:
+        """What FSDP2 shards one by one: each encoder block, then the rest with the root."""
+        return list(self.image_encoder.blocks)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Parameters without weight decay besides norms and biases: position tables and learned tokens."""
+        names = {"image_encoder.pos_embed", "prompt_encoder.not_a_point_embed.weight",
+                 "prompt_encoder.no_mask_embed.weight", "mask_decoder.iou_token.weight",
+                 "mask_decoder.mask_tokens.weight"}
+        names |= {f"prompt_encoder.point_embeddings.{i}.weight"
+                  for i in range(len(self.prompt_encoder.point_embeddings))}
+        names |= {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_h", "rel_pos_w"))}
+        return names
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: 0 patch/position embedding, i + 1 encoder block i,
+        depth + 1 the neck and everything after it (prompt encoder, mask decoder)."""
+        depth = len(self.image_encoder.blocks)
+        if name.startswith(("image_encoder.patch_embed.", "image_encoder.pos_embed")):
+            return 0
+        if name.startswith("image_encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return depth + 1
+
+    def lr_scales(self) -> Dict[str, float]:
+        """name -> lr multiplier: layer_decay ** (depth + 1 - layer_id), as BEiT/MAE fine-tuning (1: no decay)."""
+        top = len(self.image_encoder.blocks) + 1
+        return {n: self.layer_decay ** (top - self.layer_id(n)) for n, _ in self.named_parameters()}

@@ -129,7 +129,9 @@ def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
     # other strides than DDP's bucket: a harmless copy of a few values that DDP warns about at every start
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [procs.device.index] if procs.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    # buffers are equal on every process (same seed or checkpoint) and nothing updates them; broadcasting them in
+    # every forward would also be a collective that deadlocks a task calling forward a varying number of times
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

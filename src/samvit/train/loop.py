@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
         decay = cfg.decay_steps if cfg.decay_steps is not None else (total if cfg.epochs is not None else None)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (round(0.1 * decay) if decay else 0)
         schedule = LRSchedule(cfg.lr or scaled_lr(cfg.blr, global_batch), warmup, decay, cfg.min_lr)
-        optimizer = build_optimizer(model, schedule.peak, cfg.weight_decay, cfg.betas)
+        optimizer = build_optimizer(unwrap(model), schedule.peak, cfg.weight_decay, cfg.betas)  # names as unwrapped
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         params = [p for p in model.parameters() if p.requires_grad]
 

@@ -10,19 +10,27 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> List[Dict]:
-    """Two AdamW groups of the trainable parameters: with weight decay, and without it for norms and biases
-    (ndim <= 1), the model's no_weight_decay() names (position embeddings, tokens) and `skip`."""
+    """AdamW groups of the trainable parameters: with weight decay, and without it for norms and biases
+    (ndim <= 1), the model's no_weight_decay() names (position embeddings, tokens) and `skip`. A model with
+    lr_scales() (name -> lr multiplier: layer-wise lr decay) gets one such pair per multiplier, each group with
+    its `lr_scale` (LRSchedule.apply multiplies the lr by it)."""
     no_decay = set(skip) | (set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set())
-    decay, rest, decay_names, rest_names = [], [], [], []
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    groups: Dict[Tuple[bool, float], Dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in no_decay:
-            rest.append(p), rest_names.append(name)
-        else:
-            decay.append(p), decay_names.append(name)
-    return [{"params": decay, "weight_decay": weight_decay, "param_names": decay_names},
-            {"params": rest, "weight_decay": 0.0, "param_names": rest_names}]
+        decay = not (p.ndim <= 1 or name in no_decay)
+        scale = float(scales.get(name, 1.0))
+        g = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                               "param_names": []})
+        if scale != 1.0:
+            g["lr_scale"] = scale
+        g["params"].append(p), g["param_names"].append(name)
+    if not scales:  # the two groups, decay first, even when one is empty
+        return [groups.get((True, 1.0), {"params": [], "weight_decay": weight_decay, "param_names": []}),
+                groups.get((False, 1.0), {"params": [], "weight_decay": 0.0, "param_names": []})]
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[1], not k[0]))]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,

@@ -1,0 +1,330 @@
+"""Fine-tuning SAM on masks, on the shared loop: what trains (encoder, prompt encoder, mask decoder, LoRA
+adapters), SAM's interactive prompt simulation and loss, decoder-only training from an embedding store, and the
+export of the result in the official layout.
+
+One step, per image of the batch and per sampled instance (SAM paper, section 3 and appendix A):
+1. the first prompt is a point drawn uniformly from the mask or the mask's box with noise, at equal odds
+   (drawn by the dataset, samvit.train.masks_data);
+2. the decoder predicts; a single point gets the 3 multimask outputs and only the best (lowest loss) is trained;
+   any other prompt gets the single-mask output;
+3. `iterations` times: a correction click drawn uniformly from the error region of the previous prediction
+   (foreground where it missed the mask, background where it spilled over), added to the prompt, with the
+   previous low-res logits as the mask prompt; the decoder predicts again.
+Every prediction's loss counts: 20 x focal + 1 x dice on the low-res mask logits + the IoU head's MSE; the
+loss is the mean over the predictions, the masks of an image and the images of the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..checkpoints.files import CONFIG_METADATA_KEY, write_tensors
+from ..checkpoints.load import load_sam
+from ..modeling.lora import LORA_TARGETS, add_lora, merge_lora
+from ..modeling.sam import Sam
+from .launch import barrier, setup, teardown
+from .loop import TrainConfig, train
+from .losses import iou_loss, mask_iou, mask_loss
+from .masks_data import MaskSamples, open_masks
+
+TRAIN_PARTS = {"encoder": "image_encoder", "prompt": "prompt_encoder", "decoder": "mask_decoder"}
+SKIPPED_FILE = "skipped.jsonl"  # images and annotations skipped during the run
+SKIPPED_ON_OPEN_FILE = "skipped_on_open.jsonl"  # those skipped when --data was opened
+FINAL_PTH, FINAL_SAFETENSORS = "final.pth", "final.safetensors"
+DECODER_CONFIG_METADATA_KEY = "samvit_decoder_config"
+
+
+# ---- the model ----
+
+def parse_parts(spec: Sequence[str] | str) -> Tuple[str, ...]:
+    """--train encoder,prompt,decoder (any non-empty subset) -> the parts in that canonical order."""
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+    bad = [p for p in parts if p not in TRAIN_PARTS]
+    if bad or not parts:
+        raise ValueError(f"--train {spec!r}: expected a comma-separated subset of {', '.join(TRAIN_PARTS)}")
+    return tuple(p for p in TRAIN_PARTS if p in parts)
+
+
+def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "decoder"), lora_rank: int = 0,
+              lora_targets: Sequence[str] = ("qkv",), lora_alpha: Optional[float] = None, layer_decay: float = 1.0,
+              drop_path: float = 0.0, kernel: str = "sdpa_chunked") -> Sam:
+    """A Sam from a full SAM checkpoint (name, file or state dict; samvit.load_sam) set up for training: the parts
+    not in train_parts frozen, LoRA adapters (rank lora_rank > 0) on the encoder's lora_targets, layer-wise lr
+    decay and drop path (stochastic depth) in the encoder."""
+    parts = parse_parts(train_parts)
+    if lora_rank and "encoder" in parts:
+        raise ValueError("--lora-rank trains low-rank adapters instead of the encoder's weights: drop 'encoder' from "
+                         "--train (e.g. --train prompt,decoder --lora-rank 8)")
+    if lora_rank < 0:
+        raise ValueError(f"--lora-rank must be 0 (off) or more, got {lora_rank}")
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {layer_decay}")
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"--drop-path must be in [0, 1), got {drop_path}")
+    encoder, decoder = load_sam(checkpoint, model=model, kernel=kernel)
+    sam = Sam(encoder, decoder)
+    sam.requires_grad_(False)
+    for part in parts:
+        getattr(sam, TRAIN_PARTS[part]).requires_grad_(True)
+    if lora_rank:
+        add_lora(sam.image_encoder.blocks, lora_rank, lora_targets, lora_alpha)
+    sam.layer_decay = layer_decay
+    if drop_path:
+        sam.image_encoder.set_drop_path(drop_path)
+    return sam.train()
+
+
+# ---- prompt simulation ----
+
+@torch.no_grad()
+def correction_clicks(logits: torch.Tensor, targets: torch.Tensor, generators: Sequence[torch.Generator],
+                      img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One correction click per mask: a low-res pixel drawn uniformly from the error region (prediction
+    logits > 0 differs from the target), labelled 1 where the target is set (a miss) and 0 where it is not
+    (a spill). (N,L,L) logits and targets -> coords (N,2) in the input frame (the pixel's centre), labels (N,)
+    int32; a mask without error gets a padding point (label -1)."""
+    n, low = logits.shape[0], logits.shape[-1]
+    stride = img_size / low
+    err = ((logits > 0) != targets.bool()).flatten(1).cpu()
+    flat_t = targets.bool().flatten(1).cpu()
+    coords = torch.zeros(n, 2)
+    labels = torch.full((n,), -1, dtype=torch.int32)
+    for i in range(n):
+        where = err[i].nonzero()[:, 0]
+        k = int(torch.randint(max(len(where), 1), (1,), generator=generators[i]))
+        if len(where):
+            j = int(where[k])
+            y, x = divmod(j, low)
+            coords[i] = torch.tensor([(x + 0.5) * stride - 0.5, (y + 0.5) * stride - 0.5])
+            labels[i] = 1 if flat_t[i, j] else 0
+    return coords.to(logits.device), labels.to(logits.device)
+
+
+def sam_loss(iterations: int, img_size: int):
+    """loss_fn(model, batch) for the loop: SAM's simulated interactive session (see the module docstring), run
+    inside one forward of the model (Sam.forward's `session`)."""
+    if iterations < 0:
+        raise ValueError(f"--iterations must be 0 or more, got {iterations}")
+
+    def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        def session(emb: torch.Tensor, decode) -> Dict[str, torch.Tensor]:
+            return interactive_rounds(decode, emb, batch, iterations, img_size)
+
+        if "embedding" in batch:
+            return model(image_embeddings=batch["embedding"], session=session)
+        return model(images=batch["image"], session=session)
+
+    return loss_fn
+
+
+def interactive_rounds(decode, emb: torch.Tensor, batch: Dict[str, torch.Tensor], iterations: int, img_size: int
+                       ) -> Dict[str, torch.Tensor]:
+    """The first prompt and `iterations` correction rounds on a batch's valid masks: decode(embeddings, points,
+    boxes, mask_inputs) -> (logits of all mask tokens, IoU predictions). Returns the mean losses ('loss',
+    'focal_dice', 'iou_mse') and the IoU of the first and last predictions ('iou_first', 'iou_last')."""
+    b, k = batch["valid"].shape
+    idx = batch["valid"].flatten().nonzero()[:, 0]
+    image_of = idx // k
+    n_valid = batch["valid"].sum(1).clamp(min=1)
+    weight = 1.0 / (n_valid[image_of].float() * b)  # mean over an image's masks, then over the images
+    targets = batch["targets"].flatten(0, 1)[idx].float()
+    emb = emb[image_of]
+    first_point = batch["point"].flatten(0, 1)[idx]
+    boxes = batch["box"].flatten(0, 1)[idx]
+    use_box = batch["use_box"].flatten()[idx]
+    gens = [torch.Generator().manual_seed(int(s)) for s in batch["click_seed"].flatten()[idx].tolist()]
+    groups = [(g, box) for g, box in ((torch.nonzero(~use_box)[:, 0], False), (torch.nonzero(use_box)[:, 0], True))
+              if len(g)]  # point-first and box-first prompts
+    n = len(idx)
+    clicks = first_point.new_zeros(n, 0, 2)
+    click_labels = torch.zeros(n, 0, dtype=torch.int32, device=idx.device)
+    prev: Optional[torch.Tensor] = None
+    sums = {"focal_dice": 0.0, "iou_mse": 0.0}
+    ious: List[torch.Tensor] = []
+    for it in range(iterations + 1):
+        chosen = targets.new_zeros(targets.shape)
+        per_mask = targets.new_zeros(n)
+        per_iou = targets.new_zeros(n)
+        for sel, box_group in groups:
+            masks_in = None if prev is None else prev[sel]
+            if box_group:
+                points = (clicks[sel], click_labels[sel]) if it else None
+                low, iou_pred = decode(emb[sel], points, boxes[sel], masks_in)
+            else:
+                coords = torch.cat([first_point[sel, None], clicks[sel]], 1)
+                labels = torch.cat([click_labels.new_ones(len(sel), 1), click_labels[sel]], 1)
+                low, iou_pred = decode(emb[sel], (coords, labels), None, masks_in)
+            multimask = it == 0 and not box_group  # one point: ambiguous, the best of the 3 masks trains
+            low, iou_pred = (low[:, 1:], iou_pred[:, 1:]) if multimask else (low[:, :1], iou_pred[:, :1])
+            t = targets[sel, None].expand_as(low)
+            losses = mask_loss(low, t)  # (n_sel, M)
+            best = losses.argmin(1)
+            rows = torch.arange(len(sel), device=sel.device)
+            per_mask[sel] = losses[rows, best].to(per_mask.dtype)
+            per_iou[sel] = iou_loss(iou_pred, low, t).mean(1).to(per_iou.dtype)
+            chosen[sel] = low[rows, best].float()
+        sums["focal_dice"] = sums["focal_dice"] + (weight * per_mask).sum()
+        sums["iou_mse"] = sums["iou_mse"] + (weight * per_iou).sum()
+        ious.append((weight * mask_iou(chosen, targets)).sum())
+        if it < iterations:
+            xy, lab = correction_clicks(chosen, targets, gens, img_size)
+            clicks = torch.cat([clicks, xy[:, None]], 1)
+            click_labels = torch.cat([click_labels, lab[:, None]], 1)
+            prev = chosen.detach()[:, None]
+    out = {k: v / (iterations + 1) for k, v in sums.items()}
+    out["loss"] = out["focal_dice"] + out["iou_mse"]
+    out["iou_first"], out["iou_last"] = ious[0], ious[-1]
+    return out
+
+
+# ---- decoder-only training from an embedding store ----
+
+def ensure_store(store: str, source, checkpoint: str, model=None, device: Optional[str] = None,
+                 batch_size: int = 1, quiet: bool = False):
+    """The EmbeddingStore at `store` holding every image of `source`, embedded by the checkpoint's encoder with
+    samvit's embed pipeline where missing (a store made with another checkpoint or model is refused). Every
+    process of a torchrun job embeds its share; returns the opened store."""
+    from ..checkpoints.load import load_encoder
+    from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
+    from ..embeddings.pipeline import StoreSink, embed
+    from ..embeddings.store import EmbeddingStore
+
+    paths = [source.path(i) for i in range(len(source))]
+    if any(p is None for p in paths):
+        raise ValueError("--store needs image files: write the synthetic set out first "
+                         "(samvit.train.masks_data.save_mask_folder) or give a mask folder / COCO file")
+    path = resolve_checkpoint(checkpoint, progress=False if quiet else None)
+    procs = setup(device)
+    try:
+        existing = EmbeddingStore(store) if os.path.isdir(store) else None
+        keys = [source.key(i) for i in range(len(source))]
+        if existing is None or any(key not in existing for key in keys):
+            encoder = load_encoder(model, path, device=procs.device)
+            report = embed(encoder, list(zip(paths, keys)), StoreSink(store, checkpoint_sha256(path)),
+                           batch_size=batch_size, workers=0, progress=False if quiet else None)
+            if procs.main and not quiet:
+                print(f"samvit train: embedding store {store}: {report.embedded} embedded, {report.skipped} "
+                      f"already there, {len(report.failed)} failed ({report.seconds:.1f} s)")
+        barrier(procs)
+        opened = EmbeddingStore(store)
+        sha = checkpoint_sha256(path)
+        if opened.identity["checkpoint_sha256"] != sha:
+            raise ValueError(f"--store {store}: made with another checkpoint (sha256 "
+                             f"{opened.identity['checkpoint_sha256'][:16]}..., this one {sha[:16]}...)")
+        return opened
+    finally:
+        teardown(procs)
+
+
+# ---- export ----
+
+def export_model(sam: Sam, run_dir: str) -> Tuple[str, str]:
+    """Write RUN_DIR/final.pth (the official segment-anything state dict: LoRA merged, float32) and
+    RUN_DIR/final.safetensors (the same tensors, with the encoder and decoder configs as metadata)."""
+    from ..checkpoints.files import atomic_write
+
+    merge_lora(sam)
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in sam.state_dict().items()}
+    pth = os.path.join(run_dir, FINAL_PTH)
+    with atomic_write(pth) as tmp:
+        torch.save(sd, tmp)
+    st = os.path.join(run_dir, FINAL_SAFETENSORS)
+    meta = {CONFIG_METADATA_KEY: sam.config.to_json(), "format": "samvit",
+            DECODER_CONFIG_METADATA_KEY: _decoder_json(sam)}
+    write_tensors(st, sd, meta)
+    return pth, st
+
+
+def _decoder_json(sam: Sam) -> str:
+    import json
+
+    return json.dumps(dataclasses.asdict(sam.decoder_config), sort_keys=True)
+
+
+# ---- the task ----
+
+def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", images: Optional[str] = None,
+                 model=None, train_parts: Sequence[str] = ("prompt", "decoder"), lora_rank: int = 0,
+                 lora_targets: Sequence[str] = ("qkv",), lora_alpha: Optional[float] = None,
+                 layer_decay: float = 1.0, drop_path: float = 0.0, iterations: int = 8, masks_per_image: int = 8,
+                 store: Optional[str] = None, synthetic_size: int = 256) -> Dict:
+    """Fine-tune a SAM checkpoint on masks (see the module docstring and TrainConfig); writes RUN_DIR/final.pth and
+    RUN_DIR/final.safetensors at the end. Returns the loop's summary with their paths."""
+    parts = parse_parts(train_parts)
+    for t in lora_targets:
+        if t not in LORA_TARGETS:
+            raise ValueError(f"--lora-targets: unknown target {t!r}; expected some of {', '.join(LORA_TARGETS)}")
+    if store is not None and ("encoder" in parts or lora_rank):
+        raise ValueError("--store reads the encoder's embeddings instead of running it: it needs a frozen encoder "
+                         "(no 'encoder' in --train, no --lora-rank)")
+    if store is not None and drop_path:
+        raise ValueError("--drop-path acts in the encoder, which --store does not run")
+
+    def build() -> Sam:
+        return build_sam(checkpoint, model, parts, lora_rank, lora_targets, lora_alpha, layer_decay, drop_path)
+
+    probe = build()  # checks the checkpoint and the options before the run directory is written
+    img_size, low_res = probe.img_size, probe.low_res_size
+    del probe
+    source = open_masks(data, images, synthetic_size, synthetic_px=img_size, seed=cfg.seed)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        ck = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else str(checkpoint)  # a file, or a name
+    else:
+        ck = "state dict"
+    task = {"task": "sam", "checkpoint": ck, "model": model if model is None or isinstance(model, str)
+            else model.to_dict(), "data": data if data == "synthetic" else os.path.abspath(data),
+            "images": os.path.abspath(images) if images else None, "train": list(parts), "lora_rank": lora_rank,
+            "lora_targets": list(lora_targets) if lora_rank else [], "lora_alpha": lora_alpha,
+            "layer_decay": layer_decay, "drop_path": drop_path, "iterations": iterations,
+            "masks_per_image": masks_per_image, "store": os.path.abspath(store) if store else None}
+    if data == "synthetic":
+        task["synthetic_size"] = synthetic_size
+    cfg = dataclasses.replace(cfg, task=task)
+    opened = ensure_store(store, source, checkpoint, model, cfg.device, quiet=cfg.quiet) if store else None
+    dataset = MaskSamples(source, img_size, low_res, masks_per_image, cfg.seed, opened,
+                          report=os.path.join(cfg.out, SKIPPED_FILE))
+    if source.problems and not cfg.quiet and _main_process():
+        print(f"samvit train: skipped while reading --data: {dict(source.problems)}")
+    hooks = [_ReportProblems(source, cfg.out)] if source.missing else []
+    result = train(cfg, build, dataset, sam_loss(iterations, img_size), hooks)
+    if _main_process():
+        from .ckpt import latest_checkpoint
+
+        state = latest_checkpoint(cfg.out)
+        sam = build()
+        sam.load_state_dict(state["model"])
+        result["final_pth"], result["final_safetensors"] = export_model(sam, cfg.out)
+        if not cfg.quiet:
+            print(f"samvit train: wrote {result['final_pth']} and {result['final_safetensors']}")
+    return result
+
+
+def _main_process() -> bool:
+    """Rank 0 under torchrun, or a plain process (the loop's process group is gone once train() returns)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class _ReportProblems:
+    """Hook: after the first step (the run directory exists), the main process lists the images and annotations
+    the source skipped while it was opened, in RUN_DIR/skipped_on_open.jsonl (rewritten, so a resume does not
+    repeat them)."""
+
+    def __init__(self, source, run_dir: str) -> None:
+        self.source, self.path, self.done = source, os.path.join(run_dir, SKIPPED_ON_OPEN_FILE), False
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if self.done:
+            return
+        self.done = True
+        if _main_process():
+            import json
+
+            from ..checkpoints.files import atomic_write
+
+            with atomic_write(self.path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+                for item, reason in self.source.missing:
+                    fh.write(json.dumps({"item": item, "reason": reason}) + "\n")
