@@ -214,14 +214,6 @@ class Attention(nn.Module):
         q, k, _ = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * self.num_heads, H * W, -1).unbind(0)
         return _reference_probs(self, q, k, (H, W)).view(B, self.num_heads, H * W, H * W)
 
-    def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
-        """Global attention over a token sequence (B,N,C), no relative position (the MAE ViT, class token included)."""
-        if self.use_rel_pos:
-            raise ValueError("forward_seq: relative positions need a (B,H,W,C) grid; use forward")
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-        return self.proj(self.kernel.fn(self, qkv, (N, 1)))
-
 
 def _reference_probs(attn: Attention, q: torch.Tensor, k: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """softmax(q.k * scale + rel_h + rel_w) of (B*heads, N, hd) q and k, as the official code computes it."""

@@ -99,11 +99,6 @@ class Block(nn.Module):
             y = window_partition(y, self.window_size)[0]
         return self.attn.attention_probs(y)
 
-    def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
-        """The block on a token sequence (B,N,C) with global attention (the MAE ViT)."""
-        x = x + self.attn.forward_seq(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
 
 def build_neck(embed_dim: int, out_chans: int, eps: float) -> nn.Sequential:
     """1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no conv bias): C -> out_chans."""
