@@ -199,6 +199,10 @@ def main() -> int:
                 if not ckpt and "params_m" in res:  # inside checkpointed blocks checkpoint's own hooks take over
                     saved = run_worker(dict(spec, mode="saved"))
                     res.update({k: saved[k] for k in ("saved_mib", "forward_s") if k in saved})
+                    if "skipped" in saved:
+                        oom = "out of memory" if "allocate memory" in saved["skipped"] else saved["skipped"]
+                        res["skipped"] = "; ".join(filter(None, [res.get("skipped"), "the saved-for-backward "
+                                                                 f"forward alone: {oom}"]))
                 rows.append((spec, res))
                 print(row, precision, "ckpt" if ckpt else "no-ckpt", res, file=sys.stderr, flush=True)
     load_after = os.getloadavg()

@@ -17,7 +17,7 @@ MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="train_command", metavar="TASK")
     m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
-                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75%% of each image's "
+                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75% of each image's "
                        "patches masked, the visible ones encoded, the pixels of the masked ones reconstructed. Runs "
                        "as one process or under torchrun (DDP; --fsdp for FSDP2). Writes RUN_DIR/log.jsonl, "
                        "checkpoints (ckpt_<step>.pt, the last --keep-last kept) and reconstruction pictures.")
