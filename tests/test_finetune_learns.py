@@ -3,7 +3,8 @@ the untrained model's; the same with LoRA adapters and decoder-only from an embe
 
 A randomly initialised SAM first learns to predict nothing (focal loss, mostly background) and only then to
 localise the prompt: that takes about 200-500 steps of 4 images x 2 masks (after 600 steps the held-out 1-point
-mIoU was 0.20 with full fine-tuning and with LoRA, 0.10 decoder-only, from 0.055 untrained). The full runs are
+mIoU was 0.20 with full fine-tuning and with LoRA, 0.10 decoder-only, from 0.055 untrained; after 1200 steps 0.355
+full, 0.255 LoRA, 0.175 decoder-only from the store; box 0.028 -> 0.346 full, 0.268 LoRA). The full runs are
 therefore marked slow; the default suite keeps a short run that checks the start of it: the loss falls.
 """
 from __future__ import annotations
@@ -77,7 +78,9 @@ def test_lora_learns(tmp_path):
 
 @pytest.mark.slow
 def test_decoder_only_from_store_learns(tmp_path):
+    """The decoder alone learns more slowly over a frozen random encoder (its features are random projections of
+    the patches): measured 0.055 -> 0.175 (1 point) after 1200 steps, hence the smaller margin."""
     data = save_mask_folder(ShapeMasks(64, size=128, seed=0), tmp_path / "shapes")
     before, after, _ = finetune(tmp_path, STEPS, ["--train", "prompt,decoder", "--store", str(tmp_path / "store")],
                                 data=("--data", data))
-    assert_learned(before, after)
+    assert_learned(before, after, margin=0.1)

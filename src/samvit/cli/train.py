@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
                    "--resume)")
     m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="MAE's", fp16_refused="mae_vit_h")
+    o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="mae_vit_h")
     o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     o.add_argument("--target", choices=("pixels", "teacher-features"), default="pixels",
                    help="what the decoder reconstructs for the masked patches: their pixels (MAE, default) or "
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
                    "--resume)")
     f.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    o, r, g = add_loop_arguments(f, blr=8e-4, blr_note="SAM's 8e-4 at batch 256", fp16_refused="vit_h")
+    o, r, g = add_loop_arguments(f, blr=8e-4, blr_note="8e-4, SAM's at batch 256", fp16_refused="vit_h")
     t = f.add_argument_group("what trains, and the prompts")
     t.add_argument("--train", default="encoder,prompt,decoder", metavar="PARTS",
                    help="comma-separated parts that train: encoder, prompt, decoder (default: all three)")
@@ -137,7 +137,7 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
     o.add_argument("--accum", type=int, default=1, metavar="K", help="gradient accumulation: micro-batches per "
                    "optimizer step (default 1); global batch = B x K x processes")
     o.add_argument("--blr", type=float, default=blr, help=f"base lr: peak lr = blr x global batch / 256 "
-                   f"(default {blr:g}, {blr_note})")
+                   f"(default {blr_note})")
     o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
     o.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine (default 0)")
     o.add_argument("--warmup-steps", type=int, default=None, metavar="W", help="linear warmup steps (default: "
