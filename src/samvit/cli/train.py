@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
                    "--resume)")
     d.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="MAE's", fp16_refused="vit_h")
+    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="vit_h")
     o.add_argument("--cosine-weight", type=float, default=0.0, metavar="W", help="loss = MSE + W x (1 - cosine "
                    "per embedding position) (default 0: MSE alone)")
     g.add_argument("--embed-batch-size", type=int, default=1, metavar="B", help="batch of the teacher when it "
