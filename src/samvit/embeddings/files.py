@@ -3,7 +3,7 @@ provenance (model, checkpoint sha256, samvit version, dtype, source)."""
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,15 @@ def save_embedding(path: str, embedding: torch.Tensor, original_size: Tuple[int,
     write_tensors(path, {"embedding": embedding}, meta)
 
 
+def embedding_img_size(path: str) -> Optional[int]:
+    """The model input side an embedding file was made with (its `img_size` metadata), None for older files."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        value = (f.metadata() or {}).get("img_size")
+    return None if value is None else int(value)
+
+
 def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
     """Read an embedding file written by save_embedding: (embedding (C,h,w), metadata with int sizes)."""
     from safetensors import safe_open
@@ -33,4 +42,6 @@ def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
     for k in ("original_size", "input_size"):
         if k in meta:
             meta[k] = tuple(int(v) for v in str(meta[k]).split(","))
+    if "img_size" in meta:
+        meta["img_size"] = int(meta["img_size"])
     return emb, meta

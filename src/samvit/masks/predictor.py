@@ -18,6 +18,7 @@ from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, 
 from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
 from ..modeling.sam import SamDecoder
+from ..runtime import DtypeArg
 from .prompts import ArrayLike, PromptError, as_tensor, check_boxes, check_points
 
 
@@ -41,22 +42,25 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], model: Union[str, EncoderConfig, None] = None,
-                        device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None, dtype: DtypeArg = "auto",
                         with_encoder: bool = True, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
-                        attn_impl: Optional[str] = None) -> "Predictor":
+                        attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> "Predictor":
         """Encoder and decoder from one full SAM checkpoint, read once (samvit.checkpoints.load.load_sam).
 
         Args:
             checkpoint: a file (official .pth, transformers SamModel, .safetensors), a transformers folder, or a
                 registry name (vit_b, vit_l, vit_h) fetched into the verified cache.
             model: preset name or EncoderConfig; inferred when omitted.
-            device: for both models. dtype: the encoder's compute dtype (the decoder is cheap, stays float32).
+            device: for both models. dtype: the encoder's compute dtype ("auto": bfloat16 where the device computes
+                it natively, else float32; or a dtype); the decoder is cheap and stays float32.
             with_encoder: False skips the encoder: use set_embedding.
             kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
             progress: download/verification bar (None: only on a terminal).
+            img_size: the model's input side (e.g. 512, 768, 1280); the encoder's position tables and the
+                decoder's embedding grid follow it. None: the checkpoint's (1024).
         """
         encoder, decoder = load_sam(checkpoint, model, device=device, dtype=dtype, with_encoder=with_encoder,
-                                    kernel=attn_impl or kernel, progress=progress)
+                                    kernel=attn_impl or kernel, progress=progress, img_size=img_size)
         return cls(encoder, decoder)
 
     # ---- image state ----
@@ -99,7 +103,11 @@ class Predictor:
         if isinstance(embedding, (str, os.PathLike)):
             from ..embeddings.files import load_embedding
 
-            embedding, meta = load_embedding(os.fspath(embedding))
+            path = os.fspath(embedding)
+            embedding, meta = load_embedding(path)
+            if meta.get("img_size", self.img_size) != self.img_size:
+                raise ValueError(f"embedding {path!r} was made at input size {meta['img_size']}, "
+                                 f"this predictor's model takes {self.img_size} (pass img_size={meta['img_size']})")
             original_size = original_size or meta.get("original_size")
             input_size = input_size or meta.get("input_size")
         if not isinstance(embedding, torch.Tensor):
