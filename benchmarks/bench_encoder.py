@@ -9,7 +9,7 @@ Writes benchmarks/results/encoder_<model>_<time>.{json,md}; `--help` lists every
 """
 import sys
 
-from samvit.bench import main
+from samvit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench"] + sys.argv[1:]))

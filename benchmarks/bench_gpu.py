@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from samvit import EncoderConfig, ImageEncoder, preset
-from samvit.bench import _official_encoder, count_flops, random_weights
+from samvit.bench.peak import matmul_peak
+from samvit.bench.peers import official_encoder
+from samvit.bench.runner import count_flops
+from samvit.bench.weights import random_weights
 
 IMPLS = ("samvit", "samvit-compiled", "official", "official-bf16", "sam-fast", "sam-fast-eager")
 
@@ -63,7 +66,7 @@ def _sam_fast_encoder(cfg: EncoderConfig) -> Tuple[torch.nn.Module, bool]:
     except ImportError:
         from segment_anything.modeling.image_encoder import Attention
 
-        enc = _official_encoder(cfg)
+        enc = official_encoder(cfg)
         for m in enc.modules():
             if isinstance(m, Attention):
                 m.forward = types.MethodType(_sdpa_attention_forward, m)
@@ -82,7 +85,7 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], compile_mo
             return torch.compile(enc, mode=compile_mode), torch.bfloat16, False, f"compile mode={compile_mode}"
         return enc, torch.bfloat16, False, ""
     if impl in ("official", "official-bf16"):
-        enc = _official_encoder(cfg)
+        enc = official_encoder(cfg)
         enc.load_state_dict(sd)
         return enc.eval().to(dev), torch.float32, impl == "official-bf16", ""
     if impl.startswith("sam-fast"):
@@ -97,21 +100,8 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], compile_mo
 
 
 def matmul_peak_tflops(n: int = 8192) -> Dict[str, float]:
-    """Best-of-5 n^3 matmul TFLOP/s in bfloat16 and float32 (TF32 off) on this GPU."""
-    out = {}
-    for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        a, b = (torch.randn(n, n, device="cuda", dtype=dt) for _ in range(2))
-        a @ b
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            a @ b
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        out[name] = 2 * n ** 3 / best / 1e12
-        del a, b
-    return out
+    """Best-of-5 n^3 matmul TFLOP/s in bfloat16 and float32 (TF32 off) on this GPU (samvit.bench.peak)."""
+    return {k: v["gflops"] / 1e3 for k, v in matmul_peak(n=n, device="cuda", repeats=5).items()}
 
 
 def time_impl(fwd: Callable, x: torch.Tensor, autocast: bool, warmup: int, repeats: int) -> Tuple[List[float], List[float], torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 
 import samvit
 from samvit import EncoderConfig
+from samvit.bench.weights import randomize_  # noqa: F401  (the tests import it from here)
 
 # dtype="auto" (the default) picks bfloat16 on CPUs with AVX512-BF16/AMX: the tests compare float32 outputs with the
 # reference packages on any machine, so "auto" means float32 here and in the CLI subprocesses (tests of "auto"
@@ -31,30 +32,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter and floating buffer random values (norm scales near 1), so nothing stays zero."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        leaf = name.rsplit(".", 1)[-1]
-        if p.ndim == 1 and leaf == "weight" and _is_norm(module, name):
-            p.copy_(1.0 + 0.1 * r)
-        elif "pos" in name:
-            p.copy_(0.1 * r)
-        else:
-            p.copy_(0.02 * r if p.ndim > 1 else 0.05 * r)
-    for name, b in module.named_buffers():
-        if b.is_floating_point() and not name.endswith(("pixel_mean", "pixel_std")):
-            b.copy_(torch.randn(b.shape, generator=g))
-    return module
-
-
-def _is_norm(module: torch.nn.Module, param_name: str) -> bool:
-    owner = module.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else module
-    return "Norm" in type(owner).__name__
 
 
 def official_sam(model_type: str = "vit_b", seed: int = 0, **encoder_overrides):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import samvit
-from samvit import bench
+from samvit.bench import report, runner
 from samvit.cli import main as cli_main
 
 TINY = samvit.EncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
@@ -12,7 +12,7 @@ TINY = samvit.EncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, win
 
 
 def test_plan_runs_samvit_once_and_only_supported_precisions():
-    runs = bench.plan_runs(["samvit", "samvit-reference", "official"], ["float32", "bfloat16"], [1, 2],
+    runs = runner.plan_runs(["samvit", "samvit-reference", "official"], ["float32", "bfloat16"], [1, 2],
                            ["default", "tuned"])
     keys = {(r["impl"], r["dtype"], r["batch"], r["allocator"]) for r in runs}
     assert ("samvit", "bfloat16", 2, "default") in keys and ("official", "bfloat16", 1, "tuned") in keys
@@ -22,7 +22,7 @@ def test_plan_runs_samvit_once_and_only_supported_precisions():
 
 
 def test_smoke_run_against_official(tmp_path):
-    rec = bench.run_benchmark(TINY, impls=["samvit", "official"], dtypes=["float32"], batch_sizes=[2],
+    rec = runner.run_benchmark(TINY, impls=["samvit", "official"], dtypes=["float32"], batch_sizes=[2],
                               allocators=["tuned"], threads=1, warmup=1, repeats=1, timeout=600,
                               peak_size=256, progress=False, label="test")
     assert rec["reference_impl"] == "official"
@@ -35,7 +35,7 @@ def test_smoke_run_against_official(tmp_path):
         assert r["max_abs"] <= 1e-5 and r["cosine"] > 0.99999
         assert r["out_shape"] == [r["batch"], 16, 4, 4]
     assert rows[("official", 2, "tuned")]["max_abs"] == 0.0  # the yardstick itself
-    js, md = bench.write_results(rec, str(tmp_path))
+    js, md = report.write_results(rec, str(tmp_path))
     assert json.load(open(js))["runs"] == rec["runs"]
     text = open(md).read()
     assert "samvit fast path (SDPA)" in text and "official segment-anything" in text and "**test**" in text
@@ -43,12 +43,12 @@ def test_smoke_run_against_official(tmp_path):
 
 def test_reference_made_without_the_official_run(tmp_path):
     """With the official run filtered out, an untimed run still makes the yardstick output."""
-    rec = bench.run_benchmark(TINY, impls=["samvit-reference"], dtypes=["float32"], allocators=["tuned"],
+    rec = runner.run_benchmark(TINY, impls=["samvit-reference"], dtypes=["float32"], allocators=["tuned"],
                               threads=1, warmup=0, repeats=1, timeout=600, peak_size=None, progress=False)
     assert rec["reference_impl"] == "official"
     (row,) = rec["runs"]
     assert row["max_abs"] == 0.0  # the reference path is the official arithmetic, bit for bit
-    assert "not measured" in bench.markdown(rec)
+    assert "not measured" in report.markdown(rec)
 
 
 @pytest.mark.parametrize("argv,message", [(["--impls", "samvit,mxnet"], "unknown implementation 'mxnet'"),
@@ -84,10 +84,11 @@ def test_gpu_bench_sam_fast_attention_equals_official():
     """The segment-anything-fast configuration's attention (SDPA + summed bias) computes the official function."""
     import torch
 
-    from samvit.bench import _official_encoder, random_weights
+    from samvit.bench.peers import official_encoder
+    from samvit.bench.weights import random_weights
 
     sd = random_weights(TINY)
-    official = _official_encoder(TINY)
+    official = official_encoder(TINY)
     official.load_state_dict(sd)
     fast, _ = _bench_gpu()._sam_fast_encoder(TINY)
     fast.load_state_dict(sd)

@@ -113,3 +113,68 @@ def test_every_module_imports_on_its_own():
                           env=dict(os.environ, PYTHONPATH=str(ROOT.parent)))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.strip() == "FAILED"
+
+
+_NO_TORCH = r"""
+import sys
+import samvit
+assert "torch" not in sys.modules, "import samvit imported torch"
+from samvit.cli import main
+for argv in (["--version"], ["--help"], ["embed", "--help"], ["segment", "--help"], ["bench", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    assert "torch" not in sys.modules, f"samvit {' '.join(argv)} imported torch"
+samvit.EncoderConfig  # configs are data: still no torch
+assert "torch" not in sys.modules
+samvit.ImageEncoder
+assert "torch" in sys.modules
+print("OK")
+"""
+
+
+def test_import_and_help_do_not_import_torch():
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT.parent)))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_every_public_name_resolves():
+    fresh = samvit
+    for name in fresh.__all__:
+        assert getattr(fresh, name) is not None, name
+    assert set(fresh.__all__) <= set(dir(fresh))
+    for old in ("load_encoder", "Predictor", "EmbeddingStore", "preprocess", "load_image", "ImageEncoder",
+                "load_decoder", "resolve_checkpoint", "download_checkpoint", "convert_checkpoint", "save_encoder",
+                "AutomaticMaskGenerator", "PromptError", "CheckpointError", "ImageError", "PreparedImage",
+                "export_onnx", "tune_allocator", "PRESETS", "EncoderConfig", "preset", "__version__"):
+        assert old in fresh.__all__, old
+    try:
+        fresh.no_such_name
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown name should raise AttributeError")
+
+
+def test_readme_layout_names_every_module():
+    """The README's Layout tree lists every module and folder of src/samvit, and nothing that is not there."""
+    import re
+
+    readme = (ROOT.parent.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, folder = set(), ""
+    for line in block.splitlines()[1:]:
+        indent = len(line) - len(line.lstrip())
+        names = re.findall(r"\w+\.py|\w+/", line.strip().split("  ")[0])
+        if indent == 2:
+            folder = names[0] if names and names[0].endswith("/") else ""
+            listed.update(names)
+        elif indent > 2:
+            listed.update(folder + n for n in names)
+    actual = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    actual |= {str(p.relative_to(ROOT)) + "/" for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    actual |= {"__init__.py"}
+    assert listed == actual, (sorted(actual - listed), sorted(listed - actual))
+    assert re.search(r"cli/ +argparse only", block)

@@ -28,11 +28,18 @@ def needs_external_data(encoder: torch.nn.Module) -> bool:
 
 def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, external_data: Optional[bool] = None, check: bool = True) -> str:
-    """Export a float32 encoder to an ONNX file: input `image` (B,3,S,S), output `embedding`; returns the path.
+    """Export a float32 encoder to an ONNX file: input `image` (B,3,S,S), output `embedding`.
 
-    The reference attention path is exported (plain ops; the SDPA path does not trace with a dynamic batch,
-    and the encoder's own path is restored afterwards). Weights go to one side
-    file `<path>.data` when external_data is True, or, by default, when they exceed ~1.8 GB (vit_h).
+    The reference kernel is exported (plain ops; the SDPA kernel does not trace with a dynamic batch), and the
+    encoder's own kernel is restored afterwards.
+
+    Args:
+        encoder: a float32 ImageEncoder. path: the .onnx file to write. opset: 18 or later.
+        dynamic_batch: the batch size as a dynamic axis (else fixed to 1).
+        external_data: weights in one side file `<path>.data`; None: only when they exceed ~1.8 GB (vit_h).
+        check: run onnx.checker on the written file.
+    Returns:
+        the path written.
     """
     try:
         import onnx
@@ -102,6 +109,26 @@ def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     finally:
         root.setLevel(level)
     return dst
+
+
+def export_onnx_int8(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
+                     dynamic_batch: bool = True) -> str:
+    """Export the encoder and quantise its linear layers to int8 (quantize_onnx_int8) into one file; returns it.
+
+    The float32 export goes to a temporary folder beside `path` (it may be large) and is removed afterwards; an
+    int8 file is always written whole (vit_h: about 0.65 GB), so a side file left by an earlier float32 export
+    to the same name is removed.
+    """
+    import tempfile
+
+    path = os.fspath(path)
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        fp32 = export_onnx(encoder, os.path.join(tmp, "fp32.onnx"), opset=opset, dynamic_batch=dynamic_batch)
+        return quantize_onnx_int8(fp32, path)
 
 
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, arena: bool = True):

@@ -135,7 +135,17 @@ class _Lock:
 def download_checkpoint(name: str, cache: Union[str, os.PathLike, None] = None, base_url: Optional[str] = None,
                         progress: Optional[bool] = None, force: bool = False, retries: int = 5,
                         timeout: float = 60.0) -> Path:
-    """Path of a registry checkpoint in the cache, downloading (resumable) and verifying it first if needed."""
+    """Path of a registry checkpoint in the cache, downloading (resumable) and verifying it first if needed.
+
+    Args:
+        name: vit_b, vit_l, vit_h (or the release file name).
+        cache: the cache folder (default $SAMVIT_CACHE, else ~/.cache/samvit).
+        base_url: a mirror to fetch from (default $SAMVIT_BASE_URL, else the public release host).
+        progress: download/verification bar (None: only on a terminal). force: delete and fetch again.
+        retries: attempts after a dropped connection (each resumes). timeout: seconds per network read.
+    Returns:
+        the cached file, its size and sha256 checked against the registry.
+    """
     entry = _entry(name)
     folder = cache_dir(cache)
     dest = folder / entry.filename

@@ -39,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `samvit` command."""
-    from ..runtime import tune_allocator
-    from ..data.images import ImageError
-    from ..checkpoints.files import CheckpointError
-
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and --version end here, before torch is imported
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from ..checkpoints.files import CheckpointError
+    from ..data.images import ImageError
+    from ..runtime import tune_allocator
+
     tune_allocator()
     try:
         return importlib.import_module(f"samvit.cli.{args._module}").run(args)

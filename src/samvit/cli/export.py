@@ -20,8 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights in one side file OUT.data (default: only when they exceed ~1.8 GB, e.g. vit_h)")
     p.add_argument("--int8", action="store_true",
                    help="dynamic int8 quantisation of the linear layers (onnxruntime; uint8 weights), written whole to "
-                   "OUT: a third of the size, a little faster than float32 on CPU, cosine ~0.9999 to float32 on random "
-                   "weights; check yours with --verify (see docs/export.md)")
+                   "OUT (size, speed and accuracy measured in docs/export.md); check yours with --verify")
     p.add_argument("--verify", action="store_true",
                    help="run the file in onnxruntime on a random input and print the difference to PyTorch")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -29,14 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    import tempfile
 
     import torch
-    from tqdm import tqdm
 
-    from ..export import DEFAULT_OPSET, export_onnx, quantize_onnx_int8, verify_onnx
     from ..checkpoints.load import load_encoder
-    from ..checkpoints.registry import resolve_checkpoint
+    from ..export import DEFAULT_OPSET, export_onnx, export_onnx_int8, verify_onnx
+    from ..runtime import TqdmProgress, progress_enabled
     from . import UserError
 
     if not args.checkpoint:
@@ -46,35 +43,24 @@ def run(args: argparse.Namespace) -> int:
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     if args.int8 and args.external_data:
         raise UserError("--int8 files are written whole (vit_h in int8 is about 0.65 GB): drop --external-data")
-    quiet = args.quiet or not sys.stderr.isatty()
-    steps = (["load checkpoint", "export (minutes for the large models)"] + (["quantize to int8"] if args.int8 else [])
+    show = progress_enabled(False if args.quiet else None)
+    steps = (["load checkpoint", "export (minutes for the large models)" + (" and quantize to int8" if args.int8
+                                                                            else "")]
              + (["verify in onnxruntime"] if args.verify else []))
-    bar = tqdm(total=len(steps), disable=quiet, unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
-    with bar:
-        bar.set_description(steps[0])
-        checkpoint = resolve_checkpoint(args.checkpoint, progress=False if quiet else None)
-        encoder = load_encoder(args.model, checkpoint, device="cpu", dtype=torch.float32)
-        bar.update()
-        bar.set_description(steps[1])
-        if args.int8:  # the float32 file goes to a temporary folder beside OUT, then is quantised into OUT
-            out_dir = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(out_dir, exist_ok=True)
-            if os.path.exists(args.out + ".data"):
-                os.remove(args.out + ".data")  # the side file of an earlier float32 export to the same name
-            with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-                fp32 = export_onnx(encoder, os.path.join(tmp, "fp32.onnx"), opset=opset,
-                                   dynamic_batch=args.dynamic_batch, external_data=args.external_data)
-                bar.update()
-                bar.set_description(steps[2])
-                path = quantize_onnx_int8(fp32, args.out)
+    with TqdmProgress(steps[0], "step", show, total=len(steps)) as bar:
+        encoder = load_encoder(args.model, args.checkpoint, device="cpu", dtype=torch.float32, progress=show)
+        bar(1)
+        bar.bar.set_description(steps[1])
+        if args.int8:
+            path = export_onnx_int8(encoder, args.out, opset=opset, dynamic_batch=args.dynamic_batch)
         else:
             path = export_onnx(encoder, args.out, opset=opset, dynamic_batch=args.dynamic_batch,
                                external_data=args.external_data)
-        bar.update()
+        bar(2)
         if args.verify:
-            bar.set_description(steps[-1])
+            bar.bar.set_description(steps[-1])
             diff = verify_onnx(encoder, path)
-            bar.update()
+            bar(3)
     data = path + ".data"
     if not args.quiet:
         size = os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)

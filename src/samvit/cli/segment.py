@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,8 @@ def _numbers(text: str, n: Tuple[int, ...], what: str) -> List[float]:
 
 def run(args: argparse.Namespace) -> int:
     import sys
+
+    import numpy as np
 
     from ..data.images import load_image
     from ..masks.predictor import Predictor
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto(args: argparse.Namespace, predictor, rgb: np.ndarray) -> int:
+def _auto(args: argparse.Namespace, predictor, rgb: "np.ndarray") -> int:
     from ..masks.automatic import AutomaticMaskGenerator, rle_to_mask
     from ..masks.draw import draw_overlay
 
@@ -167,7 +170,7 @@ def _auto(args: argparse.Namespace, predictor, rgb: np.ndarray) -> int:
     return 0
 
 
-def _save_png(path: str, array: np.ndarray) -> None:
+def _save_png(path: str, array: "np.ndarray") -> None:
     from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,0 +1,95 @@
+"""The implementations the benchmark compares: samvit's paths, official segment-anything, timm, transformers,
+each built from the same official-layout weights."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, Tuple
+
+from ..config import EncoderConfig
+
+if TYPE_CHECKING:  # torch is imported when a model is built, so that `samvit bench --help` starts without it
+    import torch
+
+# name -> (what it is, precisions it runs). Peers run bfloat16 the way their users do: autocast over fp32 weights.
+IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "samvit": ("samvit fast path (SDPA)", ("float32", "bfloat16")),
+    "samvit-compiled": ("samvit fast path + torch.compile", ("float32", "bfloat16")),
+    "samvit-reference": ("samvit reference path (official arithmetic)", ("float32",)),
+    "official": ("official segment-anything", ("float32", "bfloat16")),
+    "official-compiled": ("official + torch.compile", ("float32", "bfloat16")),
+    "timm": ("timm samvit (VisionTransformerSAM)", ("float32", "bfloat16")),
+    "transformers": ("transformers SamVisionModel, sdpa", ("float32", "bfloat16")),
+    "transformers-eager": ("transformers SamVisionModel, eager", ("float32", "bfloat16")),
+}
+DEFAULT_IMPLS = ("samvit", "samvit-reference", "official", "timm", "transformers")
+TUNED_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+ALLOCATORS = ("default", "tuned")
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def official_encoder(cfg: EncoderConfig) -> "torch.nn.Module":
+    """segment-anything's ImageEncoderViT with the architecture of `cfg`."""
+    from functools import partial
+
+    import torch
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    if cfg.out_chans is None:
+        raise ValueError("the official encoder always has a neck; this config has none (out_chans=None)")
+    return ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                           embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                           out_chans=cfg.out_chans, qkv_bias=cfg.qkv_bias,
+                           norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps), use_abs_pos=cfg.use_abs_pos,
+                           use_rel_pos=cfg.use_rel_pos, window_size=cfg.window_size,
+                           global_attn_indexes=cfg.global_attn_indexes)
+
+
+def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: torch.dtype
+          ) -> Tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype, bool]:
+    """(forward, input dtype, autocast?) for one implementation holding the official-layout weights `sd`."""
+    import torch
+
+    from ..checkpoints.keymaps import from_official
+
+    if impl.startswith("samvit"):
+        from ..modeling.encoder import ImageEncoder
+
+        kernel = "reference" if impl == "samvit-reference" else "sdpa_chunked"
+        enc = ImageEncoder(cfg, kernel, compile=impl == "samvit-compiled")
+        enc.load_state_dict(sd)
+        enc = enc.eval().to(dtype)
+        return enc, dtype, False
+    autocast = dtype != torch.float32
+    if impl.startswith("official"):
+        model = official_encoder(cfg)
+        model.load_state_dict(sd)
+        model.eval()
+        fwd = torch.compile(model) if impl == "official-compiled" else model
+        return fwd, torch.float32, autocast
+    if impl == "timm":
+        from functools import partial
+
+        from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+        model = VisionTransformerSAM(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+            depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+            norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps), use_abs_pos=cfg.use_abs_pos,
+            use_rel_pos=cfg.use_rel_pos, window_size=cfg.window_size, global_attn_indexes=cfg.global_attn_indexes,
+            neck_chans=cfg.out_chans, num_classes=0, global_pool="")
+        model.load_state_dict(from_official(sd, "timm"))
+        return model.eval().forward_features, torch.float32, autocast
+    if impl.startswith("transformers"):
+        from transformers import SamVisionConfig, SamVisionModel
+
+        hc = SamVisionConfig(hidden_size=cfg.embed_dim, output_channels=cfg.out_chans, num_hidden_layers=cfg.depth,
+                             num_attention_heads=cfg.num_heads, num_channels=cfg.in_chans, image_size=cfg.img_size,
+                             patch_size=cfg.patch_size, layer_norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias,
+                             mlp_ratio=cfg.mlp_ratio, use_abs_pos=cfg.use_abs_pos, use_rel_pos=cfg.use_rel_pos,
+                             window_size=cfg.window_size, global_attn_indexes=list(cfg.global_attn_indexes))
+        hc._attn_implementation = "eager" if impl == "transformers-eager" else "sdpa"
+        model = SamVisionModel(hc)
+        model.load_state_dict(from_official(sd, "transformers"))
+        model.eval()
+        return (lambda x: model(pixel_values=x).last_hidden_state), torch.float32, autocast
+    raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")

@@ -1,0 +1,233 @@
+"""The side-by-side run: every implementation in its own subprocess (bench.worker) with the same random weights,
+input and thread count, so that time, peak memory (VmHWM) and the allocator setting are its own; the record
+holds the machine, the matmul peak, FLOPs per image, and one row per run with its error against the official
+float32 output."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import EncoderConfig
+from ..runtime import TqdmProgress
+from .peers import ALLOCATORS, DEFAULT_IMPLS, IMPLS, TUNED_ENV, official_encoder
+from .report import one_line
+from .weights import random_weights
+
+
+
+def count_flops(cfg: EncoderConfig) -> Tuple[float, str]:
+    """FLOPs of one image through the official encoder (FlopCounterMode on the meta device, window padding
+    included); the samvit reference path (the same arithmetic) where segment-anything is not installed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.device("meta"):
+            model, source = official_encoder(cfg), "official segment-anything"
+    except (ImportError, ValueError):
+        from ..modeling.encoder import ImageEncoder
+
+        with torch.device("meta"):
+            model, source = ImageEncoder(cfg, "reference"), "samvit reference path"
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, cfg.in_chans, cfg.img_size, cfg.img_size, device="meta"))
+    return float(counter.get_total_flops()), source
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, cores, instruction sets that matter here, library versions, date."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "Model name":
+                model = val.strip()
+            elif key.strip() == "Flags":
+                flags = set(val.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    for pkg in ("segment_anything", "timm", "transformers"):
+        try:
+            mod = __import__(pkg)
+            info[pkg] = getattr(mod, "__version__", "installed")
+        except ImportError:
+            info[pkg] = None
+    return info
+
+
+def _worker_cmd(flag: str, payload: Dict[str, Any]) -> List[str]:
+    return [sys.executable, "-m", "samvit.bench.worker", flag, json.dumps(payload)]
+
+
+def _env(allocator: str, threads: int) -> Dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("GLIBC_TUNABLES", None)
+    if allocator == "tuned":
+        env["GLIBC_TUNABLES"] = TUNED_ENV
+    return env
+
+
+def _run_sub(cmd: List[str], env: Dict[str, str], timeout: float) -> Tuple[Optional[Dict[str, Any]], List[Dict], str]:
+    """Run a worker; (its result or None, its progress lines, an error message or '')."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, err = proc.stdout, "" if proc.returncode == 0 else f"exit code {proc.returncode}"
+        stderr = proc.stderr
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        err = f"timed out after {timeout:.0f} s"
+    result, progress = None, []
+    for line in stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line[len("BENCH_RESULT "):])
+        elif line.startswith("BENCH_PROGRESS "):
+            progress.append(json.loads(line[len("BENCH_PROGRESS "):]))
+    if err and stderr.strip():
+        err += ": " + stderr.strip().splitlines()[-1][-300:]
+    return result, progress, err
+
+
+def plan_runs(impls: Sequence[str], dtypes: Sequence[str], batch_sizes: Sequence[int],
+              allocators: Sequence[str]) -> List[Dict[str, Any]]:
+    """One entry per (allocator, implementation, precision, batch). samvit tunes its own allocator, so its
+    rows run once (under the first setting) and stand for both."""
+    runs = []
+    for a_i, alloc in enumerate(allocators):
+        for impl in impls:
+            if impl.startswith("samvit") and a_i > 0:
+                continue
+            for dt in dtypes:
+                if dt not in IMPLS[impl][1]:
+                    continue
+                for b in batch_sizes:
+                    runs.append({"impl": impl, "dtype": dt, "batch": b, "allocator": alloc})
+    return runs
+
+
+def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
+                  dtypes: Sequence[str] = ("float32", "bfloat16"), batch_sizes: Sequence[int] = (1,),
+                  allocators: Sequence[str] = ALLOCATORS, threads: int = 2, warmup: int = 1, repeats: int = 3,
+                  timeout: float = 1800.0, force_bf16: bool = False, peak_size: Optional[int] = 4096,
+                  progress: Optional[bool] = None, label: str = "") -> Dict[str, Any]:
+    """Run every planned implementation in its own subprocess; returns the full record (see write_results)."""
+    from safetensors.torch import save_file
+
+    for name in impls:
+        if name not in IMPLS:
+            raise ValueError(f"unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
+    for a in allocators:
+        if a not in ALLOCATORS:
+            raise ValueError(f"unknown allocator setting {a!r}; expected some of {', '.join(ALLOCATORS)}")
+    record: Dict[str, Any] = {"label": label, "machine": machine_info(), "config": cfg.to_dict(),
+                              "settings": {"threads": threads, "warmup": warmup, "repeats": repeats,
+                                           "timeout_s": timeout, "allocators": list(allocators),
+                                           "tuned_env": f"GLIBC_TUNABLES={TUNED_ENV}"},
+                              "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                              "runs": [], "skipped": []}
+    flops, source = count_flops(cfg)
+    record["flops_per_image"], record["flops_source"] = flops, source
+    with tempfile.TemporaryDirectory(prefix="samvit-bench-") as tmp:
+        peak, err = None, "not measured (peak_size=None)"
+        peak_cmd = _worker_cmd("--peak", {"threads": threads, "n": peak_size})
+        if peak_size:
+            peak, _, err = _run_sub(peak_cmd, _env("tuned", threads), timeout)
+        record["matmul_peak"] = peak or {"error": err}
+        weights, inp, ref = (os.path.join(tmp, f) for f in ("w.safetensors", "x.safetensors", "ref.safetensors"))
+        save_file(random_weights(cfg), weights)
+        x = torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
+        save_file({"x": x}, inp)
+        runs = plan_runs(impls, dtypes, batch_sizes, allocators)
+        bf16_ok = force_bf16 or not peak or peak["bfloat16"]["gflops"] >= 0.3 * peak["float32"]["gflops"]
+        if not bf16_ok:
+            why = (f"no fast bfloat16 matmul on this CPU (peak {peak['bfloat16']['gflops']:.1f} vs float32 "
+                   f"{peak['float32']['gflops']:.1f} GFLOP/s); --force-bf16 runs them anyway")
+            record["skipped"] += [dict(r, reason=why) for r in runs if r["dtype"] == "bfloat16"]
+            runs = [r for r in runs if r["dtype"] != "bfloat16"]
+        # The official float32 output is the yardstick: its run goes first and keeps its output. Without that
+        # run (filtered out, not installed, or a config it cannot build), an untimed run makes the output:
+        # official float32 where it can, else the samvit reference path (the same arithmetic, bit for bit).
+        first = next((r for r in runs if r["impl"] == "official" and r["dtype"] == "float32"), None)
+        if first is not None:
+            runs.remove(first)
+            runs.insert(0, first)
+        fallbacks = ["official", "samvit-reference"] if _importable("segment_anything") else ["samvit-reference"]
+        bar = TqdmProgress("bench", "run", progress, total=len(runs)).bar
+        for r in runs:
+            if not os.path.exists(ref) and r is not first:
+                for base in fallbacks:
+                    spec = dict(impl=base, dtype="float32", batch=1, allocator="tuned", threads=threads,
+                                config=cfg.to_dict(), weights=weights, input=inp, warmup=1, repeats=0, save_output=ref)
+                    if _run_sub(_worker_cmd("--run", spec), _env("tuned", threads), timeout)[0] is not None:
+                        record["reference_impl"] = base
+                        break
+            spec = dict(r, threads=threads, config=cfg.to_dict(), weights=weights, input=inp, reference=ref,
+                        warmup=warmup, repeats=repeats, save_output=ref if r is first else None)
+            bar.set_postfix_str(f"{r['impl']} {r['dtype']} b{r['batch']} {r['allocator']}")
+            result, prog, err = _run_sub(_worker_cmd("--run", spec), _env(r["allocator"], threads), timeout)
+            bar.update(1)
+            if r is first and result is not None:
+                record["reference_impl"] = r["impl"]
+            row = _summarise(result, r, prog, err, flops, record["matmul_peak"])
+            record["runs"].append(row)
+            if progress is not False:
+                bar.write(one_line(row), file=sys.stderr)
+        if peak:  # measured again at the end; the better of the two is this machine's peak
+            again = _run_sub(peak_cmd, _env("tuned", threads), timeout)[0] or {}
+            for k, v in again.items():
+                if v["gflops"] > peak[k]["gflops"]:
+                    peak[k] = v
+            for row in record["runs"]:
+                if "gflops" in row and row["dtype"] in peak:
+                    row["peak_share"] = row["gflops"] / peak[row["dtype"]]["gflops"]
+        bar.close()
+    return record
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _summarise(result: Optional[Dict], plan: Dict, progress: List[Dict], err: str, flops: float,
+               peak: Dict[str, Any]) -> Dict[str, Any]:
+    row: Dict[str, Any] = dict(plan)
+    if result is None:
+        done = [p["seconds"] for p in progress if not p["warmup"]]
+        row["error"] = err or "no result"
+        if not done:
+            return row
+        row["partial"] = True
+        result = {"times_s": done, "cpu_times_s": [p["cpu_seconds"] for p in progress if not p["warmup"]]}
+    row.update({k: v for k, v in result.items() if k not in row})
+    times = result["times_s"]
+    if not times:
+        return row
+    s_img = statistics.median(times) / plan["batch"]
+    row["s_per_image"], row["images_per_s"] = s_img, 1.0 / s_img
+    if result.get("cpu_times_s"):  # process CPU time: with --threads 1, robust to other load on the machine
+        row["cpu_s_per_image"] = statistics.median(result["cpu_times_s"]) / plan["batch"]
+    row["gflops"] = flops / s_img / 1e9
+    pk = peak.get(plan["dtype"], {}).get("gflops") if isinstance(peak, dict) else None
+    if pk:
+        row["peak_share"] = row["gflops"] / pk
+    return row
+
+
