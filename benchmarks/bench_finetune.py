@@ -138,6 +138,9 @@ def run_store(steps: int, images: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if step:
                 times[name].append(time.perf_counter() - t)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     sps = {k: len(v) / sum(v) for k, v in times.items()}
     return {"images": images, "steps": steps, "masks_per_image": 4, "embed_store_s": embed_s,
             "store_steps_per_s": sps["store"], "encoder_steps_per_s": sps["encoder"],
