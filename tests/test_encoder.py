@@ -50,10 +50,12 @@ def test_vit_b_parity_fast_and_reference(vit_b):
         assert _max_abs(enc(x), ref) <= 1e-6  # the reference path mirrors the official arithmetic
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_vit_l_parity(tmp_path):
     _parity("vit_l", tmp_path, seed=2)
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_vit_h_parity(tmp_path):
     _parity("vit_h", tmp_path, seed=3)
 
@@ -122,6 +124,7 @@ def test_vit_h_spec_arrangement():
     assert len(enc.blocks) == 32 and enc.blocks[0].attn.num_heads == 16
 
 
+@pytest.mark.slow  # run by .ci/run after the default suite
 def test_vit_h_spec_forward_at_1024():
     torch.manual_seed(0)
     enc = samvit.ImageEncoder(samvit.preset("vit_h_spec")).eval()

@@ -86,7 +86,7 @@ def test_missing_and_unexpected_keys(tmp_path, vit_b_state):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown model preset 'vit_x'; known presets: vit_b, vit_l, vit_h, vit_h_spec"):
+    with pytest.raises(ValueError, match="unknown model preset 'vit_x'; known presets: vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s"):
         samvit.preset("vit_x")
 
 

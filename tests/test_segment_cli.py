@@ -139,7 +139,7 @@ def test_embedding_store(setup, capsys):
     differ = _png(a) != _png(b)
     assert not (differ & (np.abs(logits[0]) > 0.05)).any()  # float16 storage moves logits by ~1e-3
     rc, _, err = _run(["segment", image, *prompt, "--checkpoint", ckpt, "--out", str(b), "--store", store,
-                       "--key", "nope.png"], capsys)
+                       "--key", "nope.png", "--force"], capsys)
     assert rc == 2 and "'nope.png' is not in the store" in err
 
 

@@ -24,8 +24,8 @@ _EXPORTS = {
     "convert_checkpoint": "checkpoints.convert",
     "EmbeddingStore": "embeddings.store", "embed": "embeddings.pipeline",
     "Predictor": "masks.predictor", "PromptError": "masks.prompts", "AutomaticMaskGenerator": "masks.automatic",
-    "export_onnx": "export",
-    "MAE_PRESETS": "config", "MAEConfig": "config", "mae_preset": "config", "MaskedAutoencoder": "modeling.mae",
+    "export_onnx": "export", "export_decoder_onnx": "export",
+    "MAEConfig": "config", "MAE_PRESETS": "config", "mae_preset": "config", "MaskedAutoencoder": "modeling.mae",
     "Sam": "modeling.sam",
 }
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .data.preprocess import PreparedImage, preprocess
     from .embeddings.pipeline import embed
     from .embeddings.store import EmbeddingStore
-    from .export import export_onnx
+    from .export import export_decoder_onnx, export_onnx
     from .masks.automatic import AutomaticMaskGenerator
     from .masks.predictor import Predictor
     from .masks.prompts import PromptError
@@ -51,7 +51,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .runtime import tune_allocator
 
 
+# subpackages reachable as attributes of `samvit` (samvit.inspect.attention(...)) without an explicit import
+_SUBPACKAGES = ("inspect",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'samvit' has no attribute {name!r}")
@@ -61,4 +67,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> List[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -28,6 +29,7 @@ class EncoderConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -60,6 +62,8 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"an EncoderConfig is a JSON object of fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -69,6 +73,38 @@ class EncoderConfig:
     @classmethod
     def from_json(cls, s: str) -> "EncoderConfig":
         return cls.from_dict(json.loads(s))
+
+
+# Sane bounds for every field (configs also come from files): (low, high) for numbers.
+_INT_BOUNDS = {"img_size": (1, 16384), "patch_size": (1, 16384), "in_chans": (1, 64), "embed_dim": (1, 65536),
+               "depth": (1, 1024), "num_heads": (1, 65536), "window_size": (0, 16384), "out_chans": (1, 65536)}
+_FLOAT_BOUNDS = {"mlp_ratio": (1e-3, 64.0), "norm_eps": (1e-12, 1.0)}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_fields(cfg: "EncoderConfig") -> None:
+    """Raise ValueError naming a field of the wrong type or out of bounds (before any arithmetic on it)."""
+    for name, (lo, hi) in _INT_BOUNDS.items():
+        v = getattr(cfg, name)
+        if name == "out_chans" and v is None:
+            continue
+        if not _is_int(v) or not lo <= v <= hi:
+            raise ValueError(f"{name} {v!r}: expected an integer from {lo} to {hi}")
+    for name, (lo, hi) in _FLOAT_BOUNDS.items():
+        v = getattr(cfg, name)
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not lo <= v <= hi:  # NaN fails too
+            raise ValueError(f"{name} {v!r}: expected a number from {lo:g} to {hi:g}")
+    for name in ("qkv_bias", "use_abs_pos", "use_rel_pos"):
+        if type(getattr(cfg, name)) is not bool:
+            raise ValueError(f"{name} {getattr(cfg, name)!r}: expected true or false")
+    g = cfg.global_attn_indexes
+    if not isinstance(g, (list, tuple, range)) or len(g) > 1024 or not all(_is_int(i) for i in g):
+        raise ValueError(f"global_attn_indexes {str(g)[:60]}: expected a list of block numbers")
+    if not isinstance(cfg.name, str):
+        raise ValueError(f"name {cfg.name!r}: expected a text")
 
 
 PRESETS = {
@@ -82,7 +118,14 @@ PRESETS = {
         embed_dim=1280, depth=32, num_heads=16, use_rel_pos=False, window_size=8,
         global_attn_indexes=tuple(range(16, 32)), out_chans=None, name="vit_h_spec",
     ),
+    # Distillation students (MobileSAM / EfficientSAM sizes): SAM's arrangement at ViT-Ti / ViT-S width, the same
+    # neck, so the (B,256,64,64) embedding fits the released prompt encoder and mask decoder unchanged.
+    "vit_t": EncoderConfig(embed_dim=192, depth=12, num_heads=3, global_attn_indexes=(2, 5, 8, 11), name="vit_t"),
+    "vit_s": EncoderConfig(embed_dim=384, depth=12, num_heads=6, global_attn_indexes=(2, 5, 8, 11), name="vit_s"),
 }
+
+# Presets with no released SAM weights: they are for training (`samvit train distill`, `samvit train mae`).
+NO_RELEASED_WEIGHTS = frozenset({"vit_h_spec", "vit_t", "vit_s"})
 
 
 def preset(name: str, **overrides) -> EncoderConfig:

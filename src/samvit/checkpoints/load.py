@@ -41,31 +41,38 @@ def _encoder_part(sd: StateDict) -> StateDict:
     return dict(sd)
 
 
-def encoder_config(model: ModelSpec, metadata: Dict[str, str], sd: StateDict) -> EncoderConfig:
-    """The encoder config: `model` (preset name or EncoderConfig) if given, else the file's samvit metadata,
-    else the preset whose tensor names and shapes match `sd` (encoder keys, official names)."""
+def encoder_config(model: ModelSpec, metadata: Dict[str, str], sd: StateDict, source: str = "checkpoint"
+                   ) -> EncoderConfig:
+    """The encoder config: `model` (preset name or EncoderConfig) if given, else the file's samvit metadata
+    (validated: CheckpointError naming `source` when it is not a sane config), else the preset whose tensor names
+    and shapes match `sd` (encoder keys, official names)."""
     if isinstance(model, EncoderConfig):
         return model
     if model is not None:
         return preset(model)
     if CONFIG_METADATA_KEY in metadata:
-        return EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
-    return infer_config(sd)
+        try:
+            return EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
+        except (ValueError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{source}: its {CONFIG_METADATA_KEY} metadata is not a valid encoder config "
+                                  f"({e})") from None
+    return infer_config(sd, source)
 
 
-def infer_config(sd: StateDict) -> EncoderConfig:
-    """The preset whose parameter names and shapes match an encoder state dict exactly."""
+def infer_config(sd: StateDict, source: str = "checkpoint") -> EncoderConfig:
+    """The preset whose parameter names and shapes match an encoder state dict exactly (CheckpointError naming
+    `source` otherwise)."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     for cfg in PRESETS.values():
         if _expected_shapes(cfg) == shapes:
             return cfg
     w = sd.get("patch_embed.proj.weight")
     if w is None:
-        raise CheckpointError("cannot infer the model: no `patch_embed.proj.weight` tensor "
+        raise CheckpointError(f"{source}: cannot infer the model: no `patch_embed.proj.weight` tensor "
                               "(is this a SAM image encoder checkpoint?)")
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     raise CheckpointError(
-        f"no preset matches this checkpoint (width {w.shape[0]}, {depth} blocks); pass model= with one of "
+        f"{source}: no preset matches this checkpoint (width {w.shape[0]}, {depth} blocks); pass model= with one of "
         f"{', '.join(PRESETS)} or an EncoderConfig")
 
 
@@ -176,7 +183,7 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
         return _finish(ImageEncoder(encoder_config(model, {}, {}), attn_impl or kernel), device, dtype)
     sd, metadata, source = read_official(checkpoint, progress)
     sd = _encoder_part(sd)
-    encoder = _build_encoder(sd, encoder_config(model, metadata, sd), source, attn_impl or kernel)
+    encoder = _build_encoder(sd, encoder_config(model, metadata, sd, source), source, attn_impl or kernel)
     return _finish(encoder, device, dtype)
 
 
@@ -212,20 +219,28 @@ def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Devi
     Returns:
         (encoder in eval mode or None, decoder in eval mode); the decoder's image sizes follow the encoder's.
     """
+    encoder, decoder, _, _ = _load_sam(checkpoint, model, device, dtype, with_encoder, attn_impl or kernel, progress)
+    return encoder, decoder
+
+
+def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dtype: Optional[torch.dtype],
+              with_encoder: bool, kernel: str, progress: Optional[bool]
+              ) -> Tuple[Optional[ImageEncoder], SamDecoder, Optional[EncoderConfig], str]:
+    """load_sam, plus the encoder config (None when neither given, stored nor inferable) and the source file."""
     sd, metadata, source = read_official(checkpoint, progress)
     esd = _encoder_part(sd) if any(k.startswith(ENCODER_PREFIX) for k in sd) else {}
-    cfg = encoder_config(model, metadata, esd) if (model is not None or esd or CONFIG_METADATA_KEY in metadata) \
+    cfg = encoder_config(model, metadata, esd, source) if (model is not None or esd or CONFIG_METADATA_KEY in metadata) \
         else None
     encoder = None
     if with_encoder:
         if not esd:
             raise CheckpointError(f"{source}: no image_encoder.* tensors; pass with_encoder=False and use "
                                   "set_embedding, or give a full SAM checkpoint")
-        encoder = _finish(_build_encoder(esd, cfg, source, attn_impl or kernel), device, dtype)
+        encoder = _finish(_build_encoder(esd, cfg, source, kernel), device, dtype)
     base = infer_decoder_config(sd, source=source)
     if cfg is not None:
         base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
-    return encoder, _finish(_build_decoder(sd, base, source), device, None)
+    return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source
 
 
 def save_encoder(encoder: ImageEncoder, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -237,8 +252,8 @@ def save_encoder(encoder: ImageEncoder, path: PathLike, metadata: Optional[Dict[
 
 def checkpoint_info(checkpoint: PathLike) -> Dict[str, object]:
     """Config, parameter count and dtypes of a checkpoint's encoder, without building the model on real memory."""
-    sd, metadata, _ = read_official(checkpoint)
+    sd, metadata, source = read_official(checkpoint)
     sd = _encoder_part(sd)
-    cfg = encoder_config(None, metadata, sd)
+    cfg = encoder_config(None, metadata, sd, source)
     return {"config": cfg, "num_parameters": sum(v.numel() for v in sd.values()),
             "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata)}

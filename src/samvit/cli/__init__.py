@@ -1,10 +1,22 @@
-"""The one `samvit` command; each sub-command lives in its own module, imported only when it runs."""
+"""The one `samvit` command; each sub-command lives in its own module, imported only when it runs.
+
+main() is the one error boundary of every sub-command: an error a user can cause ends as one line
+`samvit COMMAND: error: ...` and an exit code, never a traceback (--debug or SAMVIT_DEBUG=1 shows it).
+Exit codes: 0 ok; 1 the run finished but some items failed (each listed); 2 usage error or unusable input or
+output (nothing, or nothing more, was done); 3 an internal error (a bug: please report it with --debug);
+130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
+
+from ..errors import SamvitError
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # name -> (module under samvit.cli, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -15,13 +27,15 @@ COMMANDS = {
     "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
     "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
     "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
-    "export": ("export", "export the image encoder to ONNX (external data for vit_h), --verify in onnxruntime"),
-    "train": ("train", "MAE pre-training of the encoder, export to a SAM encoder, fine-tuning SAM on masks"),
+    "export": ("export", "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"),
+    "serve": ("serve", "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"),
+    "inspect": ("inspect", "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"),
+    "train": ("train", "MAE pre-training, distillation, fine-tuning SAM on masks (one process or torchrun); export to SAM"),
     "evaluate": ("evaluate", "mIoU of a SAM checkpoint on masks: 1 point, 1 box, k correction clicks (JSON, markdown)"),
 }
 
 
-class UserError(Exception):
+class UserError(SamvitError):
     """An error caused by the user's input: printed without a traceback, exit code 2."""
 
 
@@ -31,34 +45,89 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samvit", description="The Segment Anything ViT image encoder: "
                                      "embeddings, masks, weights and benchmarks.")
     parser.add_argument("--version", action="version", version=f"samvit {__version__}")
+    debug_help = "show the full traceback of an error (for bug reports); also SAMVIT_DEBUG=1"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         importlib.import_module(f"samvit.cli.{module}").add_arguments(p)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the `samvit` command."""
+    """Entry point of the `samvit` command; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and --version end here, before torch is imported
     if not getattr(args, "command", None):
         parser.print_help()
-        return 2
-    from ..checkpoints.files import CheckpointError
-    from ..data.images import ImageError
-    from ..runtime import tune_allocator
-
-    tune_allocator()
+        return EXIT_USAGE
+    debug = args.debug or os.environ.get("SAMVIT_DEBUG", "") not in ("", "0")
     try:
+        from ..runtime import tune_allocator
+
+        tune_allocator()
         return importlib.import_module(f"samvit.cli.{args._module}").run(args)
-    except (UserError, CheckpointError, ImageError, ValueError, FileNotFoundError) as e:
-        print(f"samvit {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"samvit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        message, code = describe_error(e)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"samvit {args.command}: error: {message}", file=sys.stderr)
+        if code == EXIT_INTERNAL and not debug:
+            print(f"samvit {args.command}: this is a bug in samvit; run again with --debug and report the "
+                  "traceback", file=sys.stderr)
+        return code
+
+
+def describe_error(e: BaseException) -> "tuple[str, int]":
+    """(one-line message, exit code) of an exception that reached the command's boundary, by its kind."""
+    if isinstance(e, SamvitError):
+        return str(e), EXIT_USAGE
+    if isinstance(e, ImportError) and not (e.name or "").startswith("samvit"):
+        return missing_dependency(e), EXIT_USAGE
+    if isinstance(e, OSError):  # file exists, read-only, disk full, is a directory, permission denied...
+        where = " -> ".join(os.fspath(f) for f in (e.filename, e.filename2) if f is not None)
+        what = e.strerror or str(e) or type(e).__name__
+        return (f"{where}: {what}" if where else what), EXIT_USAGE
+    if type(e).__name__ == "SafetensorError":  # safetensors' own type, without importing it here
+        return f"safetensors: {e}", EXIT_USAGE
+    if isinstance(e, ValueError):  # argument checks of the library (ValueError by convention)
+        return str(e) or type(e).__name__, EXIT_USAGE
+    if isinstance(e, MemoryError):
+        return f"out of memory ({e or 'MemoryError'})", EXIT_USAGE
+    return f"{type(e).__name__}: {e}", EXIT_INTERNAL
+
+
+_DISTRIBUTIONS = {"cv2": "opencv-python-headless", "skimage": "scikit-image", "PIL": "pillow", "yaml": "pyyaml",
+                  "sklearn": "scikit-learn"}
+
+
+def missing_dependency(e: ImportError) -> str:
+    """'needs the optional package X: pip install samvit[extra]' for a package one of samvit's extras holds."""
+    import re
+
+    if not e.name:  # raised by samvit itself with its own advice
+        return str(e) if "pip install" in str(e) else f"{e}: a needed package is missing (see pip install samvit[...])"
+    module = e.name.split(".")[0]
+    dist = _DISTRIBUTIONS.get(module, module)
+    extras = []
+    try:
+        from importlib.metadata import requires
+
+        for req in requires("samvit") or []:
+            m = re.match(r"\s*([A-Za-z0-9_.\-]+).*extra\s*==\s*[\"']([^\"']+)[\"']", req)
+            if m and m.group(1).lower().replace("_", "-") == dist.lower().replace("_", "-") and m.group(2) != "test":
+                extras.append(m.group(2))
+    except Exception:  # no installed metadata: name the package alone
+        pass
+    how = f"pip install 'samvit[{extras[0]}]'" if extras else f"pip install {dist}"
+    return f"this needs the optional package {dist!r}, which is not installed ({e}): {how}"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or ~/.cache/samvit)")
     p.add_argument("--base-url", default=None, help="mirror to fetch registry names from (default: "
                    "$SAMVIT_BASE_URL or the public SAM release host)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     src = resolve_checkpoint(args.input, cache=args.cache_dir, base_url=args.base_url,
                              progress=False if args.quiet else None)
-    fmt = convert_checkpoint(src, args.output, to=args.to, model=args.model)
+    fmt = convert_checkpoint(src, args.output, to=args.to, model=args.model, force=args.force)
     if not args.quiet:
         print(f"{args.input} ({fmt} layout) -> {args.output} ({args.to})", file=sys.stderr)
     return 0

@@ -21,7 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file (official, transformers or timm layout; .pth/.bin/.safetensors) or a "
                    "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
     p.add_argument("--out", default="embeddings", help="output directory of per-file embeddings, without --store "
-                   "(default: ./embeddings)")
+                   "(default: ./embeddings); one file per input at its key's path, never outside it; a rerun skips "
+                   "what this model and checkpoint already wrote from the same file content")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs that this model and checkpoint "
+                   "did not write (refused otherwise), and re-embed those it did")
     p.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per forward pass (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available; under torchrun "
                    "cuda:LOCAL_RANK)")
@@ -67,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         given = ["--" + k.replace("_", "-") for k in STORE_ONLY if getattr(args, k) is not None]
         if given:
             raise UserError(f"{', '.join(given)} only apply with --store PATH")
+    elif args.force:
+        raise UserError("--force applies to per-file outputs (--out); a store resumes, and keeps the latest "
+                        "embedding of a key whose file changed")
     if args.tile is not None and args.tile < 1:
         raise UserError(f"--tile must be at least 1 pixel, got {args.tile}")
     if args.halo is not None and (args.halo < 0 or args.tile is None):
@@ -84,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
             checkpoint = resolve_checkpoint(args.checkpoint, progress=False if quiet else None)
         encoder = load_encoder(args.model, checkpoint, device=device, dtype=resolve_dtype(args.dtype))
         sha = checkpoint_sha256(checkpoint)
-        sink = FileSink(args.out, sha) if args.store is None else \
-            StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report)
+        protected = [checkpoint] + [a for a in args.inputs if os.path.isfile(a)]  # list files too
+        sink = FileSink(args.out, sha, force=args.force, protected=protected) if args.store is None else \
+            StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report, protected=protected)
         with TqdmProgress("embed" + (f" (rank 0 of {env[1]})" if env else ""), "img",
                           enabled=False if quiet else None) as bar:
             report = embed(encoder, items, sink, batch_size=args.batch_size, workers=args.workers, tile=args.tile,
@@ -93,9 +100,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if env is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    report_error = getattr(sink, "report_error", None) if rank == 0 else None
     if rank == 0:
         for f in report.failed:
             print(f"failed: {f['reason']}", file=sys.stderr)
+        if report_error:
+            print(f"samvit embed: error: {report_error}; the failures are listed above", file=sys.stderr)
         if not args.quiet and args.store is None:
             print(f"{report.embedded} embedded into {args.out}, {len(report.failed)} failed", file=sys.stderr)
         elif not args.quiet:
@@ -105,4 +115,4 @@ def run(args: argparse.Namespace) -> int:
                   f"{report.seconds:.1f} s, {report.images_per_second:.2f} images/s"
                   + (f" on {env[1]} processes" if env else "") + f"; store {args.store}"
                   + (f"; failures listed in {report_path}" if report.failed else ""), file=sys.stderr)
-    return 1 if report.failed else 0
+    return 2 if report_error else 1 if report.failed else 0

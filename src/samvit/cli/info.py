@@ -5,7 +5,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec)")
+    p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file to describe instead of a preset")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import PRESETS, preset
+    from ..config import NO_RELEASED_WEIGHTS, PRESETS, preset
     from ..modeling.encoder import ImageEncoder
     from ..checkpoints.load import checkpoint_info
 
@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         enc = ImageEncoder(cfg)
     d = describe(cfg, enc.num_parameters(), enc.num_parameters(include_pos_embed=False))
+    if not args.checkpoint:
+        d["released_weights"] = cfg.name not in NO_RELEASED_WEIGHTS
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -42,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
         for name in PRESETS:
             with torch.device("meta"):
                 e = ImageEncoder(PRESETS[name])
-            print(f"{name:11s} {e.num_parameters() / 1e6:7.1f}M parameters")
+            note = "  (no released weights: for training)" if name in NO_RELEASED_WEIGHTS else ""
+            print(f"{name:11s} {e.num_parameters() / 1e6:7.1f}M parameters{note}")
         print()
-    print(f"model: {cfg.name}" + (f"  (checkpoint {args.checkpoint})" if args.checkpoint else ""))
+    print(f"model: {cfg.name}" + (f"  (checkpoint {args.checkpoint})" if args.checkpoint else "")
+          + ("  (no released weights: for training)" if not args.checkpoint and cfg.name in NO_RELEASED_WEIGHTS else ""))
     print(f"  width {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads} ({cfg.head_dim} per head), "
           f"patch {cfg.patch_size}, MLP {cfg.mlp_ratio:g}x, image {cfg.img_size}")
     glob_blocks = list(cfg.global_attn_indexes)

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", default=None, help="IMAGE's key in --store (default: its file name, the key `samvit "
                    "embed` gives a single file; files found in a directory are keyed by their relative path)")
     p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="full SAM checkpoint (official .pth or .safetensors); default: $SAMVIT_CHECKPOINT")
+                   help="full SAM checkpoint (official .pth, transformers SamModel file or folder, .safetensors) or a "
+                   "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
     p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when omitted")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -45,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this many pixels (needs scipy)")
     g.add_argument("--rle", choices=["coco", "uncompressed"], default="coco",
                    help="segmentation encoding in the JSON: compressed COCO RLE strings (default) or count lists")
+    p.add_argument("--force", action="store_true", help="replace --out / --overlay if they exist (refused otherwise)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use an --embedding / --store embedding whose metadata names another model or checkpoint "
+                   "than --checkpoint (refused otherwise: only if the weights are known to be the same)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
@@ -87,16 +92,20 @@ def run(args: argparse.Namespace) -> int:
     if args.auto and precomputed and args.crop_n_layers > 0:
         raise UserError("--crop-n-layers re-encodes image crops, which needs the image encoder: drop "
                         f"{'--embedding' if args.embedding else '--store'}")
+    _check_outputs(args)
     rgb = load_image(args.image)
     predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=resolve_device(args.device),
                                           dtype=resolve_dtype(args.dtype), with_encoder=not precomputed,
                                           progress=False if args.quiet else None)
     if precomputed:
         if args.embedding:
-            predictor.set_embedding(args.embedding)
+            predictor.set_embedding(args.embedding, allow_mismatch=args.allow_mismatch)
         else:
             store = EmbeddingStore.open(args.store)
-            predictor.set_embedding(*store.image_embedding(args.key or os.path.basename(args.image)))
+            key = args.key or os.path.basename(args.image)
+            emb, original_size, input_size = store.image_embedding(key)
+            predictor.set_embedding(emb, original_size, input_size, metadata=store.metadata(key),
+                                    allow_mismatch=args.allow_mismatch, source=f"{args.store} (key {key!r})")
         if predictor.original_size != rgb.shape[:2]:
             raise UserError(f"{precomputed} holds the embedding of an image of size {predictor.original_size} "
                             f"(H, W), but {args.image} is {rgb.shape[:2]}")
@@ -117,8 +126,31 @@ def run(args: argparse.Namespace) -> int:
         _save_png(args.overlay, draw_overlay(rgb, [mask], points, box))
     if not args.quiet:
         print(json.dumps({"out": args.out, "area": int(mask.sum()), "predicted_iou": float(scores[best]),
-                          "candidates": [float(s) for s in scores]}))
+                          "candidates": [float(s) for s in scores]}, allow_nan=False))
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: --out and --overlay are two files, neither replaces an input, neither exists unless
+    --force."""
+    from ..embeddings.files import check_not_an_input
+    from ..errors import OutputError
+
+    inputs = [args.image, args.checkpoint, args.embedding] + ([os.path.join(args.store, "zarr.json")]
+                                                               if args.store else [])
+    protected = {os.path.realpath(p) for p in inputs if p and os.path.lexists(p)}
+    outputs = [("--out", args.out)] + ([("--overlay", args.overlay)] if args.overlay else [])
+    if args.overlay and os.path.realpath(args.overlay) == os.path.realpath(args.out):
+        raise OutputError(f"--overlay {args.overlay} is --out: give them different files")
+    for flag, path in outputs:
+        check_not_an_input(path, protected, flag)
+        if args.store and os.path.commonpath([os.path.realpath(args.store), os.path.realpath(path)]) == \
+                os.path.realpath(args.store):
+            raise OutputError(f"{flag} {path}: is inside the store {args.store}; choose another path")
+        if os.path.isdir(path):
+            raise OutputError(f"{flag} {path}: is a folder; expected a file name")
+        if os.path.lexists(path) and not args.force:
+            raise OutputError(f"{flag} {path}: exists; pass --force to replace it")
 
 
 def _auto(args: argparse.Namespace, predictor, rgb: "np.ndarray") -> int:
@@ -143,9 +175,11 @@ def _auto(args: argparse.Namespace, predictor, rgb: "np.ndarray") -> int:
     h, w = rgb.shape[:2]
     doc = {"image": {"file_name": os.path.basename(args.image), "height": h, "width": w},
            "annotations": [dict(id=i, **r) for i, r in enumerate(records)]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f)
+    from ..checkpoints.files import atomic_write
+
+    text = json.dumps(doc, allow_nan=False)  # NaN is not JSON: the decoder's outputs are checked finite before
+    with atomic_write(args.out) as tmp, open(tmp, "w") as f:
+        f.write(text)
     if not args.quiet:
         print(json.dumps({"out": args.out, "masks": len(records)}))
     return 0
@@ -154,5 +188,7 @@ def _auto(args: argparse.Namespace, predictor, rgb: "np.ndarray") -> int:
 def _save_png(path: str, array: "np.ndarray") -> None:
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG")
+    from ..checkpoints.files import atomic_write
+
+    with atomic_write(path) as tmp:  # a full disk leaves the old file (or none), never half a PNG
+        Image.fromarray(array).save(tmp, format="PNG")

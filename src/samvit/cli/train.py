@@ -1,5 +1,6 @@
 """`samvit train`: MAE pre-training of the encoder (`train mae`), the MAE encoder -> SAM ImageEncoder transfer
-(`train export-encoder`), and fine-tuning SAM on masks (`train sam`, docs/finetune.md).
+(`train export-encoder`), fine-tuning SAM on masks (`train sam`, docs/finetune.md) and distillation into a small
+encoder (`train distill`, docs/experiments.md).
 
 One machine: `samvit train mae ...`; several processes or machines: `torchrun --nproc_per_node=N -m samvit train
 mae ...` (DDP; --fsdp shards the model instead). See docs/training.md.
@@ -16,7 +17,7 @@ MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="train_command", metavar="TASK")
     m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
-                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75%% of each image's "
+                       description="MAE pre-training (He et al. 2022) of the ViT encoder: 75% of each image's "
                        "patches masked, the visible ones encoded, the pixels of the masked ones reconstructed. Runs "
                        "as one process or under torchrun (DDP; --fsdp for FSDP2). Writes RUN_DIR/log.jsonl, "
                        "checkpoints (ckpt_<step>.pt, the last --keep-last kept) and reconstruction pictures.")
@@ -29,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
     o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="mae_vit_h")
     o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
+    o.add_argument("--target", choices=("pixels", "teacher-features"), default="pixels",
+                   help="what the decoder reconstructs for the masked patches: their pixels (MAE, default) or "
+                   "--teacher's embedding after its neck, pooled to the token grid (SAMI, EfficientSAM)")
+    o.add_argument("--teacher", default=None, metavar="vit_h|PATH", help="with --target teacher-features: the "
+                   "teacher SAM encoder (registry name or checkpoint file)")
     g.add_argument("--vis-every", type=int, default=0, metavar="K", help="write RUN_DIR/recon_<step>.png every K "
                    "steps (default: off)")
     g.add_argument("--synthetic-size", type=int, default=1024, metavar="N", help="images in --data synthetic "
@@ -77,6 +83,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-size", type=int, default=256, metavar="N", help="images in --data synthetic "
                    "(default 256)")
     f.set_defaults(_train=_run_sam)
+
+    d = sub.add_parser("distill", help="distil a SAM encoder into a small student (MobileSAM-style)",
+                       description="Decoupled distillation: the student encoder learns the teacher's image embeddings "
+                       "(MSE, optionally + cosine). The teacher's embeddings are read from an embedding store "
+                       "(--teacher-store, made by `samvit embed --store`) or computed once into RUN_DIR/teacher_store; "
+                       "no augmentation (it would invalidate them). Writes RUN_DIR/student.safetensors (loads with "
+                       "samvit.load_encoder) and RUN_DIR/sam_student.pth (the student with the teacher's prompt "
+                       "encoder and mask decoder, official layout), besides the loop's log.jsonl and checkpoints.")
+    d.add_argument("--teacher", required=True, metavar="vit_h|PATH", help="the teacher: a registry name (vit_b, "
+                   "vit_l, vit_h) or a full SAM checkpoint file (an encoder-only file gives no sam_student.pth)")
+    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help="student preset (vit_t, vit_s, ...) or "
+                   "a JSON file of EncoderConfig fields (default vit_t); its input size is the teacher's")
+    d.add_argument("--data", required=True, metavar="DIR|synthetic", help="folder of training images (searched "
+                   "recursively), or 'synthetic' (shapes, written once to RUN_DIR/images)")
+    d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "
+                   "by `samvit embed DIR --store STORE --checkpoint TEACHER` (default: computed once into "
+                   "RUN_DIR/teacher_store)")
+    d.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+                   "--resume)")
+    d.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
+    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="vit_h")
+    o.add_argument("--cosine-weight", type=float, default=0.0, metavar="W", help="loss = MSE + W x (1 - cosine "
+                   "per embedding position) (default 0: MSE alone)")
+    g.add_argument("--embed-batch-size", type=int, default=1, metavar="B", help="batch of the teacher when it "
+                   "computes the store (default 1)")
+    g.add_argument("--synthetic-size", type=int, default=256, metavar="N", help="images in --data synthetic "
+                   "(default 256)")
+    d.set_defaults(_train=_run_distill)
 
     e = sub.add_parser("export-encoder", help="turn an MAE encoder into a SAM ImageEncoder (.safetensors)",
                        description="Build a SAM ImageEncoder from an MAE-trained ViT (what SAM did): patch embedding "
@@ -159,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
     from . import UserError
 
     if not getattr(args, "train_command", None):
-        raise UserError("name a task: `samvit train mae ...`, `samvit train sam ...` or `samvit train "
-                        "export-encoder ...` (see --help)")
+        raise UserError("name a task: `samvit train mae ...`, `samvit train sam ...`, `samvit train distill ...` "
+                        "or `samvit train export-encoder ...` (see --help)")
     return args._train(args)
 
 
@@ -173,7 +207,8 @@ def _run_mae(args: argparse.Namespace) -> int:
     if args.vis_every < 0:
         raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
     pretrain_mae(loop_config(args), model=args.model, data=args.data, mask_ratio=args.mask_ratio,
-                 synthetic_size=args.synthetic_size, vis_every=args.vis_every)
+                 synthetic_size=args.synthetic_size, vis_every=args.vis_every, target=args.target,
+                 teacher=args.teacher)
     return 0
 
 
@@ -191,6 +226,21 @@ def _run_sam(args: argparse.Namespace) -> int:
                  lora_alpha=args.lora_alpha, layer_decay=args.layer_decay, drop_path=args.drop_path,
                  iterations=args.iterations, masks_per_image=args.masks_per_image, store=args.store,
                  synthetic_size=args.synthetic_size)
+    return 0
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from ..train.distill import distill
+    from . import UserError
+
+    if args.data != "synthetic" and not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
+    if args.student.endswith(".json") and not os.path.isfile(args.student):
+        raise UserError(f"--student {args.student}: no such file")
+    if args.embed_batch_size < 1:
+        raise UserError(f"--embed-batch-size must be at least 1, got {args.embed_batch_size}")
+    distill(loop_config(args), args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight,
+            args.synthetic_size, args.embed_batch_size)
     return 0
 
 

@@ -17,13 +17,15 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import SamvitError, open_regular
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error limit (2 x MAX_IMAGE_PIXELS)
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(SamvitError, ValueError):
     """An input that cannot be read or converted into an RGB image."""
 
 
@@ -81,16 +83,17 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(f"expected an image path, a PIL image or a numpy array, got {type(source).__name__}")
     path = os.fspath(source)
-    if not os.path.exists(path):
-        raise ImageError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ImageError(f"{path}: is a directory, expected an image file")
-    if os.path.getsize(path) == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
+    with open_regular(path, "image file", ImageError) as f:  # a FIFO, a device or a folder is refused, unopened
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        return _decode(f, path, max_pixels)
+
+
+def _decode(f, path: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} "

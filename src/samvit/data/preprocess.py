@@ -30,9 +30,10 @@ class PreparedImage:
 
 
 def get_preprocess_shape(h: int, w: int, long_side: int = 1024) -> Tuple[int, int]:
-    """(H, W) after scaling the long side to long_side, rounded as the official code does."""
+    """(H, W) after scaling the long side to long_side, rounded as the official code does; at least 1 pixel a
+    side (the official rounding gives 0 for an image thinner than 1:2048, e.g. 1x5000, and then fails)."""
     scale = long_side * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def resize_longest_side(rgb: np.ndarray, long_side: int = 1024) -> np.ndarray:

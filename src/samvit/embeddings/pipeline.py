@@ -24,9 +24,10 @@ from ..checkpoints.files import atomic_write, sha256_file
 from ..data.images import DEFAULT_MAX_PIXELS, load_image
 from ..data.preprocess import PreparedImage, collate, prepare
 from ..data.tiles import tile_grid
+from ..errors import OutputError, SamvitError
 from ..modeling.encoder import ImageEncoder
 from ..runtime import ProgressArg, progress_callback
-from .files import output_path, save_embedding
+from .files import check_not_an_input, output_path, plan_outputs, save_embedding
 from .store import EmbeddingStore, embedding_shape
 
 Item = Tuple[str, str]  # (path, key)
@@ -49,9 +50,10 @@ class _Units(IterableDataset):
     def _units(self, path: str, key: str) -> Iterator[Dict[str, Any]]:
         base = {"key": key, "path": path}
         try:
-            sha = sha256_file(path)
-        except OSError as e:
-            reason = f"{path}: cannot read file ({type(e).__name__}: {e.strerror or e})"
+            sha = sha256_file(path)  # only a regular file is opened: a FIFO or a device is reported, never read
+        except (OSError, SamvitError) as e:
+            reason = str(e) if isinstance(e, SamvitError) else \
+                f"{path}: cannot read file ({type(e).__name__}: {e.strerror or e})"
             yield dict(base, status="failed", reason=reason)
             return
         if self.done.get(key) == sha:
@@ -72,7 +74,8 @@ class _Units(IterableDataset):
                 yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=tile,
                            tile_index=i, n_tiles=len(grid), tensor=x)
         except Exception as e:  # ImageError carries the reason; anything else is reported by type
-            reason = str(e) if isinstance(e, ValueError) else f"{path}: {type(e).__name__}: {e}"
+            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            reason = reason if path in reason else f"{path}: {reason}"
             yield dict(base, status="failed", reason=reason)  # after any tiles already sent: the item is dropped
 
 
@@ -100,25 +103,36 @@ class EmbedReport:
 
 
 class FileSink:
-    """Output: one .safetensors per input under out_dir, at the input key's relative path (embeddings.files)."""
+    """Output: one .safetensors per input under out_dir, at the input key's relative path (embeddings.files).
 
-    def __init__(self, out_dir: str, checkpoint_sha256: str = "", metadata: Optional[Dict[str, str]] = None) -> None:
+    Resumes: an output this model and checkpoint wrote from the same file content is skipped; one from changed
+    content is rewritten. Any other existing output (or one over an input, outside out_dir, or shared by two
+    inputs) stops the run before any work unless force (see embeddings.files.plan_outputs). `protected`: real
+    paths of other files the run reads (checkpoint, list files) that no output may replace."""
+
+    def __init__(self, out_dir: str, checkpoint_sha256: str = "", metadata: Optional[Dict[str, str]] = None,
+                 force: bool = False, protected: Sequence[str] = ()) -> None:
         self.out_dir, self.checkpoint_sha256, self.extra = out_dir, checkpoint_sha256, dict(metadata or {})
+        self.force, self.protected = force, {os.path.realpath(p) for p in protected}
         self.out_dtype = torch.float32
         self.written: List[str] = []
 
-    def open(self, encoder: ImageEncoder, tile: Optional[int], halo: int, rank: int, world: int) -> Dict[str, str]:
-        """Prepare for a run; returns what is already done (key -> content sha256): nothing, files are rewritten."""
+    def open(self, encoder: ImageEncoder, tile: Optional[int], halo: int, rank: int, world: int,
+             items: Sequence[Item] = ()) -> Dict[str, str]:
+        """Plan the outputs of `items` (refusing clashes, writes over inputs, foreign existing files); returns
+        what is already done (key -> content sha256)."""
         if tile is not None:
             raise ValueError("tiles need an embedding store: pass a StoreSink (samvit embed --store PATH)")
         self.metadata = {"model": encoder.config.name, "checkpoint_sha256": self.checkpoint_sha256,
                          "samvit_version": __version__, "dtype": str(encoder.dtype).replace("torch.", ""),
                          **self.extra}
-        return {}
+        return plan_outputs(self.out_dir, items, model=encoder.config.name, checkpoint_sha256=self.checkpoint_sha256,
+                            protected=self.protected, force=self.force)
 
     def put(self, key: str, embedding: torch.Tensor, *, sha256: str, original_size, input_size, tiles=None) -> None:
         dest = output_path(self.out_dir, key)
-        save_embedding(dest, embedding, original_size, input_size, dict(self.metadata, source=key))
+        save_embedding(dest, embedding, original_size, input_size, dict(self.metadata, source=key,
+                                                                        source_sha256=sha256))
         self.written.append(dest)
 
     def put_alias(self, key: str, source_key: str) -> None:
@@ -139,13 +153,30 @@ class StoreSink:
     skipped). Failed inputs are listed in report_path (default PATH/failures.jsonl, rewritten every run)."""
 
     def __init__(self, path: str, checkpoint_sha256: str, dtype: Optional[str] = None,
-                 report_path: Optional[str] = None, durable: bool = True) -> None:
+                 report_path: Optional[str] = None, durable: bool = True, protected: Sequence[str] = ()) -> None:
         self.path, self.checkpoint_sha256, self.dtype = path, checkpoint_sha256, dtype
         self.report_path, self.durable = report_path, durable
+        self.protected = {os.path.realpath(p) for p in protected}
+        self.report_error: Optional[str] = None
 
-    def open(self, encoder: ImageEncoder, tile: Optional[int], halo: int, rank: int, world: int) -> Dict[str, str]:
+    def open(self, encoder: ImageEncoder, tile: Optional[int], halo: int, rank: int, world: int,
+             items: Sequence[Item] = ()) -> Dict[str, str]:
         """Create or open the store (refusing another model, checkpoint, dtype or tiling) and a writer session;
-        returns what it holds (key -> content sha256)."""
+        returns what it holds (key -> content sha256). Refuses, before any work, two items with one key and a
+        store or report path that is one of the inputs."""
+        protected = self.protected | {os.path.realpath(p) for p, _ in items}
+        keys: Dict[str, List[str]] = {}
+        for p, k in items:
+            keys.setdefault(k, []).append(p)
+        clashes = {k: ps for k, ps in keys.items() if len(ps) > 1}
+        if clashes:
+            from ..data.sources import key_clash_message
+
+            raise OutputError(key_clash_message(clashes, "store key", "give each input a distinct key"))
+        check_not_an_input(self.report_path or os.path.join(self.path, "failures.jsonl"), protected,
+                           "failure report")
+        if os.path.realpath(self.path) in protected:
+            raise OutputError(f"{self.path}: the store would replace one of this run's inputs")
         cfg = encoder.config
         self.store = EmbeddingStore.create(
             self.path, model=cfg.name, config=cfg.to_dict(), embedding_shape=embedding_shape(cfg),
@@ -164,9 +195,12 @@ class StoreSink:
         """Rank 0 lists the run's failures, one JSON object a line."""
         if rank == 0:
             path = self.report_path or os.path.join(self.store.path, "failures.jsonl")
-            with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                for item in sorted(report.failed, key=lambda d: d["key"]):
-                    f.write(json.dumps(item) + "\n")
+            try:
+                with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                    for item in sorted(report.failed, key=lambda d: d["key"]):
+                        f.write(json.dumps(item) + "\n")
+            except OSError as e:  # the failures are still in the report (the CLI prints them): say why not here
+                self.report_error = f"{path}: cannot write the failure report ({e.strerror or e})"
 
 
 Sink = Any  # FileSink, StoreSink, or any object with their methods
@@ -253,7 +287,7 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
     device, compute_dtype = encoder.device, encoder.dtype
-    done = sink.open(encoder, tile, halo, rank, world)
+    done = sink.open(encoder, tile, halo, rank, world, items=items)
     by_sha = {sha: k for k, sha in done.items()}
     shard = list(items)[rank::world]
     workers = default_workers() if workers is None else workers
@@ -263,6 +297,7 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
     report = EmbedReport(total=len(shard))
     pending: List[Tuple[Dict[str, Any], torch.Tensor]] = []  # (unit, input tensor) waiting for a forward pass
     partial: Dict[str, Dict[str, list]] = {}  # key -> {"units", "outputs"}, per tile, until all tiles are encoded
+    failed_keys: set = set()  # keys refused for non-finite output (their later tiles are dropped)
     start = time.perf_counter()
     behind = _WriteBehind(sink, max_items=2 * batch_size + 2)
     count = [0]
@@ -278,7 +313,17 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
             with torch.inference_mode():
                 out = encoder(x).to(sink.out_dtype).cpu()
             report.encoded_rows += len(units)
-            for (u, _), emb in zip(units, out):
+            finite = torch.isfinite(out).flatten(1).all(1).tolist()  # NaN weights, or overflow in float16
+            for (u, _), emb, ok in zip(units, out, finite):
+                if not ok or u["key"] in failed_keys:
+                    if u["key"] not in failed_keys:
+                        failed_keys.add(u["key"])
+                        partial.pop(u["key"], None)
+                        report.failed.append({"key": u["key"], "path": u["path"], "reason": (
+                            f"{u['path']}: the encoder gave NaN or infinite values (damaged weights, or too large "
+                            f"for {str(sink.out_dtype).replace('torch.', '')}); not written")})
+                        advance()
+                    continue
                 n = u["n_tiles"]
                 state = partial.setdefault(u["key"], {"units": [None] * n, "outputs": [None] * n})
                 state["units"][u["tile_index"]], state["outputs"][u["tile_index"]] = u, emb

@@ -27,6 +27,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -38,19 +39,30 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import MetadataError, SamvitError, open_regular
+
 FORMAT = "samvit-embedding-store"
 FORMAT_VERSION = 1
 ROW_CAPACITY = 2**32  # rows per writer array; chunks that are never written take no space
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+MAX_ROWS_PER_ITEM = 1 << 20  # tiles of one item: a bound on what an index line may claim
+MAX_ROW_ELEMENTS = 1 << 28  # values in one embedding (1 GiB in float32): a bound on the store's shape
+MAX_SIDE = 1 << 20  # pixels a side in an index line's sizes
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # writer and array names: never a path
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PathLike = Union[str, os.PathLike]
 
 
-class StoreError(ValueError):
+class StoreError(SamvitError, ValueError):
     """A path that is not a readable embedding store, or a request that does not fit the store."""
 
 
 class StoreMismatchError(StoreError):
     """A write into a store made with another model, checkpoint, dtype or tiling."""
+
+
+class StoreCorruptError(StoreError):
+    """An item whose data is missing or does not match the checksum its index line records."""
 
 
 def utc_now() -> str:
@@ -83,7 +95,7 @@ def decode_line(line: bytes) -> Optional[Dict[str, Any]]:
         if int(crc, 16) != zlib.crc32(body):
             return None
         rec = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return rec if isinstance(rec, dict) else None
 
@@ -115,8 +127,9 @@ class VerifyReport:
 class EmbeddingStore:
     """Read access to an embedding store; `writer()` opens a session that adds items. See the module docstring."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, verify: bool = True) -> None:
         self.path = os.path.abspath(os.fspath(path))
+        self.verify_reads = verify
         self.identity = _read_identity(self.path)
         self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
         self.shape = tuple(self.identity["embedding_shape"])
@@ -125,9 +138,10 @@ class EmbeddingStore:
 
     # ---- opening and creating -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: PathLike) -> "EmbeddingStore":
-        """Open an existing store for reading (and for `writer()`)."""
-        return cls(path)
+    def open(cls, path: PathLike, verify: bool = True) -> "EmbeddingStore":
+        """Open an existing store for reading (and for `writer()`). Every read checks the item's data against the
+        sha256 its index line records (StoreCorruptError naming the key otherwise); verify=False skips that."""
+        return cls(path, verify=verify)
 
     @classmethod
     def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
@@ -182,7 +196,10 @@ class EmbeddingStore:
         for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
             if not name.endswith(".jsonl"):
                 continue
-            header, recs, _bad = _read_log(os.path.join(index_dir, name))
+            try:
+                header, recs, _bad = _read_log(os.path.join(index_dir, name))
+            except StoreError:  # not a regular file: `verify` reports it
+                continue
             if header is None:
                 continue
             headers[header["writer"]] = header
@@ -239,14 +256,50 @@ class EmbeddingStore:
         return arr
 
     def _rows(self, rec: Dict[str, Any]) -> np.ndarray:
-        return self._array(rec["array"])[rec["row"]:rec["row"] + rec["rows"]]
+        arr = self._array(rec["array"])
+        want = (1,) + self.shape
+        if tuple(arr.shape[1:]) != self.shape or arr.dtype != self.dtype or tuple(arr.chunks) != want:
+            raise StoreError(f"data/{rec['array']}: array of shape {arr.shape}, chunks {arr.chunks}, {arr.dtype}; "
+                             f"expected (N, *{self.shape}) in chunks {want} of {self.dtype}")
+        return arr[rec["row"]:rec["row"] + rec["rows"]]
+
+    def _check_item(self, key: str, rec: Dict[str, Any]) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        """(rows, None) of an intact item, else (None, what is wrong with it)."""
+        try:
+            rows = self._rows(rec)
+        except Exception as e:  # a missing, damaged or foreign array
+            return None, f"cannot read its data ({type(e).__name__}: {e})"
+        if rows.shape != (rec["rows"],) + self.shape:
+            return None, f"data shape {rows.shape}, expected {(rec['rows'],) + self.shape}"
+        if data_sha256(rows) != rec["data_sha256"]:
+            missing = [r for r in range(rec["row"], rec["row"] + rec["rows"])  # zarr reads a missing chunk as zeros
+                       if not os.path.isfile(self._chunk_path(rec["array"], r))]
+            if missing:
+                return None, f"data rows {missing[:8]} of data/{rec['array']} are missing"
+            return None, f"data checksum mismatch (corrupted data in data/{rec['array']})"
+        return rows, None
+
+    def _read(self, key: str) -> np.ndarray:
+        """The rows of a key, checked against its recorded sha256 (unless opened with verify=False)."""
+        rec = self.record(key)
+        if not self.verify_reads:
+            try:
+                return self._rows(rec)
+            except Exception as e:
+                raise StoreCorruptError(f"store {self.path}: item {key!r}: cannot read its data "
+                                        f"({type(e).__name__}: {e})") from None
+        rows, problem = self._check_item(key, rec)
+        if problem:
+            raise StoreCorruptError(f"store {self.path}: item {key!r} is damaged: {problem}; run "
+                                    f"`samvit store verify {self.path}`")
+        return rows
 
     def __getitem__(self, item: Union[str, Tuple[str, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """store[key] -> (embedding, metadata); a tiled store gives (T,*shape) for a key and one tile for [key, i]."""
         if isinstance(item, tuple):
             key, index = item
             return self.tile(key, index)
-        rows = self._rows(self.record(item))
+        rows = self._read(item)
         emb = torch.from_numpy(rows) if self.tiled else torch.from_numpy(rows[0])
         return emb, self.metadata(item)
 
@@ -271,7 +324,7 @@ class EmbeddingStore:
             raise StoreError(f"store {self.path} is not tiled; use store[key]")
         if not 0 <= index < rec["rows"]:
             raise IndexError(f"{key!r} has {rec['rows']} tiles, no tile {index}")
-        row = self._array(rec["array"])[rec["row"] + index]
+        row = self._read(key)[index]  # the whole item is read: its checksum covers all its tiles
         meta = self.metadata(key)
         meta.update(tile_index=index, **{k: tuple(v) for k, v in rec["tiles"][index].items()})
         return torch.from_numpy(row), meta
@@ -304,54 +357,55 @@ class EmbeddingStore:
 
     # ---- checking -----------------------------------------------------------------------------------------------
     def verify(self, check_data: bool = True) -> VerifyReport:
-        """Check every committed item: its log line, its rows' shape and sha256; list leftovers of killed runs."""
+        """Check every committed item: its log line, its rows' shape and sha256; list leftovers of killed runs.
+        Stray files (in index/ or data/) are noted and never stop the check of the rest."""
         rep = VerifyReport()
         index_dir = os.path.join(self.path, "index")
         referenced: Dict[str, set] = {}
         for name in sorted(os.listdir(index_dir)):
             if not name.endswith(".jsonl"):
+                rep.notes.append(f"index/{name}: not a commit log (stray file; ignored)")
                 continue
-            header, recs, bad = _read_log(os.path.join(index_dir, name))
+            try:
+                header, recs, bad = _read_log(os.path.join(index_dir, name))
+            except StoreError as e:
+                rep.errors.append(f"index/{name}: {e}")
+                continue
             if header is None:
                 rep.notes.append(f"index/{name}: no complete header line (a session killed at its start); ignored")
                 continue
-            for lineno, torn in bad:
+            for lineno, torn, why in bad:
                 if torn:
                     rep.notes.append(f"index/{name}: line {lineno} is incomplete (a killed write); ignored")
                 else:
-                    rep.errors.append(f"index/{name}: line {lineno} is corrupt (bad checksum or JSON)")
+                    rep.errors.append(f"index/{name}: line {lineno} is corrupt ({why})")
             for rec in recs:
                 referenced.setdefault(rec["array"], set()).update(range(rec["row"], rec["row"] + rec["rows"]))
         for key in self.keys():
             rec = self._records[key]
             rep.checked += 1
-            if not check_data:
-                continue
-            try:
-                rows = self._rows(rec)
-            except Exception as e:  # a missing or unreadable array
-                rep.errors.append(f"{key}: cannot read its data ({type(e).__name__}: {e})")
-                continue
-            missing = [r for r in range(rec["row"], rec["row"] + rec["rows"])
-                       if not os.path.exists(self._chunk_path(rec["array"], r))]
-            if missing:
-                rep.errors.append(f"{key}: data rows {missing} of data/{rec['array']} are missing")
-            elif rows.shape != (rec["rows"],) + self.shape:
-                rep.errors.append(f"{key}: data shape {rows.shape}, expected {(rec['rows'],) + self.shape}")
-            elif data_sha256(rows) != rec["data_sha256"]:
-                rep.errors.append(f"{key}: data checksum mismatch (corrupted data in data/{rec['array']})")
+            if check_data:
+                _rows, problem = self._check_item(key, rec)
+                if problem:
+                    rep.errors.append(f"{key}: {problem}")
         data_dir = os.path.join(self.path, "data")
-        for name in sorted(os.listdir(data_dir)):
+        chunk = re.compile(r"^c\.(\d+)(\.0)*$")
+        for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
             sub = os.path.join(data_dir, name)
             if not os.path.isdir(sub):
+                if name != "zarr.json":
+                    rep.notes.append(f"data/{name}: stray file (not written by samvit; ignored)")
                 continue
             files = os.listdir(sub)
             partial = sum(f.endswith(".partial") for f in files)
-            rows = {int(f.split(".")[1]) for f in files if f.startswith("c.") and not f.endswith(".partial")}
+            rows = {int(m.group(1)) for m in map(chunk.match, files) if m}
+            stray = [f for f in files if not chunk.match(f) and not f.endswith(".partial") and f != "zarr.json"]
             orphans = len(rows - referenced.get(name, set()))
             if orphans or partial:
                 rep.notes.append(f"data/{name}: {orphans} rows not committed, {partial} partial files "
                                  "(left by a killed run; ignored)")
+            if stray:
+                rep.notes.append(f"data/{name}: {len(stray)} stray files ({', '.join(sorted(stray)[:3])}; ignored)")
         return rep
 
     def _chunk_path(self, array: str, row: int) -> str:
@@ -361,7 +415,7 @@ class EmbeddingStore:
         """The store's identity plus counts and bytes on disk."""
         nbytes = 0
         for root, _dirs, files in os.walk(self.path):
-            nbytes += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+            nbytes += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
         rows = sum(r["rows"] for r in self._records.values())
         return dict(self.identity, path=self.path, items=len(self), rows=rows, writers=len(self._headers),
                     bytes_on_disk=nbytes)
@@ -394,6 +448,7 @@ class StoreWriter:
         self._array = zarr.create_array(
             store=array_dir, shape=(ROW_CAPACITY,) + st.shape, chunks=(1,) + st.shape, dtype=st.dtype,
             compressors=None, fill_value=0, chunk_key_encoding={"name": "default", "separator": "."},
+            config={"write_empty_chunks": True},  # every committed row has its file: a missing one is damage
             attributes={"samvit_writer": self.header})
         log_path = os.path.join(st.path, "index", self.name + ".jsonl")
         self._log = open(log_path, "xb")
@@ -495,18 +550,90 @@ def _read_identity(path: str) -> Dict[str, Any]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such embedding store")
     try:
-        with open(meta_path, "rb") as f:
-            meta = json.load(f)
+        with open_regular(meta_path, "store metadata", StoreError) as f:
+            meta = json.loads(f.read(1 << 24))
         ident = meta["attributes"]["samvit"]
         if ident.get("format") != FORMAT:
             raise KeyError("format")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise StoreError(f"{path}: not a samvit embedding store (expected {meta_path} with a "
                          "'samvit' attribute, as written by `samvit embed --store`)") from None
-    if ident.get("version", 0) > FORMAT_VERSION:
+    version = ident.get("version", 0)
+    if type(version) is not int:
+        raise StoreError(f"{meta_path}: store format version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {ident['version']} is newer than this samvit reads "
                          f"({FORMAT_VERSION}); upgrade samvit")
+    problem = _identity_problem(ident)
+    if problem:
+        raise StoreError(f"{meta_path}: damaged store identity: {problem}")
     return ident
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _identity_problem(ident: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a store's identity (zarr.json attributes), or None."""
+    for k in ("model", "checkpoint_sha256"):
+        if not isinstance(ident.get(k), str):
+            return f"field {k!r} missing or not text"
+    if not isinstance(ident.get("dtype"), str) or ident["dtype"] not in STORE_DTYPES:
+        return f"dtype {str(ident.get('dtype'))[:40]!r} is not one of {', '.join(STORE_DTYPES)}"
+    shape = ident.get("embedding_shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_is_int(s, 1, MAX_ROW_ELEMENTS) for s in shape)
+            and int(np.prod(shape)) <= MAX_ROW_ELEMENTS):
+        return f"embedding_shape {str(shape)[:60]} is not 1 to 4 positive sizes of at most {MAX_ROW_ELEMENTS} values"
+    if not isinstance(ident.get("config"), dict):
+        return "field 'config' missing or not an object"
+    tile = ident.get("tile")
+    if tile is not None and not (isinstance(tile, dict) and _is_int(tile.get("size"), 1, MAX_SIDE)
+                                 and _is_int(tile.get("halo"), 0, MAX_SIDE)):
+        return f"tile {str(tile)[:60]} is not {{'size': >= 1, 'halo': >= 0}}"
+    return None
+
+
+def _pair(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x, 1, MAX_SIDE) for x in v)
+
+
+def _header_problem(h: Any) -> Optional[str]:
+    if not isinstance(h, dict) or not isinstance(h.get("writer"), str) or not SAFE_NAME.match(h["writer"]):
+        return "header without a valid writer name"
+    if not all(isinstance(h.get(k), str) for k in ("model", "checkpoint_sha256")):
+        return "header without model / checkpoint_sha256"
+    return None
+
+
+def _record_problem(rec: Dict[str, Any], writer: str) -> Optional[str]:
+    """What is wrong with an index record (types, bounds, names), or None."""
+    key = rec.get("key")
+    if not isinstance(key, str) or not key or len(key) > 4096 or "\0" in key:
+        return "key missing or not a text of 1 to 4096 characters"
+    if rec.get("writer") != writer:
+        return f"writer {str(rec.get('writer'))[:40]!r} is not this log's ({writer})"
+    if not isinstance(rec.get("array"), str) or not SAFE_NAME.match(rec["array"]):
+        return f"array name {str(rec.get('array'))[:40]!r} is not a writer name"
+    if not _is_int(rec.get("row"), 0, ROW_CAPACITY - 1) or not _is_int(rec.get("rows"), 1, MAX_ROWS_PER_ITEM) \
+            or rec["row"] + rec["rows"] > ROW_CAPACITY:
+        return (f"rows {str(rec.get('row'))[:20]}+{str(rec.get('rows'))[:20]} out of bounds "
+                f"(1 to {MAX_ROWS_PER_ITEM} rows below {ROW_CAPACITY})")
+    if not isinstance(rec.get("data_sha256"), str) or not SHA256_HEX.match(rec["data_sha256"]):
+        return "data_sha256 is not 64 hex digits"
+    if not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("time"), str):
+        return "sha256 or time missing"
+    if not _pair(rec.get("original_size")) or not (rec.get("input_size") is None or _pair(rec["input_size"])):
+        return f"original_size / input_size not two sizes of 1 to {MAX_SIDE} pixels"
+    tiles = rec.get("tiles")
+    if tiles is not None:
+        if not isinstance(tiles, list) or len(tiles) != rec["rows"]:
+            return "tiles is not a list of one entry per row"
+        for t in tiles:
+            if not (isinstance(t, dict) and all(isinstance(v, list) and all(_is_int(x, 0, MAX_SIDE) for x in v)
+                                                for v in t.values())):
+                return "a tile entry is not lists of pixel coordinates"
+    return None
 
 
 def _create_atomically(path: str, identity: Dict[str, Any]) -> None:
@@ -542,19 +669,28 @@ def _create_atomically(path: str, identity: Dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_log(path: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], List[Tuple[int, bool]]]:
-    """(header, complete records, [(line number, torn?)] of the lines that are not intact) of one commit log."""
-    with open(path, "rb") as f:
+def _read_log(path: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], List[Tuple[int, bool, str]]]:
+    """(header, valid complete records, [(line number, torn?, why)] of the lines that are not) of one commit log.
+    Raises StoreError when the path is not a regular file."""
+    with open_regular(path, "commit log", StoreError) as f:
         lines = f.read().splitlines(keepends=True)
     header, recs, bad = None, [], []
     for i, line in enumerate(lines):
         rec = decode_line(line)
         if rec is None:
-            bad.append((i + 1, i == len(lines) - 1))  # only the last line can be torn by a killed write
+            bad.append((i + 1, i == len(lines) - 1, "bad checksum or JSON"))  # only the last line can be torn
         elif i == 0 and "header" in rec:
-            header = rec["header"]
+            problem = _header_problem(rec["header"])
+            if problem:
+                bad.append((i + 1, False, problem))
+            else:
+                header = rec["header"]
         elif header is not None and "key" in rec:
-            recs.append(rec)
+            problem = _record_problem(rec, header["writer"])
+            if problem:
+                bad.append((i + 1, False, problem))
+            else:
+                recs.append(rec)
         else:
-            bad.append((i + 1, False))
+            bad.append((i + 1, False, "not a record of this log"))
     return header, recs, bad

@@ -11,8 +11,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..checkpoints.load import load_sam
+from ..checkpoints.load import _load_sam
 from ..config import EncoderConfig
+from ..errors import NonFiniteError, ProvenanceError
 from ..data.images import ImageInput, load_image
 from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, to_input_frame
 from ..modeling.attention import DEFAULT_KERNEL
@@ -37,6 +38,9 @@ class Predictor:
         self.encoder = encoder
         self.decoder = decoder.eval()
         self.img_size = dc.input_image_size
+        self.model_name: Optional[str] = encoder.config.name if encoder is not None else None
+        self.checkpoint_path: Optional[str] = None  # set by from_checkpoint: embeddings are checked against it
+        self._checkpoint_sha256: Optional[str] = None
         self.reset_image()
 
     @classmethod
@@ -55,9 +59,37 @@ class Predictor:
             kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
             progress: download/verification bar (None: only on a terminal).
         """
-        encoder, decoder = load_sam(checkpoint, model, device=device, dtype=dtype, with_encoder=with_encoder,
-                                    kernel=attn_impl or kernel, progress=progress)
-        return cls(encoder, decoder)
+        encoder, decoder, cfg, source = _load_sam(checkpoint, model, device, dtype, with_encoder, attn_impl or kernel,
+                                                  progress)
+        predictor = cls(encoder, decoder)
+        predictor.model_name = cfg.name if cfg is not None else None
+        predictor.checkpoint_path = source if isinstance(checkpoint, (str, os.PathLike)) else None
+        return predictor
+
+    @property
+    def checkpoint_sha256(self) -> Optional[str]:
+        """sha256 of the checkpoint file this predictor was loaded from (computed once, on first use), or None."""
+        if self._checkpoint_sha256 is None and self.checkpoint_path is not None:
+            from ..checkpoints.registry import checkpoint_sha256
+
+            self._checkpoint_sha256 = checkpoint_sha256(self.checkpoint_path)
+        return self._checkpoint_sha256
+
+    def check_provenance(self, metadata: dict, source: str = "embedding") -> None:
+        """Raise ProvenanceError unless an embedding's metadata (model, checkpoint_sha256, as written by `samvit
+        embed`) names this predictor's model and checkpoint; a field either side does not know is not compared."""
+        diffs = []
+        theirs = metadata.get("model")
+        if theirs and self.model_name and theirs != self.model_name:
+            diffs.append(f"model {theirs!r} vs {self.model_name!r}")
+        theirs = metadata.get("checkpoint_sha256")
+        if theirs and self.checkpoint_path is not None and theirs != self.checkpoint_sha256:
+            diffs.append(f"checkpoint sha256 {str(theirs)[:12]}... vs {self.checkpoint_sha256[:12]}... "
+                         f"({self.checkpoint_path})")
+        if diffs:
+            raise ProvenanceError(f"{source} was made by another model than this one ({'; '.join(diffs)}): its "
+                                  "masks would be meaningless. Embed the image again with this checkpoint, or pass "
+                                  "--allow-mismatch (allow_mismatch=True) if the weights are known to be the same")
 
     # ---- image state ----
 
@@ -90,25 +122,35 @@ class Predictor:
         self.set_embedding(self.encoder(x)[0], prepared.original_size, prepared.input_size)
 
     def set_embedding(self, embedding: Union[torch.Tensor, str, os.PathLike], original_size: Optional[Tuple[int, int]] = None,
-                      input_size: Optional[Tuple[int, int]] = None) -> None:
+                      input_size: Optional[Tuple[int, int]] = None, metadata: Optional[dict] = None,
+                      allow_mismatch: bool = False, source: str = "embedding") -> None:
         """Use a precomputed embedding (C,h,w) or (1,C,h,w), or a file written by samvit.embed.save_embedding.
 
         original_size is the (H, W) of the image it came from (read from the file when a path is given);
-        input_size defaults to the official long-side resize of original_size.
+        input_size defaults to the official long-side resize of original_size. The metadata of a file (or the
+        `metadata` given, e.g. EmbeddingStore.metadata(key)) must name this predictor's model and checkpoint
+        (ProvenanceError otherwise, unless allow_mismatch); NaN or infinite values raise NonFiniteError.
         """
         if isinstance(embedding, (str, os.PathLike)):
             from ..embeddings.files import load_embedding
 
-            embedding, meta = load_embedding(os.fspath(embedding))
+            source = os.fspath(embedding)
+            embedding, meta = load_embedding(source)
             original_size = original_size or meta.get("original_size")
             input_size = input_size or meta.get("input_size")
+            metadata = meta if metadata is None else metadata
         if not isinstance(embedding, torch.Tensor):
             raise TypeError(f"embedding: expected a torch.Tensor or a path, got {type(embedding).__name__}")
+        if metadata is not None and not allow_mismatch:
+            self.check_provenance(metadata, source)
         c = self.decoder.config
         emb = embedding[None] if embedding.ndim == 3 else embedding
         want = (1, c.embed_dim, c.image_embedding_size, c.image_embedding_size)
         if tuple(emb.shape) != want:
-            raise ValueError(f"embedding: expected shape {want[1:]} (or with a leading 1), got {tuple(embedding.shape)}")
+            raise ProvenanceError(f"{source}: expected shape {want[1:]} (or with a leading 1) for this model, got "
+                                  f"{tuple(embedding.shape)}")
+        if not torch.isfinite(emb).all():
+            raise NonFiniteError(f"{source}: the embedding holds NaN or infinite values")
         if original_size is None:
             raise ValueError("original_size (H, W) of the embedded image is needed")
         original_size = (int(original_size[0]), int(original_size[1]))
@@ -117,8 +159,9 @@ class Predictor:
         expected = get_preprocess_shape(*original_size, self.img_size)
         input_size = expected if input_size is None else (int(input_size[0]), int(input_size[1]))
         if input_size != expected:
-            raise ValueError(f"input_size {input_size} does not match original_size {original_size} (the resize to "
-                             f"long side {self.img_size} gives {expected})")
+            raise ProvenanceError(f"{source}: input_size {input_size} does not match original_size {original_size} "
+                                  f"(this model's resize to long side {self.img_size} gives {expected}): it was made "
+                                  "for another input size")
         w = self.decoder.mask_decoder.iou_token.weight
         self.features = emb.detach().to(device=w.device, dtype=w.dtype)
         self.original_size, self.input_size = original_size, input_size
@@ -208,6 +251,8 @@ class Predictor:
         """Prompts already in the input frame (see to_input_frame), unchecked -> (low-res logits float32
         (B,M,4h,4w), IoU predictions (B,M)) for the current image."""
         low, iou = self.decoder(self.features, points, boxes, masks, multimask_output)
+        if not (torch.isfinite(low).all() and torch.isfinite(iou).all()):
+            raise NonFiniteError("the mask decoder gave NaN or infinite values (damaged decoder weights?)")
         return low.float(), iou.float()
 
     @torch.inference_mode()

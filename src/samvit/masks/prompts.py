@@ -6,10 +6,12 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import SamvitError
+
 ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
 
 
-class PromptError(ValueError):
+class PromptError(SamvitError, ValueError):
     """A prompt that cannot be used: wrong shape, outside the image, bad label or box."""
 
 

@@ -55,9 +55,12 @@ class SeqBlock(Block):
 class MaskedAutoencoder(nn.Module):
     """MAE: patchify, mask a random subset per sample, encode the visible tokens, decode all, predict pixels."""
 
-    def __init__(self, config: MAEConfig) -> None:
+    def __init__(self, config: MAEConfig, target_dim: Optional[int] = None) -> None:
+        """target_dim: the decoder predicts a target_dim feature per patch (SAMI: a teacher's features) instead of
+        its pixels; forward then takes the target."""
         super().__init__()
         self.config = cfg = config
+        self.target_dim = target_dim
         L = cfg.num_patches
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -72,7 +75,7 @@ class MaskedAutoencoder(nn.Module):
         dec = _blocks_config(cfg, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads)
         self.decoder_blocks = nn.ModuleList(SeqBlock(dec, 0) for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=cfg.norm_eps)
-        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size ** 2 * cfg.in_chans)
+        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, target_dim or cfg.patch_size ** 2 * cfg.in_chans)
         self.grad_checkpointing = False
         self.initialize_weights()
 
@@ -181,10 +184,14 @@ class MaskedAutoencoder(nn.Module):
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None,
+                target: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images (B,C,S,S) -> (loss, pred (B, L, p*p*C), mask (B, L); 1 = masked). mask_ratio defaults to the
-        config's; noise (B, L) fixes the masking (the tokens with the smallest noise are kept)."""
+        config's; noise (B, L) fixes the masking (the tokens with the smallest noise are kept). With target_dim,
+        target (B, L, target_dim) is what the masked patches' predictions are compared with (mean squared error)."""
+        if (target is None) != (self.target_dim is None):
+            raise ValueError("MAE target: give target (B, L, target_dim) exactly when the model was built with "
+                             f"target_dim (it was built with {self.target_dim})")
         cfg = self.config
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size) \
                 or not imgs.is_floating_point():
@@ -195,4 +202,9 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        if target is None:
+            return self.forward_loss(imgs, pred, mask), pred, mask
+        if target.shape != pred.shape:
+            raise ValueError(f"MAE target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum(), pred, mask

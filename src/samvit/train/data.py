@@ -169,8 +169,9 @@ class Batches:
     in this epoch, on each process), and a stream built with the same (epoch, pos) continues identically."""
 
     def __init__(self, dataset: Dataset, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
-                 num_workers: int = 0, epoch: int = 0, pos: int = 0) -> None:
+                 num_workers: int = 0, epoch: int = 0, pos: int = 0, pin_memory: bool = False) -> None:
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.pin_memory = pin_memory
         self.sampler = EpochSampler(dataset, world, rank, seed)
         self.per_epoch = self.sampler.num_samples // batch_size
         if self.per_epoch == 0:
@@ -187,7 +188,7 @@ class Batches:
             self.sampler.set_epoch(self.epoch)
             self.sampler.start = min(self.pos, self.per_epoch) * self.batch_size
             self._it = iter(DataLoader(self.dataset, self.batch_size, sampler=self.sampler, drop_last=True,
-                                       num_workers=self.num_workers))
+                                       num_workers=self.num_workers, pin_memory=self.pin_memory))
         try:
             batch = next(self._it)
         except StopIteration:

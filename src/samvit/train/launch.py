@@ -110,7 +110,11 @@ def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
     if not procs.distributed:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise ValueError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this is "
+                             f"torch {torch.__version__}") from None
 
         # the model returns views (pred[:, 1:]) that nothing modifies in place: FSDP2's warning does not apply
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -61,6 +61,7 @@ class TrainConfig:
     device: Optional[str] = None
     quiet: bool = False
     task: Dict = field(default_factory=dict)
+    inputs: Tuple[str, ...] = ()  # RUN_DIR entries the task wrote before the loop (distill's teacher store)
 
     # the fields that must match when a run is resumed (the others only say how far and how it is watched)
     IDENTITY = ("batch_size", "accum", "lr", "blr", "min_lr", "warmup_steps", "decay_steps", "weight_decay",
@@ -116,7 +117,7 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         if diff:
             raise ValueError(f"--resume: {cfg.out} was started with a different config: {'; '.join(diff)}")
         return
-    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE}:  # a run that never took a step: anew
+    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE, *cfg.inputs}:  # never took a step: anew
         raise ValueError(f"--out {cfg.out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another "
                          "--out")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -136,14 +137,15 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
 
 def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Dataset, loss_fn: LossFn,
           hooks: Sequence[Hook] = ()) -> Dict:
-    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'checkpoint'} of the last step."""
+    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'run_dir'} (loss of the last logged step)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     # -- processes and the run directory
     procs = setup(cfg.device)
     device = procs.device
     try:
-        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers)
+        batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers,
+                          pin_memory=device.type == "cuda")
         check_fsdp(procs, cfg.fsdp)
         prepare_run_dir(cfg, procs)
 
@@ -191,6 +193,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
             del state
         elif cfg.resume and procs.main and not cfg.quiet:
             print(f"samvit train: no checkpoint in {cfg.out} yet; starting from step 0")
+        if step >= total and procs.main and not cfg.quiet:
+            print(f"samvit train: {cfg.out} is at step {step} already (asked for {total}); nothing to do")
 
         logger = Logger(cfg.out, total, step, enabled=procs.main, quiet=cfg.quiet)
         if procs.main and not cfg.quiet:

@@ -1,7 +1,13 @@
 """MAE pre-training on the shared loop: the data (augmented images + per-sample masking noise), the loss, and the
-reconstruction pictures (original | masked | reconstruction | reconstruction with the visible patches pasted)."""
+reconstruction pictures (original | masked | reconstruction | reconstruction with the visible patches pasted).
+
+SAMI (EfficientSAM): with target 'teacher-features' the decoder predicts, for each masked patch, a teacher SAM
+encoder's embedding (after its neck: the 256-channel map the mask decoder reads) instead of the pixels. The teacher
+sees the same augmented image, resized to its input size, and its embedding is average-pooled to the MAE's token
+grid (64x64 -> 14x14 at 1024 / 224). It runs on every step (the augmentation changes every image every epoch)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, List, Optional
 
@@ -10,13 +16,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+import torch.nn.functional as F
+
 from ..config import mae_preset
+from ..data.preprocess import PIXEL_MEAN, PIXEL_STD
+from ..modeling.encoder import ImageEncoder
 from ..modeling.mae import MaskedAutoencoder
 from .data import IMAGENET_MEAN, IMAGENET_STD, TrainImages, open_source
 from .launch import autocast, check_precision
 from .loop import TrainConfig, train
 
 BAD_IMAGES_FILE = "bad_images.jsonl"
+TARGETS = ("pixels", "teacher-features")
 
 
 class MAEImages(TrainImages):
@@ -38,6 +49,37 @@ def mae_loss(mask_ratio: Optional[float] = None):
 
     def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         loss, _, _ = model(batch["image"], mask_ratio, noise=batch["noise"])
+        return loss
+
+    return loss_fn
+
+
+@torch.no_grad()
+def teacher_targets(teacher: ImageEncoder, images: torch.Tensor, grid: int) -> torch.Tensor:
+    """A teacher's embeddings of MAE-normalised images (B,3,S,S), at the MAE token grid: (B, grid*grid, C). The
+    images go back to 0-255, are resized to the teacher's input (bilinear) and normalised as SAM does; the
+    teacher's output (after its neck if it has one) is average-pooled to grid x grid."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() * std + mean) * 255
+    x = F.interpolate(x, size=teacher.config.img_size, mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)) / torch.tensor(
+        PIXEL_STD, device=x.device).view(1, 3, 1, 1)
+    out = teacher(x.to(teacher.dtype)).float()
+    if teacher.config.out_chans is None:  # no neck: (B,G,G,C) features
+        out = out.permute(0, 3, 1, 2)
+    return F.adaptive_avg_pool2d(out, grid).flatten(2).transpose(1, 2)
+
+
+def sami_loss(teacher: ImageEncoder, grid: int, mask_ratio: Optional[float] = None):
+    """loss_fn(model, batch) for the loop: the masked patches' predictions against the teacher's features."""
+
+    def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        images = batch["image"]
+        if teacher.device != images.device:
+            teacher.to(images.device)
+        target = teacher_targets(teacher, images, grid)
+        loss, _, _ = model(images, mask_ratio, noise=batch["noise"], target=target)
         return loss
 
     return loss_fn
@@ -104,16 +146,34 @@ class ReconstructionPictures:
 
 
 def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthetic",
-                 mask_ratio: Optional[float] = None, synthetic_size: int = 1024, vis_every: int = 0) -> Dict:
-    """MAE pre-training of preset `model` on `data` (a folder of images, or 'synthetic'); see TrainConfig."""
+                 mask_ratio: Optional[float] = None, synthetic_size: int = 1024, vis_every: int = 0,
+                 target: str = "pixels", teacher: Optional[str] = None) -> Dict:
+    """MAE pre-training of preset `model` on `data` (a folder of images, or 'synthetic'); see TrainConfig.
+    target 'teacher-features' with teacher (a registry name or checkpoint file) is SAMI: see the module doc."""
     mae_cfg = mae_preset(model)
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if (target == "teacher-features") != (teacher is not None):
+        raise ValueError("--target teacher-features needs --teacher CHECKPOINT, and --teacher needs it")
+    if teacher is not None and vis_every > 0:
+        raise ValueError("--vis-every draws pixel reconstructions; with --target teacher-features there are none")
     if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
     if synthetic_size < 1:
         raise ValueError(f"--synthetic-size must be at least 1, got {synthetic_size}")
-    cfg.task = {"task": "mae", "model": model, "data": os.path.abspath(data) if data != "synthetic" else data,
-                "mask_ratio": mask_ratio if mask_ratio is not None else mae_cfg.mask_ratio,
-                **({"synthetic_size": synthetic_size} if data == "synthetic" else {})}
+    task = {"task": "mae", "model": model, "data": os.path.abspath(data) if data != "synthetic" else data,
+            "mask_ratio": mask_ratio if mask_ratio is not None else mae_cfg.mask_ratio}
+    if data == "synthetic":
+        task["synthetic_size"] = synthetic_size
+    teacher_model = None
+    if teacher is not None:
+        from ..checkpoints.load import load_encoder
+        from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
+
+        path = resolve_checkpoint(teacher)
+        teacher_model = load_encoder(checkpoint=path).requires_grad_(False)
+        task.update(target=target, teacher_sha256=checkpoint_sha256(path))
+    cfg = dataclasses.replace(cfg, task=task)  # the task's settings are part of the run's identity
     check_precision(cfg.precision, mae_cfg, cfg.fsdp)  # before building a model that may be refused
     source = open_source(data, mae_cfg.img_size, synthetic_size)
     report = os.path.join(cfg.out, BAD_IMAGES_FILE)
@@ -122,4 +182,9 @@ def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthet
     if vis_every > 0:
         hooks.append(ReconstructionPictures(dataset, cfg.out, vis_every, mask_ratio=mask_ratio,
                                             precision=cfg.precision))
-    return train(cfg, lambda: MaskedAutoencoder(mae_cfg), dataset, mae_loss(mask_ratio), hooks)
+    if teacher_model is None:
+        return train(cfg, lambda: MaskedAutoencoder(mae_cfg), dataset, mae_loss(mask_ratio), hooks)
+    tc = teacher_model.config
+    width = tc.out_chans or tc.embed_dim
+    return train(cfg, lambda: MaskedAutoencoder(mae_cfg, target_dim=width), dataset,
+                 sami_loss(teacher_model, mae_cfg.grid_size, mask_ratio), hooks)

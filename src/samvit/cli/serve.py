@@ -1,0 +1,109 @@
+"""`samvit serve`: the HTTP service (embeddings, masks, a CVAT-compatible route, metrics) and the page at /."""
+from __future__ import annotations
+
+import argparse
+import os
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
+                   help="full SAM checkpoint (official .pth or .safetensors, with the prompt decoder) or a registry "
+                   "name (vit_b, vit_l, vit_h); default: $SAMVIT_CHECKPOINT")
+    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when "
+                   "omitted")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for every interface, with --token or behind a proxy)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token", default=os.environ.get("SAMVIT_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' on every route but /healthz and the page; default: "
+                   "$SAMVIT_TOKEN (prefer the variable: a command line is visible to other users)")
+    p.add_argument("--workers-batch", type=int, default=8, metavar="N",
+                   help="most images per encoder batch (dynamic batching; default 8, 1 = no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the first image of a batch waits for more (default 10)")
+    p.add_argument("--max-queue", type=int, default=32, metavar="N",
+                   help="images waiting for the encoder beyond which requests get 429 + Retry-After (default 32)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="per-request limit on waiting for the model, then 504 (default 120)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit, then 413 (default 32)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="decoded image size limit in pixels, then 413 (default 50000000)")
+    p.add_argument("--cache-mb", type=float, default=1024.0,
+                   help="memory for cached embeddings (LRU by content hash; 4 MiB each; default 1024)")
+    p.add_argument("--store", default=None, metavar="PATH",
+                   help="back the cache with this embedding store (created if missing): a restart keeps the "
+                   "embeddings; a store from `samvit embed --store` with the same checkpoint is used as it is")
+    p.add_argument("--store-dtype", default=None, choices=["float32", "float16"],
+                   help="dtype of a new --store (default float32: answers equal freshly computed ones)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. https://cvat.example.org) to call the API; "
+                   "repeatable (default: CORS off)")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="concurrent connections beyond which uvicorn answers 503 (default 128)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="encoder compute dtype (default float32); the decoder runs in float32")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from . import UserError
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"samvit serve needs the serve extra ({e}): pip install 'samvit[serve]'") from None
+    if not args.checkpoint:
+        raise UserError("no checkpoint: pass --checkpoint PATH (a full SAM checkpoint) or set SAMVIT_CHECKPOINT")
+    for name in ("workers_batch", "max_queue", "max_pixels", "max_connections"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("timeout", "max_body_mb", "cache_mb"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.max_wait_ms >= 0:
+        raise UserError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    if args.store_dtype and not args.store:
+        raise UserError("--store-dtype only applies with --store PATH")
+    if args.token is not None and len(args.token) < 8:
+        raise UserError("--token must be at least 8 characters")
+
+    import torch
+
+    from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
+    from ..masks.predictor import Predictor
+    from ..runtime import resolve_device, resolve_dtype
+    from ..serve import ServeConfig, create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    dtype = resolve_dtype(args.dtype)
+    predictor = Predictor.from_checkpoint(checkpoint, args.model, device=resolve_device(args.device), dtype=dtype)
+    cfg = predictor.encoder.config
+    store = writer = None
+    if args.store:
+        from ..serve.cache import open_store
+
+        store, writer = open_store(args.store, cfg, checkpoint_sha256(checkpoint), str(dtype).replace("torch.", ""),
+                                   args.store_dtype)
+    config = ServeConfig(max_batch=args.workers_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                         timeout_s=args.timeout, cache_bytes=int(args.cache_mb * 2**20), token=args.token,
+                         cors_origins=tuple(args.cors_origin), model_name=cfg.name)
+    app = create_app(predictor, config, store, writer)
+    if args.host not in LOOPBACK and not args.token:
+        print(f"samvit serve: warning: listening on {args.host} without --token: anyone who reaches this port can "
+              "use the model", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                limit_concurrency=args.max_connections, timeout_keep_alive=30)
+    return 0

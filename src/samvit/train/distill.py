@@ -1,0 +1,199 @@
+"""Decoupled distillation (MobileSAM) on the shared loop: a small encoder learns the teacher's image embeddings.
+
+The teacher's embeddings come from an EmbeddingStore (`samvit embed --store`, or computed once into
+RUN_DIR/teacher_store by the embed pipeline), never per step or epoch. So the student sees exactly the images the
+teacher saw, preprocessed as SAM does: no augmentation (a crop or flip would make the stored embedding wrong).
+Outputs: RUN_DIR/student.safetensors (samvit.load_encoder) and RUN_DIR/sam_student.pth, a full SAM checkpoint in
+the official layout (the student's image_encoder.* with the teacher's prompt_encoder.* and mask_decoder.*).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..checkpoints.files import atomic_write, read_checkpoint, sha256_file
+from ..checkpoints.keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
+from ..checkpoints.load import checkpoint_info, load_encoder, save_encoder
+from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
+from ..config import EncoderConfig, preset
+from ..data.preprocess import preprocess
+from ..data.sources import collect_inputs
+from ..embeddings.pipeline import StoreSink, embed
+from ..embeddings.store import EmbeddingStore
+from ..modeling.encoder import ImageEncoder
+from .ckpt import latest_checkpoint
+from .loop import CONFIG_FILE, TrainConfig, train
+from .shapes import SyntheticShapes
+
+STORE_DIR = "teacher_store"
+IMAGES_DIR = "images"  # --data synthetic: the pictures, written once as PNG (the store's inputs)
+STUDENT_FILE = "student.safetensors"
+SAM_FILE = "sam_student.pth"
+log = logging.getLogger("samvit.train")
+
+
+def student_config(student: Union[str, EncoderConfig], teacher: EncoderConfig) -> EncoderConfig:
+    """The student's EncoderConfig (a preset name, a JSON file of EncoderConfig fields, or a config), at the
+    teacher's input size; its embedding must have the teacher's shape."""
+    if isinstance(student, str) and student.endswith(".json"):
+        with open(student, encoding="utf-8") as fh:
+            student = EncoderConfig.from_dict(json.load(fh))
+    cfg = preset(student) if isinstance(student, str) else student
+    if cfg.img_size != teacher.img_size:
+        cfg = dataclasses.replace(cfg, img_size=teacher.img_size)
+    if cfg.out_chans != teacher.out_chans:
+        raise ValueError(f"--student {cfg.name}: its embedding has {cfg.out_chans} channels, the teacher's "
+                         f"{teacher.out_chans}; they must match (the teacher's decoder reads it)")
+    return cfg
+
+
+def synthetic_images(folder: str, n: int, size: int, seed: int = 0) -> None:
+    """Write the synthetic shapes 0..n-1 as PNG files into folder (those already there are kept)."""
+    os.makedirs(folder, exist_ok=True)
+    shapes = SyntheticShapes(n, size=size, seed=seed, cache=0)
+    for i in range(n):
+        path = os.path.join(folder, f"shapes_{i:06d}.png")
+        if not os.path.exists(path):
+            Image.fromarray(shapes.load(i)).save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)
+
+
+class DistillImages(Dataset):
+    """(image preprocessed as SAM does, the teacher's stored embedding) per training image; keys (epoch, index)."""
+
+    def __init__(self, items: List[Tuple[str, str]], store: EmbeddingStore, img_size: int) -> None:
+        self.items, self.store, self.img_size = items, store, img_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key) -> Dict[str, torch.Tensor]:
+        index = key[1] if isinstance(key, tuple) else key
+        path, name = self.items[index]
+        return {"image": preprocess(path, self.img_size).tensor, "target": self.store.get(name).float(),
+                "index": torch.tensor(index)}
+
+
+def distill_loss(cosine_weight: float = 0.0):
+    """loss_fn(model, batch): MSE to the teacher's embedding, plus cosine_weight x (1 - per-position cosine)."""
+
+    def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        pred, target = model(batch["image"]).float(), batch["target"]
+        mse = F.mse_loss(pred, target)
+        cos = F.cosine_similarity(pred, target, dim=1).mean()
+        loss = mse + cosine_weight * (1 - cos) if cosine_weight else mse
+        return {"loss": loss, "mse": mse.detach(), "cosine": cos.detach()}
+
+    return loss_fn
+
+
+def teacher_store(teacher_path: str, teacher_sha: str, items: List[Tuple[str, str]], store_path: Optional[str],
+                  run_dir: str, batch_size: int, quiet: bool) -> EmbeddingStore:
+    """The store of the teacher's embeddings: `store_path` as given (checked: same teacher, every image there with
+    the same content), else RUN_DIR/teacher_store, filled once by the embed pipeline (a resumed run reuses it)."""
+    if store_path is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("under torchrun pass --teacher-store STORE, made beforehand with `samvit embed DIR "
+                             "--store STORE --checkpoint TEACHER` (the processes would each compute it)")
+        store_path = os.path.join(run_dir, STORE_DIR)
+        teacher = load_encoder(checkpoint=teacher_path)
+        report = embed(teacher, items, StoreSink(store_path, teacher_sha, dtype="float32"), batch_size=batch_size,
+                       workers=0, progress=False if quiet else None)
+        if report.failed:
+            log.warning("%d images could not be embedded by the teacher and are left out (see %s)",
+                        len(report.failed), os.path.join(store_path, "failures.jsonl"))
+        return EmbeddingStore.open(store_path)
+    store = EmbeddingStore.open(store_path)
+    if store.tiled:
+        raise ValueError(f"--teacher-store {store_path}: holds tiled embeddings; distillation needs whole images")
+    if store.identity["checkpoint_sha256"] != teacher_sha:
+        raise ValueError(f"--teacher-store {store_path}: made with another checkpoint (sha256 "
+                         f"{store.identity['checkpoint_sha256'][:16]}...) than --teacher ({teacher_sha[:16]}...)")
+    missing = [k for _, k in items if k not in store]
+    stale = [k for p, k in items if k in store and store.record(k)["sha256"] != sha256_file(p)]
+    if missing or stale:
+        raise ValueError(f"--teacher-store {store_path}: {len(missing)} training images are not in it and "
+                         f"{len(stale)} changed since (e.g. {(missing + stale)[:3]}); update it with `samvit embed "
+                         "DIR --store STORE`")
+    return store
+
+
+def write_outputs(run_dir: str, cfg: EncoderConfig, teacher_path: str, teacher_sha: str) -> List[str]:
+    """student.safetensors and (when the teacher is a full SAM checkpoint) sam_student.pth from the run's newest
+    checkpoint; returns the paths written."""
+    state = latest_checkpoint(run_dir)
+    student = ImageEncoder(cfg)
+    student.load_state_dict(state["model"], strict=True)
+    path = os.path.join(run_dir, STUDENT_FILE)
+    save_encoder(student, path, {"distilled_from_sha256": teacher_sha})
+    written = [path]
+    sd = to_official(read_checkpoint(teacher_path)[0])
+    decoder = {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
+    if not decoder:
+        log.warning("the teacher %s holds no prompt_encoder.* / mask_decoder.*: no %s written", teacher_path,
+                    SAM_FILE)
+        return written
+    full = {ENCODER_PREFIX + k: v.detach().clone() for k, v in student.state_dict().items()}
+    full.update({k: v.clone() for k, v in decoder.items()})
+    out = os.path.join(run_dir, SAM_FILE)
+    with atomic_write(out) as tmp:
+        torch.save(full, tmp)
+    return written + [out]
+
+
+def distill(cfg: TrainConfig, teacher: str, student: Union[str, EncoderConfig] = "vit_t", data: str = "synthetic",
+            teacher_store_path: Optional[str] = None, cosine_weight: float = 0.0, synthetic_size: int = 256,
+            embed_batch_size: int = 1) -> Dict:
+    """Distil `teacher` (registry name or checkpoint file) into `student` on `data` (folder or 'synthetic'); see
+    TrainConfig for the rest. Returns the loop's summary plus 'outputs'."""
+    if cosine_weight < 0:
+        raise ValueError(f"--cosine-weight must not be negative, got {cosine_weight}")
+    if synthetic_size < 1:
+        raise ValueError(f"--synthetic-size must be at least 1, got {synthetic_size}")
+    teacher_path = resolve_checkpoint(teacher)
+    teacher_cfg = checkpoint_info(teacher_path)["config"]
+    scfg = student_config(student, teacher_cfg)
+    if scfg.out_chans is None:
+        raise ValueError(f"--student {scfg.name}: has no neck; distillation matches the (C,H,W) embedding")
+    teacher_sha = checkpoint_sha256(teacher_path)
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, CONFIG_FILE)):
+        raise ValueError(f"--out {out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another --out")
+    if teacher_store_path is not None and not os.path.isdir(teacher_store_path):
+        raise ValueError(f"--teacher-store {teacher_store_path}: no such store (make it with `samvit embed DIR "
+                         "--store STORE --checkpoint TEACHER`)")
+    if data == "synthetic":
+        folder = os.path.join(out, IMAGES_DIR)
+        synthetic_images(folder, synthetic_size, teacher_cfg.img_size, cfg.seed)
+        items = collect_inputs([folder])
+    else:
+        items = collect_inputs([data])
+        if not items:
+            raise ValueError(f"--data {data}: no images found")
+    store = teacher_store(teacher_path, teacher_sha, items, teacher_store_path, out, embed_batch_size, cfg.quiet)
+    items = [(p, k) for p, k in items if k in store]
+    task = {"task": "distill", "teacher_sha256": teacher_sha, "student": scfg.to_dict(),
+            "data": os.path.abspath(data) if data != "synthetic" else data, "cosine_weight": cosine_weight,
+            "teacher_store": os.path.abspath(store.path)}
+    if data == "synthetic":
+        task["synthetic_size"] = synthetic_size
+    made = tuple(n for n in (IMAGES_DIR, STORE_DIR) if os.path.exists(os.path.join(out, n)))
+    cfg = dataclasses.replace(cfg, task=task, inputs=made)
+    result = train(cfg, lambda: ImageEncoder(scfg), DistillImages(items, store, scfg.img_size),
+                   distill_loss(cosine_weight))
+    if int(os.environ.get("RANK", "0")) == 0:
+        result["outputs"] = write_outputs(out, scfg, teacher_path, teacher_sha)
+        if not cfg.quiet:
+            print("samvit train distill: wrote " + ", ".join(result["outputs"]))
+    return result
