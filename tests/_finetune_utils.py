@@ -22,11 +22,11 @@ SMALL_DECODER = DecoderConfig(embed_dim=64, image_embedding_size=8, input_image_
                               iou_head_hidden_dim=64)
 
 
-def tiny_sam(seed: int = 0) -> Sam:
+def tiny_sam(seed: int = 0, decoder: DecoderConfig = SMALL_DECODER) -> Sam:
     """A freshly initialised tiny Sam (PyTorch's default init, as segment-anything's modules), with a random
     absolute position embedding standing in for a pre-trained one (zeros would leave the tokens unplaced)."""
     torch.manual_seed(seed)
-    sam = Sam(ImageEncoder(SMALL), SamDecoder(SMALL_DECODER))
+    sam = Sam(ImageEncoder(SMALL), SamDecoder(decoder))
     with torch.no_grad():
         sam.image_encoder.pos_embed.normal_(0, 0.1)
     return sam
@@ -46,12 +46,12 @@ def write_tiny_checkpoint(path, seed: int = 0) -> str:
     return path
 
 
-def official_small_sam():
+def official_small_sam(decoder: DecoderConfig = SMALL_DECODER):
     """segment-anything's Sam with the SMALL architecture (weights to be loaded)."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam as OfficialSam, \
         TwoWayTransformer
 
-    c, d = SMALL, SMALL_DECODER
+    c, d = SMALL, decoder
     enc = ImageEncoderViT(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
                           num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_chans=c.out_chans, qkv_bias=c.qkv_bias,
                           norm_layer=partial(torch.nn.LayerNorm, eps=c.norm_eps), use_abs_pos=c.use_abs_pos,

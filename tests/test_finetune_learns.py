@@ -55,9 +55,9 @@ def train_losses(run_dir: str):
 
 
 def test_short_run_loss_falls(tmp_path):
-    """The default suite's short version: 60 steps, the training loss falls by more than half (measured 3.3 ->
+    """The default suite's short version: 40 steps, the training loss falls by more than half (measured 3.3 ->
     1.4; this is the first phase, before the masks localise)."""
-    _, _, out = finetune(tmp_path, 60, log_every=1)
+    _, _, out = finetune(tmp_path, 40, log_every=1)
     loss = train_losses(out)
     first, last = sum(loss[:3]) / 3, sum(loss[-10:]) / 10
     assert last < 0.5 * first, (first, last)

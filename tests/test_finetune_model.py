@@ -117,3 +117,31 @@ def test_drop_path_is_stochastic_in_training_and_the_identity_in_eval():
     assert not torch.equal(a, b) and not torch.equal(a, ref)
     with pytest.raises(ValueError, match="drop path rate"):
         enc.set_drop_path(1.0)
+
+
+def test_exported_decoder_config_gives_the_head_count(tmp_path):
+    """The head count is in no tensor: final.safetensors records the DecoderConfig and the loaders use it (a
+    2-head decoder then predicts as segment-anything's 2-head Sam with the same weights)."""
+    import numpy as np
+    from segment_anything import SamPredictor
+
+    from samvit.masks.predictor import Predictor
+    from samvit.train.finetune import export_model
+
+    from _finetune_utils import SMALL_DECODER
+
+    two = SMALL_DECODER.replace(num_heads=2)
+    sam = tiny_sam(decoder=two)
+    _, st = export_model(sam, str(tmp_path))
+    ours = Predictor.from_checkpoint(st)
+    assert ours.decoder.config.num_heads == 2
+    official = official_small_sam(two)
+    official.load_state_dict(sam.state_dict())
+    ref = SamPredictor(official)
+    image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    ref.set_image(image)
+    ours.set_image(image)
+    box = np.array([10.0, 20.0, 80.0, 70.0])
+    want = ref.predict(box=box, return_logits=True)[0]
+    got = ours.predict(box=box, return_logits=True)[0]
+    assert np.abs(got - want).max() <= 1e-4

@@ -16,6 +16,7 @@ from ..errors import InputError, SamvitError, open_regular
 StateDict = Dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "samvit_config"  # the EncoderConfig as JSON in samvit's own safetensors files
+DECODER_CONFIG_METADATA_KEY = "samvit_decoder_config"  # the DecoderConfig as JSON (its head count is in no tensor)
 CHUNK = 1 << 22
 
 

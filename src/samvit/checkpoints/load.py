@@ -15,7 +15,8 @@ from ..config import PRESETS, DecoderConfig, EncoderConfig, preset
 from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
 from ..modeling.sam import SamDecoder
-from .files import CONFIG_METADATA_KEY, CheckpointError, PathLike, StateDict, check_keys, read_checkpoint, write_tensors
+from .files import (CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, CheckpointError, PathLike, StateDict, check_keys,
+                    read_checkpoint, write_tensors)
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
 
@@ -193,14 +194,27 @@ def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] =
 
     Args:
         checkpoint: as for load_encoder (a full SAM model: official .pth, transformers SamModel), or a state dict.
-        config: the decoder's architecture; None: widths and depths inferred from the tensors, num_heads 8 (as
-            in every released model).
+        config: the decoder's architecture; None: widths and depths inferred from the tensors, num_heads from
+            the file's samvit metadata, else 8 (as in every released model).
         device, dtype: where and in which dtype to put the weights (default float32 on the CPU).
     Returns:
         the decoder in eval mode.
     """
-    sd, _, source = read_official(checkpoint, progress)
+    sd, metadata, source = read_official(checkpoint, progress)
+    if config is None and DECODER_CONFIG_METADATA_KEY in metadata:
+        config = infer_decoder_config(sd, decoder_base(metadata, source), source=source)
     return _finish(_build_decoder(sd, config, source), device, dtype)
+
+
+def decoder_base(metadata: Dict[str, str], source: str = "checkpoint") -> DecoderConfig:
+    """The DecoderConfig a file's samvit metadata records (`samvit train sam` writes it: the head count is in no
+    tensor), else the released models' defaults."""
+    if DECODER_CONFIG_METADATA_KEY not in metadata:
+        return DecoderConfig()
+    try:
+        return DecoderConfig(**json.loads(metadata[DECODER_CONFIG_METADATA_KEY]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: unreadable {DECODER_CONFIG_METADATA_KEY} metadata ({e})") from None
 
 
 def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
@@ -237,7 +251,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
             raise CheckpointError(f"{source}: no image_encoder.* tensors; pass with_encoder=False and use "
                                   "set_embedding, or give a full SAM checkpoint")
         encoder = _finish(_build_encoder(esd, cfg, source, kernel), device, dtype)
-    base = infer_decoder_config(sd, source=source)
+    base = infer_decoder_config(sd, decoder_base(metadata, source), source=source)
     if cfg is not None:
         base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
     return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checkpoints.files import CONFIG_METADATA_KEY, write_tensors
+from ..checkpoints.files import CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, write_tensors
 from ..checkpoints.load import load_sam
 from ..modeling.lora import LORA_TARGETS, add_lora, merge_lora
 from ..modeling.sam import Sam
@@ -35,7 +35,6 @@ TRAIN_PARTS = {"encoder": "image_encoder", "prompt": "prompt_encoder", "decoder"
 SKIPPED_FILE = "skipped.jsonl"  # images and annotations skipped during the run
 SKIPPED_ON_OPEN_FILE = "skipped_on_open.jsonl"  # those skipped when --data was opened
 FINAL_PTH, FINAL_SAFETENSORS = "final.pth", "final.safetensors"
-DECODER_CONFIG_METADATA_KEY = "samvit_decoder_config"
 
 
 # ---- the model ----

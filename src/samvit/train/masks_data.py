@@ -361,6 +361,7 @@ class MaskSamples(Dataset):
         self.source, self.img_size, self.low_res, self.k = source, img_size, low_res, masks_per_image
         self.seed, self.store, self.report = seed, store, report
         self._bad: set = set()
+        self._reported: set = set()
 
     def __len__(self) -> int:
         return len(self.source)
@@ -415,7 +416,9 @@ class MaskSamples(Dataset):
                 self._skip(i, str(e))
                 continue
             for name, reason in problems:
-                self._write({"item": name, "image": self.source.name(i), "reason": reason})
+                if (i, name) not in self._reported:  # once (per process), not every epoch
+                    self._reported.add((i, name))
+                    self._write({"item": name, "image": self.source.name(i), "reason": reason})
             if len(masks) == 0:
                 self._skip(i, "no usable instance")
                 continue
