@@ -84,8 +84,8 @@ def main() -> None:
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = os.path.join(args.work, f"{args.model}_random.safetensors")
-        samvit.save_encoder(random_weights_(samvit.load_encoder(args.model)), ckpt)
-    fp32 = samvit.load_encoder(args.model, ckpt)
+        samvit.save_encoder(random_weights_(samvit.load_encoder(args.model, dtype=torch.float32)), ckpt)
+    fp32 = samvit.load_encoder(args.model, ckpt, dtype=torch.float32)
     x = input_image(fp32.config, args.image)
     names = args.variants.split(",")
     runners = {}
@@ -98,7 +98,7 @@ def main() -> None:
     if "torch_int8" in names:
         from torch.ao.quantization import quantize_dynamic
 
-        q8 = quantize_dynamic(samvit.load_encoder(args.model, ckpt), {torch.nn.Linear}, dtype=torch.qint8)
+        q8 = quantize_dynamic(samvit.load_encoder(args.model, ckpt, dtype=torch.float32), {torch.nn.Linear}, dtype=torch.qint8)
         crop = 2 * q8.config.patch_size * max(q8.config.window_size, 1)
         try:  # the fast path may assume float nn.Linear weights; the reference path takes any linear module
             with torch.no_grad():
@@ -110,7 +110,7 @@ def main() -> None:
                 names.insert(names.index("torch_int8") + 1, "fp32_ref")
         runners["torch_int8"] = lambda: q8(x)
     if "fp32_ref" in names:
-        fp32_ref = samvit.load_encoder(args.model, ckpt, attn_impl="reference")
+        fp32_ref = samvit.load_encoder(args.model, ckpt, dtype=torch.float32, attn_impl="reference")
         runners["fp32_ref"] = lambda: fp32_ref(x)
     if any(n.startswith("ort_") for n in names):
         onnx32 = os.path.join(args.work, f"{args.model}.onnx")

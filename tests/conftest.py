@@ -1,6 +1,8 @@
 """Shared test helpers: random weights for official and samvit models, tiny configs, real test images."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,10 @@ import samvit
 from samvit import EncoderConfig
 from samvit.bench.weights import randomize_  # noqa: F401  (the tests import it from here)
 
+# dtype="auto" (the default) picks bfloat16 on CPUs with AVX512-BF16/AMX: the tests compare float32 outputs with the
+# reference packages on any machine, so "auto" means float32 here and in the CLI subprocesses (tests of "auto"
+# itself unset it).
+os.environ.setdefault("SAMVIT_DTYPE", "float32")
 samvit.tune_allocator()  # the same allocator setting for samvit and the reference packages in every test
 
 TINY = EncoderConfig(img_size=256, embed_dim=64, depth=3, num_heads=2, window_size=4, global_attn_indexes=(1,),

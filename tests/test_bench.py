@@ -11,20 +11,21 @@ TINY = samvit.EncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, win
                             out_chans=16, name="tiny")
 
 
-def test_plan_runs_samvit_once_and_only_supported_precisions():
+def test_plan_runs_every_allocator_and_only_supported_precisions():
+    """samvit runs under both allocator settings like its peers (it no longer tunes its own process)."""
     runs = runner.plan_runs(["samvit", "samvit-reference", "official"], ["float32", "bfloat16"], [1, 2],
                            ["default", "tuned"])
     keys = {(r["impl"], r["dtype"], r["batch"], r["allocator"]) for r in runs}
     assert ("samvit", "bfloat16", 2, "default") in keys and ("official", "bfloat16", 1, "tuned") in keys
-    assert not any(r["impl"].startswith("samvit") and r["allocator"] == "tuned" for r in runs)
+    assert ("samvit", "float32", 1, "tuned") in keys
     assert not any(r["impl"] == "samvit-reference" and r["dtype"] == "bfloat16" for r in runs)
-    assert len(runs) == 2 * 2 + 2 * 1 + 2 * 2 * 2
+    assert len(runs) == 2 * (2 * 2 + 2 * 1 + 2 * 2)
 
 
 def test_smoke_run_against_official(tmp_path):
     rec = runner.run_benchmark(TINY, impls=["samvit", "official"], dtypes=["float32"], batch_sizes=[2],
                               allocators=["tuned"], threads=1, warmup=1, repeats=1, timeout=600,
-                              peak_size=256, progress=False, label="test")
+                              peak_size=256, progress=False, label="test", rounds=2)
     assert rec["reference_impl"] == "official"
     assert rec["flops_per_image"] > 0 and rec["matmul_peak"]["float32"]["gflops"] > 0
     rows = {(r["impl"], r["batch"], r["allocator"]): r for r in rec["runs"]}
@@ -34,11 +35,14 @@ def test_smoke_run_against_official(tmp_path):
         assert r["s_per_image"] > 0 and r["peak_rss_mib"] > 0 and r["gflops"] > 0 and 0 < r["peak_share"]
         assert r["max_abs"] <= 1e-5 and r["cosine"] > 0.99999
         assert r["out_shape"] == [r["batch"], 16, 4, 4]
+        assert len(r["times_s"]) == 2 and r["isa"] == rec["machine"]["isa_flags"]  # one timed run per round
     assert rows[("official", 2, "tuned")]["max_abs"] == 0.0  # the yardstick itself
     js, md = report.write_results(rec, str(tmp_path))
     assert json.load(open(js))["runs"] == rec["runs"]
     text = open(md).read()
-    assert "samvit fast path (SDPA)" in text and "official segment-anything" in text and "**test**" in text
+    assert "samvit fast path (sdpa_chunked)" in text and "official segment-anything" in text and "**test**" in text
+    assert "ISA flags beside every row" in text and set(rec["machine"]["isa"]) == {
+        "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx"}
 
 
 def test_reference_made_without_the_official_run(tmp_path):

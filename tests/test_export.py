@@ -155,3 +155,15 @@ def test_vit_h_external_data(tmp_path):
     assert os.path.getsize(path + ".data") > 2**31 and os.path.getsize(path) < 2**24
     diff = verify_onnx(enc, path, threads=2)  # onnx.checker ran inside export_onnx, path-based
     assert diff["max_abs"] <= 1e-4, diff
+
+
+def test_int8_weights_option(tiny, tmp_path):
+    """--int8-weights int8 writes signed int8 weights (onnxruntime's U8S8 kernels), uint8 otherwise."""
+    _, _, ckpt, _ = tiny
+    out = tmp_path / "s8.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(ckpt), "--out", str(out), "--int8", "--int8-weights", "int8",
+                 "--quiet"]) == 0
+    types = {init.data_type for init in onnx.load(str(out)).graph.initializer if init.name.endswith("_quantized")}
+    assert types == {onnx.TensorProto.INT8}
+    with pytest.raises(ValueError, match="'uint8' or 'int8'"):
+        samvit.export.quantize_onnx_int8(out, tmp_path / "x.onnx", weights="int4")

@@ -53,11 +53,15 @@ def test_train_parts_freeze_the_rest(checkpoint):
 
 
 def test_lora_starts_exact_trains_only_adapters_and_merges_into_plain_weights(checkpoint):
-    base = build_sam(checkpoint, train_parts="decoder").eval()
+    base = build_sam(checkpoint, train_parts="encoder,decoder").eval()
     sam = build_sam(checkpoint, train_parts="decoder", lora_rank=4, lora_targets=("qkv", "proj", "mlp")).eval()
     x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    # lora_b starts at zero: exact on the training path, both with activations that need grad (SDPA picks its
+    # CPU path by that). The no-grad inference path fuses plain Linears into workspace buffers, which LoRALinear
+    # skips, so there the two differ by rounding only.
+    torch.testing.assert_close(sam(images=x), base(images=x), rtol=0, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(sam(images=x), base(images=x), rtol=0, atol=0)  # lora_b starts at zero
+        torch.testing.assert_close(sam(images=x), base(images=x), rtol=1e-5, atol=1e-5)
     enc_trainable = {n for n, p in sam.image_encoder.named_parameters() if p.requires_grad}
     assert enc_trainable and all(".lora_a." in n or ".lora_b." in n for n in enc_trainable)
     assert sum(isinstance(m, LoRALinear) for m in sam.modules()) == SMALL.depth * 4

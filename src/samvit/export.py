@@ -280,12 +280,15 @@ def verify_decoder_onnx(decoder: SamDecoder, path: Union[str, os.PathLike], orig
     return worst
 
 
-def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> str:
+def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], weights: str = "uint8") -> str:
     """Dynamic int8 quantisation of an exported file's linear layers with onnxruntime; returns dst.
 
-    Weights and activations are uint8 (per tensor, activations quantised at run time); attention, norms and
-    convolutions stay float32. int8 weights would be faster on CPUs with VNNI but saturate without it.
+    Activations are uint8 (per tensor, quantised at run time); weights uint8, or signed int8 with
+    weights="int8" (onnxruntime's U8S8 kernels: the fast ones on CPUs with VNNI, whose u8 x s8 products
+    saturate int16 on CPUs without it). Attention, norms and convolutions stay float32.
     """
+    if weights not in ("uint8", "int8"):
+        raise ValueError(f"weights must be 'uint8' or 'int8', got {weights!r}")
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
@@ -297,19 +300,20 @@ def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs advice about pre-processing on the root logger
     try:
-        quantize_dynamic(src, dst, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
     finally:
         root.setLevel(level)
     return dst
 
 
 def export_onnx_int8(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
-                     dynamic_batch: bool = True) -> str:
+                     dynamic_batch: bool = True, weights: str = "uint8") -> str:
     """Export the encoder and quantise its linear layers to int8 (quantize_onnx_int8) into one file; returns it.
 
     The float32 export goes to a temporary folder beside `path` (it may be large) and is removed afterwards; an
     int8 file is always written whole (vit_h: about 0.65 GB), so a side file left by an earlier float32 export
-    to the same name is removed.
+    to the same name is removed. weights: "uint8" or "int8" (see quantize_onnx_int8).
     """
     import tempfile
 
@@ -320,7 +324,7 @@ def export_onnx_int8(encoder: ImageEncoder, path: Union[str, os.PathLike], opset
         os.remove(path + ".data")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         fp32 = export_onnx(encoder, os.path.join(tmp, "fp32.onnx"), opset=opset, dynamic_batch=dynamic_batch)
-        return quantize_onnx_int8(fp32, path)
+        return quantize_onnx_int8(fp32, path, weights)
 
 
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None, arena: bool = True):

@@ -10,7 +10,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Tuple, Union
+import warnings
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Tuple, Union
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +21,7 @@ _M_MMAP_MAX = -4
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
 _tuned = False
+DtypeArg = Union[str, "torch.dtype", None]  # "auto", a dtype name (float32, bf16, ...), a torch.dtype; None: float32
 
 # A progress callback: progress(done, total) after each finished unit (images, points, bytes), `done` counted
 # from the start; keyword arguments carry optional notes (e.g. failed=3) that a bar may show.
@@ -65,15 +67,86 @@ def resolve_device(device: Optional[str] = None) -> "torch.device":
     return dev
 
 
-def resolve_dtype(dtype: Optional[str]) -> "torch.dtype":
-    """'float32', 'bfloat16' or 'float16' (or fp32/bf16/fp16) -> torch dtype; None -> float32."""
+def cpu_features() -> Dict[str, bool]:
+    """The CPU's instruction-set features that decide the encoder's speed (avx2, avx512f, avx512_vnni,
+    avx512_bf16, amx), as PyTorch detects them."""
+    import torch
+
+    def check(name: str) -> bool:
+        fn = getattr(torch.cpu, name, None)
+        return bool(fn()) if fn is not None else False
+
+    return {"avx2": check("_is_avx2_supported"), "avx512f": check("_is_avx512_supported"),
+            "avx512_vnni": check("_is_vnni_supported"), "avx512_bf16": check("_is_avx512_bf16_supported"),
+            "amx": check("_is_amx_tile_supported")}
+
+
+def native_bfloat16(device: Union[str, "torch.device", None] = None) -> bool:
+    """Whether `device` computes bfloat16 matmuls natively: CUDA with bf16 support; a CPU with AVX512-BF16 or AMX
+    (without them every bfloat16 matmul is emulated, several times slower than float32)."""
+    import torch
+
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def auto_dtype(device: Union[str, "torch.device", None] = None) -> "torch.dtype":
+    """bfloat16 where `device` computes it natively (native_bfloat16), else float32; $SAMVIT_DTYPE, when set to
+    a dtype name, replaces the choice."""
+    import torch
+
+    forced = os.environ.get("SAMVIT_DTYPE", "auto")
+    if forced not in ("", "auto"):
+        return resolve_dtype(forced, device)
+    return torch.bfloat16 if native_bfloat16(device) else torch.float32
+
+
+def resolve_dtype(dtype: DtypeArg = None, device: Union[str, "torch.device", None] = None) -> "torch.dtype":
+    """'auto' (see auto_dtype), 'float32', 'bfloat16', 'float16' (or fp32/bf16/fp16), a torch dtype, or None
+    (float32) -> torch dtype. bfloat16 asked for on a CPU that emulates it runs, with a warning."""
     import torch
 
     if dtype is None:
         return torch.float32
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of float32, bfloat16, float16")
-    return getattr(torch, DTYPE_NAMES[dtype])
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return auto_dtype(device)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16")
+        dtype = getattr(torch, DTYPE_NAMES[dtype])
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype!r}; expected auto, float32, bfloat16 or float16")
+    if dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu" and not native_bfloat16("cpu"):
+        warnings.warn("bfloat16 on a CPU without AVX512-BF16 or AMX instructions is emulated and several times "
+                      "slower than float32 here; dtype='auto' picks float32 on this CPU", stacklevel=3)
+    return dtype
+
+
+def describe_dtype(dtype: "torch.dtype", asked: DtypeArg, device: Union[str, "torch.device", None] = None) -> str:
+    """One line for the CLI: the compute dtype and why it was chosen."""
+    name = str(dtype).replace("torch.", "")
+    if asked not in (None, "auto"):
+        return f"dtype {name} (asked for)"
+    dev = torch_device_type(device)
+    if os.environ.get("SAMVIT_DTYPE", "auto") not in ("", "auto"):
+        return f"dtype {name} (auto: from SAMVIT_DTYPE)"
+    why = "native bfloat16 on this " if name == "bfloat16" else "no native bfloat16 on this "
+    return f"dtype {name} (auto: {why}{dev})"
+
+
+def torch_device_type(device: Union[str, "torch.device", None]) -> str:
+    import torch
+
+    dev = torch.device(device or "cpu")
+    if dev.type != "cpu":
+        return dev.type
+    feats = cpu_features()
+    have = [k for k in ("avx512_bf16", "amx") if feats[k]]
+    return "CPU" + (f", {' and '.join(have)}" if have else ": no avx512_bf16 / amx")
 
 
 # ---- torch.distributed (torchrun) ----

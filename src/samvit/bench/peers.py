@@ -2,6 +2,7 @@
 each built from the same official-layout weights."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 from ..config import EncoderConfig
@@ -11,7 +12,8 @@ if TYPE_CHECKING:  # torch is imported when a model is built, so that `samvit be
 
 # name -> (what it is, precisions it runs). Peers run bfloat16 the way their users do: autocast over fp32 weights.
 IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "samvit": ("samvit fast path (SDPA)", ("float32", "bfloat16")),
+    "samvit": ("samvit fast path (sdpa_chunked)", ("float32", "bfloat16")),
+    "samvit-blocked": ("samvit fast path (matmul_blocked)", ("float32", "bfloat16")),
     "samvit-compiled": ("samvit fast path + torch.compile", ("float32", "bfloat16")),
     "samvit-reference": ("samvit reference path (official arithmetic)", ("float32",)),
     "official": ("official segment-anything", ("float32", "bfloat16")),
@@ -19,7 +21,11 @@ IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "timm": ("timm samvit (VisionTransformerSAM)", ("float32", "bfloat16")),
     "transformers": ("transformers SamVisionModel, sdpa", ("float32", "bfloat16")),
     "transformers-eager": ("transformers SamVisionModel, eager", ("float32", "bfloat16")),
+    "onnxruntime": ("ONNX Runtime (samvit ONNX export)", ("float32",)),
+    "openvino": ("OpenVINO (samvit ONNX export)", ("float32", "bfloat16")),
 }
+SAMVIT_KERNELS = {"samvit": "sdpa_chunked", "samvit-compiled": "sdpa_chunked", "samvit-reference": "reference",
+                  "samvit-blocked": "matmul_blocked"}
 DEFAULT_IMPLS = ("samvit", "samvit-reference", "official", "timm", "transformers")
 TUNED_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 ALLOCATORS = ("default", "tuned")
@@ -51,14 +57,15 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: tor
 
     from ..checkpoints.keymaps import from_official
 
-    if impl.startswith("samvit"):
-        from ..modeling.encoder import ImageEncoder
+    if impl.startswith("samvit"):  # as a library user gets it: load_encoder, nothing else
+        from ..checkpoints.load import load_encoder
 
-        kernel = "reference" if impl == "samvit-reference" else "sdpa_chunked"
-        enc = ImageEncoder(cfg, kernel, compile=impl == "samvit-compiled")
-        enc.load_state_dict(sd)
-        enc = enc.eval().to(dtype)
+        enc = load_encoder(cfg, checkpoint=sd, dtype=dtype, kernel=SAMVIT_KERNELS[impl])
+        if impl == "samvit-compiled":
+            enc.compile(dynamic=False)
         return enc, dtype, False
+    if impl in ("onnxruntime", "openvino"):
+        return _runtime_peer(impl, cfg, sd, dtype), torch.float32, False
     autocast = dtype != torch.float32
     if impl.startswith("official"):
         model = official_encoder(cfg)
@@ -93,3 +100,31 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: tor
         model.eval()
         return (lambda x: model(pixel_values=x).last_hidden_state), torch.float32, autocast
     raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
+
+
+def _runtime_peer(impl: str, cfg: EncoderConfig, sd: Dict[str, "torch.Tensor"], dtype: "torch.dtype"
+                  ) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """samvit's float32 encoder exported to ONNX (samvit.export), run by onnxruntime or OpenVINO (OpenVINO in
+    float32 or bfloat16 inference precision, as asked) with torch's thread count."""
+    import tempfile
+
+    import torch
+
+    from ..checkpoints.load import load_encoder
+    from ..export import export_onnx, onnx_session
+
+    path = os.path.join(tempfile.mkdtemp(prefix="samvit-bench-onnx-"), "encoder.onnx")
+    export_onnx(load_encoder(cfg, checkpoint=sd, dtype=torch.float32), path, dynamic_batch=False, check=False)
+    threads = torch.get_num_threads()
+    if impl == "onnxruntime":
+        sess = onnx_session(path, threads=threads)
+        name = sess.get_inputs()[0].name
+        return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16
+                                                else "f32"})
+    request = compiled.create_infer_request()
+    return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[compiled.output(0)].copy())

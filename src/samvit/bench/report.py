@@ -32,22 +32,30 @@ def markdown(record: Dict[str, Any]) -> str:
     if record.get("label"):
         lines += [f"**{record['label']}**", ""]
     pk = "; ".join(f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in peak.items() if isinstance(v, dict))
-    lines += [f"- machine: {m['cpu']}, {m['cores']} cores (AVX-512 {'yes' if m['avx512'] else 'no'}, "
-              f"AVX-512 BF16 {'yes' if m['avx512_bf16'] else 'no'}), torch {m['torch']} "
+    isa = m.get("isa_flags") or (f"avx512f {'yes' if m['avx512'] else 'no'}, avx512_bf16 "
+                                 f"{'yes' if m['avx512_bf16'] else 'no'}")
+    load = m.get("load_average")
+    lines += [f"- machine: {m['cpu']}, {m['cores']} cores, instruction sets: {isa}; torch {m['torch']} "
               f"({m['torch_cpu_capability']}), {m['date']}",
-              f"- {s['threads']} threads; median of {s['repeats']} after {s['warmup']} warm-up; each run in a fresh "
+              f"- load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in load) if load else '?'}"
+              + (f"; at the end: {', '.join(f'{v:.2f}' for v in m['load_average_end'])}"
+                 if m.get("load_average_end") else ""),
+              f"- {s['threads']} threads; median of {s['repeats']} after {s['warmup']} warm-up"
+              f"{(', ' + str(s['rounds']) + ' interleaved rounds (median over all)') if s.get('rounds', 1) > 1 else ''}"
+              f"; each run in a fresh "
               f"process; peak = whole-process VmHWM; CPU s/img = process CPU time (the best allocator setting), "
               f"which with 1 thread does not depend on other load on the machine",
               f"- matmul peak: {pk or 'not measured'}",
               f"- FLOPs per image: {record['flops_per_image'] / 1e9:.4g} G ({record['flops_source']}, "
               f"FlopCounterMode on meta, window padding included)",
               f"- error: against {record.get('reference_impl', '?')} float32 on the same random weights and input",
-              f"- allocator: default = glibc as is; tuned = {s['tuned_env']}. samvit tunes its own process "
-              f"(mallopt, samvit.tune_allocator) whatever the setting, so its rows ran once and stand for both (*)",
+              f"- allocator: default = glibc as is; tuned = {s['tuned_env']}. Nothing else tunes it: samvit "
+              f"runs as a library user gets it (load_encoder, no tune_allocator)",
               f"- peers' bf16 is autocast over float32 weights; samvit's is bfloat16 weights (LayerNorm, softmax "
               f"and the residual stream in float32)",
               f"- command: `{record['command']}`", ""]
     allocs = s["allocators"]
+    lines += [f"ISA flags beside every row: {isa}", ""]
     head = "| implementation | precision | batch |"
     sep = "|---|---|---|"
     for a in allocs:
@@ -55,6 +63,9 @@ def markdown(record: Dict[str, Any]) -> str:
         sep += "---|---|---|---|---|---|"
     head += " CPU s/img | max abs | mean abs | cosine |"
     sep += "---|---|---|---|"
+    if len(allocs) == 2:
+        head += f" {allocs[0]} / {allocs[1]} |"
+        sep += "---|"
     lines += [head, sep]
     rows: Dict[Tuple, Dict[str, Dict]] = {}
     order = list(IMPLS)
@@ -66,8 +77,8 @@ def markdown(record: Dict[str, Any]) -> str:
         cells = f"| {IMPLS[impl][0]} | {_precision(impl, dt)} | {b} |"
         any_row = next(iter(by_alloc.values()))
         for a in allocs:
-            r = by_alloc.get(a) or (any_row if impl.startswith("samvit") else None)
-            star = "*" if impl.startswith("samvit") else ""
+            r = by_alloc.get(a)
+            star = ""
             if r is None or "s_per_image" not in r:
                 msg = (r or {}).get("error", "not run")
                 cells += f" {msg[:40]} | | | | | |"
@@ -81,6 +92,9 @@ def markdown(record: Dict[str, Any]) -> str:
         cells += f" {cpu:.3f} |" if cpu is not None else " |"
         e = next((r for r in by_alloc.values() if "max_abs" in r), {})
         cells += (f" {e['max_abs']:.2e} | {e['mean_abs']:.2e} | {e['cosine']:.6f} |" if e else " | | |")
+        if len(allocs) == 2:
+            t = [by_alloc.get(a, {}).get("s_per_image") for a in allocs]
+            cells += f" {t[0] / t[1]:.3f} |" if all(t) else " |"
         lines.append(cells)
     for sk in record.get("skipped", []):
         lines.append(f"\nskipped {sk['impl']} {sk['dtype']} b{sk['batch']} ({sk['allocator']}): {sk['reason']}")

@@ -57,9 +57,17 @@ def machine_info() -> Dict[str, Any]:
                 flags = set(val.split())
     except (OSError, subprocess.SubprocessError):
         pass
+    isa = {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
+           "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
+    if not flags:  # no lscpu: PyTorch's own detection
+        from ..runtime import cpu_features
+
+        isa = cpu_features()
     info = {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa": isa,
+            "isa_flags": " ".join(k for k, v in isa.items() if v) or "none of avx2/avx512",
+            "avx512": isa["avx512f"], "avx512_bf16": isa["avx512_bf16"], "amx_bf16": isa["amx"],
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "python": platform.python_version(), "platform": platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     for pkg in ("segment_anything", "timm", "transformers"):
@@ -106,13 +114,11 @@ def _run_sub(cmd: List[str], env: Dict[str, str], timeout: float) -> Tuple[Optio
 
 def plan_runs(impls: Sequence[str], dtypes: Sequence[str], batch_sizes: Sequence[int],
               allocators: Sequence[str]) -> List[Dict[str, Any]]:
-    """One entry per (allocator, implementation, precision, batch). samvit tunes its own allocator, so its
-    rows run once (under the first setting) and stand for both."""
+    """One entry per (allocator, implementation, precision, batch); samvit runs under each allocator setting
+    like every peer (it no longer tunes its own process)."""
     runs = []
-    for a_i, alloc in enumerate(allocators):
+    for alloc in allocators:
         for impl in impls:
-            if impl.startswith("samvit") and a_i > 0:
-                continue
             for dt in dtypes:
                 if dt not in IMPLS[impl][1]:
                     continue
@@ -125,8 +131,12 @@ def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
                   dtypes: Sequence[str] = ("float32", "bfloat16"), batch_sizes: Sequence[int] = (1,),
                   allocators: Sequence[str] = ALLOCATORS, threads: int = 2, warmup: int = 1, repeats: int = 3,
                   timeout: float = 1800.0, force_bf16: bool = False, peak_size: Optional[int] = 4096,
-                  progress: Optional[bool] = None, label: str = "") -> Dict[str, Any]:
-    """Run every planned implementation in its own subprocess; returns the full record (see write_results)."""
+                  progress: Optional[bool] = None, label: str = "", rounds: int = 1) -> Dict[str, Any]:
+    """Run every planned implementation in its own subprocess; returns the full record (see write_results).
+
+    rounds > 1 runs the whole plan that many times, interleaved (round 1 of every run, then round 2, ...; the
+    matmul peak between rounds), and reports each run's median over all its timed repeats: ratios between
+    implementations then hold under load that changes during the benchmark."""
     from safetensors.torch import save_file
 
     for name in impls:
@@ -137,7 +147,7 @@ def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
             raise ValueError(f"unknown allocator setting {a!r}; expected some of {', '.join(ALLOCATORS)}")
     record: Dict[str, Any] = {"label": label, "machine": machine_info(), "config": cfg.to_dict(),
                               "settings": {"threads": threads, "warmup": warmup, "repeats": repeats,
-                                           "timeout_s": timeout, "allocators": list(allocators),
+                                           "timeout_s": timeout, "allocators": list(allocators), "rounds": rounds,
                                            "tuned_env": f"GLIBC_TUNABLES={TUNED_ENV}"},
                               "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                               "runs": [], "skipped": []}
@@ -168,36 +178,64 @@ def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
             runs.remove(first)
             runs.insert(0, first)
         fallbacks = ["official", "samvit-reference"] if _importable("segment_anything") else ["samvit-reference"]
-        bar = TqdmProgress("bench", "run", progress, total=len(runs)).bar
-        for r in runs:
-            if not os.path.exists(ref) and r is not first:
-                for base in fallbacks:
-                    spec = dict(impl=base, dtype="float32", batch=1, allocator="tuned", threads=threads,
-                                config=cfg.to_dict(), weights=weights, input=inp, warmup=1, repeats=0, save_output=ref)
-                    if _run_sub(_worker_cmd("--run", spec), _env("tuned", threads), timeout)[0] is not None:
-                        record["reference_impl"] = base
-                        break
-            spec = dict(r, threads=threads, config=cfg.to_dict(), weights=weights, input=inp, reference=ref,
-                        warmup=warmup, repeats=repeats, save_output=ref if r is first else None)
-            bar.set_postfix_str(f"{r['impl']} {r['dtype']} b{r['batch']} {r['allocator']}")
-            result, prog, err = _run_sub(_worker_cmd("--run", spec), _env(r["allocator"], threads), timeout)
-            bar.update(1)
-            if r is first and result is not None:
-                record["reference_impl"] = r["impl"]
-            row = _summarise(result, r, prog, err, flops, record["matmul_peak"])
+        bar = TqdmProgress("bench", "run", progress, total=len(runs) * rounds).bar
+        merged: Dict[int, Dict[str, Any]] = {}
+        peaks = [peak] if peak else []
+        for rnd in range(rounds):
+            if rnd and peak:
+                peaks.append(_run_sub(peak_cmd, _env("tuned", threads), timeout)[0] or {})
+            for i, r in enumerate(runs):
+                if rnd and (merged[i] is None or "times_s" not in merged[i]):
+                    continue  # failed in an earlier round: not retried
+                result, prog, err = _one_run(r, first, rnd, ref, inp, weights, cfg, threads, warmup, repeats,
+                                             timeout, fallbacks, record)
+                bar.update(1)
+                if rnd == 0:
+                    merged[i] = result if result is not None else {"_prog": prog, "_err": err}
+                elif result is not None:
+                    for key in ("times_s", "cpu_times_s"):
+                        merged[i][key] = merged[i][key] + result[key]
+                    merged[i]["peak_rss_mib"] = max(merged[i]["peak_rss_mib"], result["peak_rss_mib"])
+                if progress is not False and result is not None:
+                    bar.write(one_line(_summarise(result, r, prog, err, flops, {})), file=sys.stderr)
+        for i, r in enumerate(runs):
+            res = merged.get(i)
+            ok = res is not None and "_err" not in res
+            row = _summarise(res if ok else None, r, (res or {}).get("_prog", []), (res or {}).get("_err", ""),
+                             flops, record["matmul_peak"])
+            row["isa"] = record["machine"]["isa_flags"]
             record["runs"].append(row)
-            if progress is not False:
-                bar.write(one_line(row), file=sys.stderr)
-        if peak:  # measured again at the end; the better of the two is this machine's peak
-            again = _run_sub(peak_cmd, _env("tuned", threads), timeout)[0] or {}
-            for k, v in again.items():
-                if v["gflops"] > peak[k]["gflops"]:
-                    peak[k] = v
+        if peak:  # measured again at the end; the best of all is this machine's peak
+            peaks.append(_run_sub(peak_cmd, _env("tuned", threads), timeout)[0] or {})
+            for again in peaks[1:]:
+                for k, v in again.items():
+                    if v["gflops"] > peak[k]["gflops"]:
+                        peak[k] = v
+            record["matmul_peak_all"] = peaks
             for row in record["runs"]:
                 if "gflops" in row and row["dtype"] in peak:
                     row["peak_share"] = row["gflops"] / peak[row["dtype"]]["gflops"]
+        record["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         bar.close()
     return record
+
+
+def _one_run(r, first, rnd, ref, inp, weights, cfg, threads, warmup, repeats, timeout, fallbacks, record):
+    """One planned run in its subprocess (making the reference output first where needed)."""
+    if not os.path.exists(ref) and r is not first:
+        for base in fallbacks:
+            spec = dict(impl=base, dtype="float32", batch=1, allocator="tuned", threads=threads,
+                        config=cfg.to_dict(), weights=weights, input=inp, warmup=1, repeats=0, save_output=ref)
+            if _run_sub(_worker_cmd("--run", spec), _env("tuned", threads), timeout)[0] is not None:
+                record["reference_impl"] = base
+                break
+    save = ref if (r is first and rnd == 0) else None
+    spec = dict(r, threads=threads, config=cfg.to_dict(), weights=weights, input=inp, reference=ref,
+                warmup=warmup, repeats=repeats, save_output=save)
+    result, prog, err = _run_sub(_worker_cmd("--run", spec), _env(r["allocator"], threads), timeout)
+    if save and result is not None:
+        record["reference_impl"] = r["impl"]
+    return result, prog, err
 
 
 def _importable(name: str) -> bool:

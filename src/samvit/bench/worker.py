@@ -38,11 +38,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Time one (implementation, precision, batch) in this process; prints progress lines and the result."""
     from safetensors.torch import load_file, save_file
 
-    torch.set_num_threads(spec["threads"])
-    if spec["impl"].startswith("samvit"):
-        from ..runtime import tune_allocator
-
-        tune_allocator()  # samvit's default behaviour
+    torch.set_num_threads(spec["threads"])  # nothing tunes the allocator here: GLIBC_TUNABLES alone decides
     cfg = EncoderConfig.from_dict(spec["config"])
     dtype = getattr(torch, spec["dtype"])
     sd = load_file(spec["weights"])

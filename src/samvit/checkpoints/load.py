@@ -4,6 +4,7 @@ supported layout to the official names, resolve the encoder config once (given -
 from the tensors) and check every key strictly before loading."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,12 +14,13 @@ import torch
 
 from ..config import PRESETS, DecoderConfig, EncoderConfig, preset
 from ..modeling.attention import DEFAULT_KERNEL
-from ..modeling.encoder import ImageEncoder
+from ..modeling.encoder import ImageEncoder, fit_position_tables
 from ..modeling.sam import SamDecoder
 from .files import (CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, CheckpointError, PathLike, StateDict, check_keys,
                     read_checkpoint, write_tensors)
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
+from ..runtime import DtypeArg, resolve_dtype
 
 ModelSpec = Union[str, EncoderConfig, None]
 CheckpointSource = Union[str, os.PathLike, StateDict]
@@ -140,8 +142,21 @@ def _finish(module: torch.nn.Module, device: Device, dtype: Optional[torch.dtype
     return module
 
 
-def _build_encoder(sd: StateDict, cfg: EncoderConfig, source: str, kernel: str) -> ImageEncoder:
+def with_img_size(cfg: EncoderConfig, img_size: Optional[int]) -> EncoderConfig:
+    """cfg for another input side (a multiple of the patch size), or cfg itself for None."""
+    if img_size is None or img_size == cfg.img_size:
+        return cfg
+    if not isinstance(img_size, int) or img_size < cfg.patch_size or img_size % cfg.patch_size:
+        raise ValueError(f"img_size must be a positive multiple of the patch size {cfg.patch_size}, got {img_size!r}")
+    return dataclasses.replace(cfg, img_size=img_size)
+
+
+def _build_encoder(sd: StateDict, cfg: EncoderConfig, source: str, kernel: str,
+                   img_size: Optional[int] = None) -> ImageEncoder:
     check_state_dict(sd, cfg, source=source)
+    if img_size is not None and img_size != cfg.img_size:  # position tables resized to the new grid
+        cfg = with_img_size(cfg, img_size)
+        sd = fit_position_tables(sd, cfg)
     with torch.device("meta"):
         encoder = ImageEncoder(cfg, kernel)
     encoder.load_state_dict(sd, strict=True, assign=True)
@@ -162,8 +177,8 @@ def _build_decoder(full: StateDict, config: Optional[DecoderConfig], source: str
 
 
 def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = None, device: Device = None,
-                 dtype: Optional[torch.dtype] = None, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
-                 attn_impl: Optional[str] = None) -> ImageEncoder:
+                 dtype: DtypeArg = "auto", kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
+                 attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> ImageEncoder:
     """Build an ImageEncoder and load its weights.
 
     Args:
@@ -171,20 +186,29 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
         checkpoint: a file (official, transformers or timm layout; .pth/.bin/.safetensors), a transformers model
             folder, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache. None: the preset's
             freshly initialised weights.
-        device, dtype: where and in which dtype to put the weights (see ImageEncoder for the float32 ones).
+        device: where to put the weights (None: the CPU).
+        dtype: the compute dtype: "auto" (bfloat16 where the device computes it natively, else float32; see
+            samvit.runtime.auto_dtype), a torch dtype or its name, or None for float32 (see ImageEncoder for the
+            tensors kept in float32).
         kernel: the attention kernel ("sdpa_chunked", "reference", ...; see samvit.modeling.attention).
         progress: download/verification bar (None: only on a terminal).
         attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
+        img_size: the input side to build for (e.g. 512, 768, 1280; a multiple of the patch size): the position
+            embedding and the global blocks' relative-position tables are resized to its grid. None: the
+            checkpoint's (1024 for the released models).
     Returns:
         the encoder in eval mode.
     """
+    dev = None if device is None else torch.device(device)
+    dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
     if checkpoint is None:
         if model is None:
             raise ValueError("load_encoder needs a model preset, a checkpoint, or both")
-        return _finish(ImageEncoder(encoder_config(model, {}, {}), attn_impl or kernel), device, dtype)
+        cfg = with_img_size(encoder_config(model, {}, {}), img_size)
+        return _finish(ImageEncoder(cfg, attn_impl or kernel), device, dtype)
     sd, metadata, source = read_official(checkpoint, progress)
     sd = _encoder_part(sd)
-    encoder = _build_encoder(sd, encoder_config(model, metadata, sd, source), source, attn_impl or kernel)
+    encoder = _build_encoder(sd, encoder_config(model, metadata, sd, source), source, attn_impl or kernel, img_size)
     return _finish(encoder, device, dtype)
 
 
@@ -218,29 +242,35 @@ def decoder_base(metadata: Dict[str, str], source: str = "checkpoint") -> Decode
 
 
 def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
-             dtype: Optional[torch.dtype] = None, with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
-             progress: Optional[bool] = None, attn_impl: Optional[str] = None
+             dtype: DtypeArg = "auto", with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
+             progress: Optional[bool] = None, attn_impl: Optional[str] = None, img_size: Optional[int] = None
              ) -> Tuple[Optional[ImageEncoder], SamDecoder]:
     """Encoder and decoder from one read of a full SAM checkpoint.
 
     Args:
         checkpoint: as for load_encoder (a full SAM model).
         model: the encoder's preset or EncoderConfig; None: from the file's metadata, else inferred.
-        device: for both. dtype: the encoder's compute dtype; the decoder (cheap) stays float32.
+        device: for both. dtype: the encoder's compute dtype ("auto", a dtype or its name; as load_encoder); the
+            decoder (cheap) stays float32.
         with_encoder: False skips the encoder (for precomputed embeddings); its tensors need not be present.
         kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
         progress: download/verification bar (None: only on a terminal).
+        img_size: the input side (as load_encoder); the decoder's embedding grid and input frame follow it.
     Returns:
         (encoder in eval mode or None, decoder in eval mode); the decoder's image sizes follow the encoder's.
     """
-    encoder, decoder, _, _ = _load_sam(checkpoint, model, device, dtype, with_encoder, attn_impl or kernel, progress)
+    encoder, decoder, _, _ = _load_sam(checkpoint, model, device, dtype, with_encoder, attn_impl or kernel, progress,
+                                       img_size)
     return encoder, decoder
 
 
-def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dtype: Optional[torch.dtype],
-              with_encoder: bool, kernel: str, progress: Optional[bool]
+def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dtype: DtypeArg,
+              with_encoder: bool, kernel: str, progress: Optional[bool], img_size: Optional[int] = None
               ) -> Tuple[Optional[ImageEncoder], SamDecoder, Optional[EncoderConfig], str]:
-    """load_sam, plus the encoder config (None when neither given, stored nor inferable) and the source file."""
+    """load_sam, plus the encoder config at img_size (None when neither given, stored nor inferable) and the
+    source file."""
+    dev = None if device is None else torch.device(device)
+    dtype = resolve_dtype(dtype, dev or torch.device("cpu")) if with_encoder else None
     sd, metadata, source = read_official(checkpoint, progress)
     esd = _encoder_part(sd) if any(k.startswith(ENCODER_PREFIX) for k in sd) else {}
     cfg = encoder_config(model, metadata, esd, source) if (model is not None or esd or CONFIG_METADATA_KEY in metadata) \
@@ -250,10 +280,16 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
         if not esd:
             raise CheckpointError(f"{source}: no image_encoder.* tensors; pass with_encoder=False and use "
                                   "set_embedding, or give a full SAM checkpoint")
-        encoder = _finish(_build_encoder(esd, cfg, source, kernel), device, dtype)
+        encoder = _finish(_build_encoder(esd, cfg, source, kernel, img_size), device, dtype)
     base = infer_decoder_config(sd, decoder_base(metadata, source), source=source)
     if cfg is not None:
+        cfg = with_img_size(cfg, img_size)
         base = base.replace(image_embedding_size=cfg.grid_size, input_image_size=cfg.img_size)
+    elif img_size is not None:
+        patch = base.input_image_size // base.image_embedding_size
+        if img_size % patch:
+            raise ValueError(f"img_size must be a multiple of the patch size {patch}, got {img_size}")
+        base = base.replace(image_embedding_size=img_size // patch, input_image_size=img_size)
     return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source
 
 

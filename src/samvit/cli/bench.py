@@ -19,7 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", type=_csv(str), default=list(DEFAULT_IMPLS),
                    help=f"comma-separated, from: {', '.join(IMPLS)} (default: {','.join(DEFAULT_IMPLS)})")
     p.add_argument("--compile", action="store_true", help="add samvit-compiled and official-compiled")
-    p.add_argument("--dtypes", type=_csv(str), default=["float32", "bfloat16"], help="float32,bfloat16 (default both)")
+    p.add_argument("--dtypes", type=_csv(str), default=["auto"],
+                   help="float32, bfloat16 and/or auto (default auto: bfloat16 where this CPU computes it natively, "
+                   "AVX512-BF16 or AMX, else float32)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole plan this many times, interleaved; medians over all rounds (default 1)")
     p.add_argument("--batch-sizes", type=_csv(int), default=[1], help="e.g. 1,4 (default 1)")
     p.add_argument("--allocators", type=_csv(str), default=list(ALLOCATORS), help="default,tuned (default both)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every run (default 2)")
@@ -48,15 +52,21 @@ def run(args: argparse.Namespace) -> int:
     impls = list(dict.fromkeys(impls))
     dtypes = []
     for d in args.dtypes:
+        if d == "auto":
+            from ..runtime import auto_dtype
+
+            d = str(auto_dtype("cpu")).replace("torch.", "")
+            print(f"samvit bench: --dtypes auto -> {d}")
         if d not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {d!r} for the benchmark; expected float32 or bfloat16")
         dtypes.append(DTYPE_NAMES[d])
-    if args.threads < 1 or args.repeats < 1 or any(b < 1 for b in args.batch_sizes):
-        raise ValueError("--threads, --repeats and every batch size must be at least 1")
+    if args.threads < 1 or args.repeats < 1 or args.rounds < 1 or any(b < 1 for b in args.batch_sizes):
+        raise ValueError("--threads, --repeats, --rounds and every batch size must be at least 1")
+    dtypes = list(dict.fromkeys(dtypes))
     repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
     record = run_benchmark(cfg, impls, dtypes, args.batch_sizes, args.allocators, args.threads, warmup, repeats,
                            args.timeout, args.force_bf16, peak_size=2048 if args.quick else 4096,
-                           progress=False if args.quiet else None, label=args.label)
+                           progress=False if args.quiet else None, label=args.label, rounds=args.rounds)
     js, md = write_results(record, args.out)
     print(markdown(record))
     print(f"wrote {js} and {md}")

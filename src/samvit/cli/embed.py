@@ -28,8 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per forward pass (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available; under torchrun "
                    "cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default auto: bfloat16 where the device computes it natively, i.e. CUDA "
+                   "with bf16 or a CPU with AVX512-BF16/AMX, else float32)")
+    p.add_argument("--img-size", type=int, default=None, metavar="PIXELS",
+                   help="input side (e.g. 512, 768, 1024, 1280; a multiple of 16): images are resized to it and the "
+                   "position tables follow (default: the checkpoint's, 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader processes decoding images (default: half the CPU cores, 1 to 8; 0 = in-process)")
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.images import DEFAULT_MAX_PIXELS
     from ..data.sources import collect_inputs
     from ..embeddings.pipeline import FileSink, StoreSink, embed
-    from ..runtime import TqdmProgress, init_distributed, local_rank_zero_first, resolve_dtype
+    from ..runtime import TqdmProgress, describe_dtype, init_distributed, local_rank_zero_first, resolve_dtype
     from . import UserError
 
     if not args.checkpoint:
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--tile must be at least 1 pixel, got {args.tile}")
     if args.halo is not None and (args.halo < 0 or args.tile is None):
         raise UserError("--halo needs --tile and must be 0 or more pixels")
+    if args.img_size is not None and (args.img_size < 16 or args.img_size % 16):
+        raise UserError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     items = collect_inputs(args.inputs)
@@ -88,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         with local_rank_zero_first(env):  # local rank 0 fetches a named checkpoint, the others find it cached
             checkpoint = resolve_checkpoint(args.checkpoint, progress=False if quiet else None)
-        encoder = load_encoder(args.model, checkpoint, device=device, dtype=resolve_dtype(args.dtype))
+        dtype = resolve_dtype(args.dtype, device)
+        if not quiet:
+            print(f"samvit embed: {describe_dtype(dtype, args.dtype, device)}", file=sys.stderr)
+        encoder = load_encoder(args.model, checkpoint, device=device, dtype=dtype, img_size=args.img_size)
         sha = checkpoint_sha256(checkpoint)
         protected = [checkpoint] + [a for a in args.inputs if os.path.isfile(a)]  # list files too
         sink = FileSink(args.out, sha, force=args.force, protected=protected) if args.store is None else \

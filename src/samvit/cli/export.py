@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="dynamic int8 quantisation of the linear layers (onnxruntime; uint8 weights), written whole to "
                    "OUT (size, speed and accuracy measured in docs/export.md); check yours with --verify")
+    p.add_argument("--int8-weights", choices=["uint8", "int8"], default="uint8",
+                   help="with --int8: weight type (default uint8; int8 is onnxruntime's fast U8S8 kernel on CPUs with "
+                   "VNNI, see `samvit info --device`, and saturates on CPUs without it)")
     p.add_argument("--verify", action="store_true",
                    help="run the file in onnxruntime on a random input and print the difference to PyTorch")
     p.add_argument("--force", action="store_true", help="replace OUT (and OUT.data) if they exist (refused otherwise)")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         bar(1)
         bar.bar.set_description(steps[1])
         if args.int8:
-            path = export_onnx_int8(encoder, args.out, opset=opset, dynamic_batch=args.dynamic_batch)
+            path = export_onnx_int8(encoder, args.out, opset=opset, dynamic_batch=args.dynamic_batch,
+                                    weights=args.int8_weights)
         else:
             path = export_onnx(encoder, args.out, opset=opset, dynamic_batch=args.dynamic_batch,
                                external_data=args.external_data)

@@ -8,6 +8,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file to describe instead of a preset")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", nargs="?", const="auto", default=None, metavar="DEVICE",
+                   help="describe the compute device instead (default: cuda if available, else cpu): its CPU "
+                   "instruction-set features (avx2, avx512f, avx512_vnni, avx512_bf16, amx), native bfloat16, "
+                   "and the dtype that --dtype auto picks there")
+
+
+def device_info(device: str) -> dict:
+    """The device, its CPU features, whether it computes bfloat16 natively, and dtype='auto''s choice there."""
+    import platform
+
+    import torch
+
+    from ..runtime import auto_dtype, cpu_features, native_bfloat16, resolve_device
+
+    dev = resolve_device(device)
+    info = {"device": str(dev), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_features": cpu_features(),
+            "threads": torch.get_num_threads(), "native_bfloat16": native_bfloat16(dev),
+            "auto_dtype": str(auto_dtype(dev)).replace("torch.", "")}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), info["cpu"])
+    except OSError:
+        pass
+    if dev.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(dev)
+    return info
 
 
 def describe(config, num_params: int, num_params_no_pos: int) -> dict:
@@ -27,6 +54,17 @@ def run(args: argparse.Namespace) -> int:
     from ..modeling.encoder import ImageEncoder
     from ..checkpoints.load import checkpoint_info
 
+    if args.device is not None:
+        d = device_info(args.device)
+        if args.json:
+            print(json.dumps(d, indent=2))
+            return 0
+        feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in d["cpu_features"].items())
+        print(f"device: {d['device']}" + (f" ({d['cuda_device']})" if "cuda_device" in d else ""))
+        print(f"  cpu: {d['cpu']}; {d['threads']} threads; torch {d['torch']} (CPU kernels {d['cpu_capability']})")
+        print(f"  instruction sets: {feats}")
+        print(f"  native bfloat16: {'yes' if d['native_bfloat16'] else 'no'}; --dtype auto -> {d['auto_dtype']}")
+        return 0
     if args.checkpoint:
         info = checkpoint_info(args.checkpoint)
         cfg = info["config"]

@@ -33,8 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
     p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when omitted")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="image encoder compute dtype (default float32); the decoder runs in float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="image encoder compute dtype (default auto: bfloat16 where the device computes it natively, "
+                   "else float32); the decoder runs in float32")
+    p.add_argument("--img-size", type=int, default=None, metavar="PIXELS",
+                   help="model input side (e.g. 512, 768, 1024, 1280; a multiple of 16); default: the checkpoint's, "
+                   "or the one the --embedding / --store was made with (a different one is refused)")
     g = p.add_argument_group("automatic masks (--auto)")
     g.add_argument("--points-per-side", type=int, default=32)
     g.add_argument("--points-per-batch", type=int, default=64)
@@ -66,12 +70,15 @@ def _numbers(text: str, n: Tuple[int, ...], what: str) -> List[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     import numpy as np
 
     from ..data.images import load_image
     from ..masks.predictor import Predictor
-    from ..runtime import resolve_device, resolve_dtype
+    from ..embeddings.files import embedding_img_size, parse_img_size
     from ..embeddings.store import EmbeddingStore
+    from ..runtime import describe_dtype, resolve_device, resolve_dtype
     from . import UserError
 
     if not args.checkpoint:
@@ -92,16 +99,29 @@ def run(args: argparse.Namespace) -> int:
     if args.auto and precomputed and args.crop_n_layers > 0:
         raise UserError("--crop-n-layers re-encodes image crops, which needs the image encoder: drop "
                         f"{'--embedding' if args.embedding else '--store'}")
+    if args.img_size is not None and (args.img_size < 16 or args.img_size % 16):
+        raise UserError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
     _check_outputs(args)
     rgb = load_image(args.image)
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=resolve_device(args.device),
-                                          dtype=resolve_dtype(args.dtype), with_encoder=not precomputed,
-                                          progress=False if args.quiet else None)
+    store = EmbeddingStore.open(args.store) if args.store else None
+    img_size = args.img_size
+    if precomputed:  # the input size the embedding was made with
+        made = embedding_img_size(args.embedding) if args.embedding else \
+            parse_img_size(store.identity["config"].get("img_size"), args.store)
+        if img_size is not None and made is not None and made != img_size:
+            raise UserError(f"{precomputed} was made at --img-size {made}, not {img_size}")
+        img_size = img_size or made
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if not precomputed and not args.quiet:
+        print(f"samvit segment: {describe_dtype(dtype, args.dtype, device)}", file=sys.stderr)
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=device, dtype=dtype,
+                                          with_encoder=not precomputed, progress=False if args.quiet else None,
+                                          img_size=img_size)
     if precomputed:
         if args.embedding:
             predictor.set_embedding(args.embedding, allow_mismatch=args.allow_mismatch)
         else:
-            store = EmbeddingStore.open(args.store)
             key = args.key or os.path.basename(args.image)
             emb, original_size, input_size = store.image_embedding(key)
             predictor.set_embedding(emb, original_size, input_size, metadata=store.metadata(key),

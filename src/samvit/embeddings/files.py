@@ -43,9 +43,11 @@ def check_not_an_input(path: str, protected: Collection[str], what: str = "outpu
 
 
 def plan_outputs(out_dir: str, items: Sequence[Tuple[str, str]], *, model: str, checkpoint_sha256: str,
-                 protected: Collection[str] = (), force: bool = False) -> Dict[str, str]:
+                 img_size: Optional[int] = None, protected: Collection[str] = (), force: bool = False
+                 ) -> Dict[str, str]:
     """Check, before any work, where each (path, key) item's embedding goes; returns what is already done
-    (key -> source file sha256: outputs this model and checkpoint wrote, skipped unless force).
+    (key -> source file sha256: outputs this model and checkpoint wrote, at input side img_size when given,
+    skipped unless force).
 
     Raises OutputError when two items map to one file, an output would land outside out_dir or on an input
     (the items' files and the `protected` real paths), or an output exists that this model and checkpoint did
@@ -76,7 +78,7 @@ def plan_outputs(out_dir: str, items: Sequence[Tuple[str, str]], *, model: str, 
             continue
         meta = _metadata_or_none(dest)
         if meta and meta.get("model") == model and meta.get("checkpoint_sha256") == checkpoint_sha256 \
-                and meta.get("source_sha256"):
+                and meta.get("source_sha256") and (img_size is None or meta.get("img_size") == str(img_size)):
             if not force:
                 done[key] = meta["source_sha256"]
         elif not force:
@@ -84,7 +86,7 @@ def plan_outputs(out_dir: str, items: Sequence[Tuple[str, str]], *, model: str, 
     if foreign:
         shown = ", ".join(foreign[:10]) + (f" (and {len(foreign) - 10} more)" if len(foreign) > 10 else "")
         raise OutputError(f"{len(foreign)} outputs exist that this model and checkpoint did not write (another "
-                          f"model, checkpoint or samvit version, or not an embedding): {shown}. Nothing was done: "
+                          f"model, checkpoint, input size or samvit version, or not an embedding): {shown}. Nothing was done: "
                           "pass --force to overwrite them, or choose another --out")
     return done
 
@@ -123,6 +125,28 @@ def parse_size(text: object, field: str, source: str) -> Tuple[int, int]:
     return h, w
 
 
+def parse_img_size(value: object, source: str) -> Optional[int]:
+    """An `img_size` metadata value (the model input side an embedding was made at) -> int, None when absent
+    (files written before it was recorded: the checkpoint's size), or MetadataError naming the source."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError
+        size = int(value)
+    except ValueError:
+        raise MetadataError(f"{source}: img_size {str(value)[:40]!r} is not an integer") from None
+    if not 1 <= size <= MAX_SIDE:
+        raise MetadataError(f"{source}: img_size {size} is out of bounds (1..{MAX_SIDE} pixels)")
+    return size
+
+
+def embedding_img_size(path: str) -> Optional[int]:
+    """The model input side an embedding file was made with (its `img_size` metadata), None for older files.
+    InputError / MetadataError naming the file when it is not a readable embedding file."""
+    return load_embedding(path)[1].get("img_size")
+
+
 def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
     """Read an embedding file written by save_embedding: (embedding (C,h,w), metadata with int sizes).
 
@@ -152,4 +176,6 @@ def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
     for k in ("original_size", "input_size"):
         if k in meta:
             meta[k] = parse_size(meta[k], k, path)
+    if "img_size" in meta:
+        meta["img_size"] = parse_img_size(meta["img_size"], path)
     return emb, meta

@@ -125,9 +125,9 @@ class FileSink:
             raise ValueError("tiles need an embedding store: pass a StoreSink (samvit embed --store PATH)")
         self.metadata = {"model": encoder.config.name, "checkpoint_sha256": self.checkpoint_sha256,
                          "samvit_version": __version__, "dtype": str(encoder.dtype).replace("torch.", ""),
-                         **self.extra}
+                         "img_size": str(encoder.config.img_size), **self.extra}
         return plan_outputs(self.out_dir, items, model=encoder.config.name, checkpoint_sha256=self.checkpoint_sha256,
-                            protected=self.protected, force=self.force)
+                            img_size=encoder.config.img_size, protected=self.protected, force=self.force)
 
     def put(self, key: str, embedding: torch.Tensor, *, sha256: str, original_size, input_size, tiles=None) -> None:
         dest = output_path(self.out_dir, key)

@@ -234,7 +234,8 @@ class EmbeddingStore:
             raise KeyError(f"{key!r} is not in the store {self.path}") from None
 
     def metadata(self, key: str) -> Dict[str, Any]:
-        """Per-item metadata: key, sha256 of the file, original/input size, tiles, model, checkpoint, version, time."""
+        """Per-item metadata: key, sha256 of the file, original/input size, tiles, model, checkpoint, version, time,
+        and the model input side (img_size) from the store's config."""
         rec = self.record(key)
         head = self._headers[rec["writer"]]
         meta = {k: v for k, v in rec.items() if k not in ("writer", "array", "row", "rows", "data_sha256")}
@@ -244,6 +245,8 @@ class EmbeddingStore:
         for k in ("model", "checkpoint_sha256", "samvit_version", "compute_dtype"):
             meta[k] = head.get(k)
         meta["dtype"] = self.identity["dtype"]
+        if self.identity["config"].get("img_size") is not None:
+            meta["img_size"] = self.identity["config"]["img_size"]
         return meta
 
     # ---- reading ------------------------------------------------------------------------------------------------

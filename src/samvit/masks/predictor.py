@@ -19,6 +19,7 @@ from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, 
 from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
 from ..modeling.sam import SamDecoder
+from ..runtime import DtypeArg
 from .prompts import ArrayLike, PromptError, as_tensor, check_boxes, check_points
 
 
@@ -45,22 +46,25 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], model: Union[str, EncoderConfig, None] = None,
-                        device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None, dtype: DtypeArg = "auto",
                         with_encoder: bool = True, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
-                        attn_impl: Optional[str] = None) -> "Predictor":
+                        attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> "Predictor":
         """Encoder and decoder from one full SAM checkpoint, read once (samvit.checkpoints.load.load_sam).
 
         Args:
             checkpoint: a file (official .pth, transformers SamModel, .safetensors), a transformers folder, or a
                 registry name (vit_b, vit_l, vit_h) fetched into the verified cache.
             model: preset name or EncoderConfig; inferred when omitted.
-            device: for both models. dtype: the encoder's compute dtype (the decoder is cheap, stays float32).
+            device: for both models. dtype: the encoder's compute dtype ("auto": bfloat16 where the device computes
+                it natively, else float32; or a dtype); the decoder is cheap and stays float32.
             with_encoder: False skips the encoder: use set_embedding.
             kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
             progress: download/verification bar (None: only on a terminal).
+            img_size: the model's input side (e.g. 512, 768, 1280); the encoder's position tables and the
+                decoder's embedding grid follow it. None: the checkpoint's (1024).
         """
         encoder, decoder, cfg, source = _load_sam(checkpoint, model, device, dtype, with_encoder, attn_impl or kernel,
-                                                  progress)
+                                                  progress, img_size)
         predictor = cls(encoder, decoder)
         predictor.model_name = cfg.name if cfg is not None else None
         predictor.checkpoint_path = source if isinstance(checkpoint, (str, os.PathLike)) else None
@@ -129,7 +133,8 @@ class Predictor:
         original_size is the (H, W) of the image it came from (read from the file when a path is given);
         input_size defaults to the official long-side resize of original_size. The metadata of a file (or the
         `metadata` given, e.g. EmbeddingStore.metadata(key)) must name this predictor's model and checkpoint
-        (ProvenanceError otherwise, unless allow_mismatch); NaN or infinite values raise NonFiniteError.
+        (ProvenanceError otherwise, unless allow_mismatch) and its input size, img_size, when it records one
+        (ProvenanceError otherwise, always); NaN or infinite values raise NonFiniteError.
         """
         if isinstance(embedding, (str, os.PathLike)):
             from ..embeddings.files import load_embedding
@@ -141,8 +146,15 @@ class Predictor:
             metadata = meta if metadata is None else metadata
         if not isinstance(embedding, torch.Tensor):
             raise TypeError(f"embedding: expected a torch.Tensor or a path, got {type(embedding).__name__}")
-        if metadata is not None and not allow_mismatch:
-            self.check_provenance(metadata, source)
+        if metadata is not None:
+            from ..embeddings.files import parse_img_size
+
+            made = parse_img_size(metadata.get("img_size"), source)
+            if made is not None and made != self.img_size:
+                raise ProvenanceError(f"{source} was made at input size {made}, this predictor's model takes "
+                                      f"{self.img_size} (pass img_size={made})")
+            if not allow_mismatch:
+                self.check_provenance(metadata, source)
         c = self.decoder.config
         emb = embedding[None] if embedding.ndim == 3 else embedding
         want = (1, c.embed_dim, c.image_embedding_size, c.image_embedding_size)

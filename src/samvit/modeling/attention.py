@@ -5,20 +5,28 @@ one set of weights serves every kernel. Registered here:
 - "reference": the official segment-anything arithmetic step by step (full score matrix), the oracle in tests;
   an encoder using it runs the official arithmetic around it as well (blocks, neck, the weights' dtype).
 - "sdpa_chunked": the same function with scaled_dot_product_attention, the bias built in chunks, never whole.
+- "matmul_blocked": scores GEMM (baddbmm onto the bias chunk) + softmax in place + GEMM, in cache-sized blocks.
 A new kernel is one function registered with @register_kernel("name"); ImageEncoder(kernel="name") uses it.
+A kernel that also takes the keywords `out` (B, N, heads*head_dim) and `workspace` (a Workspace, or None) writes
+into `out` and takes its scratch memory from the workspace on the encoder's inference path.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The additive bias is built and used in chunks of at most this many entries (32 MiB in float32 on CPU; 2 MiB
-# more per thread beyond 4 threads, so that a chunk keeps every thread busy); on a GPU, few large launches.
-MASK_CHUNK_ELEMS = 1 << 23
+from .common import add_linear_, linear_into
+from .workspace import Workspace
+
+# The additive bias is built and used in chunks of at most this many entries (16 MiB in float32 on CPU, so that
+# it stays in the last-level cache; 2 MiB more per thread beyond 4 threads, so that a chunk keeps every thread
+# busy); on a GPU, few large launches. ViT-B's global attention: one head and 1024 queries per chunk.
+MASK_CHUNK_ELEMS = 1 << 22
 MASK_CHUNK_ELEMS_CUDA = 1 << 28
 MIN_CHUNK_QUERIES = 768  # see _chunking
 
@@ -33,6 +41,14 @@ class Kernel:
     name: str
     fn: KernelFn
     official: bool = False
+    takes_out: bool = False  # fn(attn, qkv, hw, out=..., workspace=...) writes into out
+
+    def run(self, attn: "Attention", qkv: torch.Tensor, hw: Tuple[int, int], out: torch.Tensor,
+            workspace: Optional[Workspace]) -> torch.Tensor:
+        """The kernel's result written into `out` (B, N, heads*head_dim)."""
+        if self.takes_out:
+            return self.fn(attn, qkv, hw, out=out, workspace=workspace)
+        return out.copy_(self.fn(attn, qkv, hw))
 
 
 KERNELS: Dict[str, Kernel] = {}
@@ -43,7 +59,8 @@ DEFAULT_KERNEL = "sdpa_chunked"
 def register_kernel(name: str, official: bool = False) -> Callable[[KernelFn], KernelFn]:
     """Decorator: register an attention kernel under `name` (see KernelFn)."""
     def add(fn: KernelFn) -> KernelFn:
-        KERNELS[name] = Kernel(name, fn, official)
+        params = inspect.signature(fn).parameters
+        KERNELS[name] = Kernel(name, fn, official, takes_out="out" in params and "workspace" in params)
         return fn
     return add
 
@@ -91,15 +108,17 @@ def _axis_parts(n: int, ws: int) -> List[Tuple[int, int, int]]:
     return parts
 
 
-def to_windows(x: torch.Tensor, window_size: int, fill: torch.Tensor) -> torch.Tensor:
+def to_windows(x: torch.Tensor, window_size: int, fill: torch.Tensor, out: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
     """(B,H,W,D) -> (B, nWh, nWw, ws, ws, D) windows in one copy; the padding bottom/right is set to `fill` (D,).
 
-    Same values as window_partition of x padded with `fill` rows (window_partition pads with zeros).
+    Same values as window_partition of x padded with `fill` rows (window_partition pads with zeros). `out`: where
+    to write them (else a new tensor).
     """
     B, H, W, D = x.shape
     ws = window_size
     nwh, nww = -(-H // ws), -(-W // ws)
-    out = x.new_empty(B, nwh, nww, ws, ws, D)
+    out = x.new_empty(B, nwh, nww, ws, ws, D) if out is None else out
     grid = out.permute(0, 1, 3, 2, 4, 5)  # (B, nWh, ws, nWw, ws, D): the padded grid, window-major in memory
     if H % ws:
         grid[:, -1, H % ws:] = fill
@@ -112,11 +131,12 @@ def to_windows(x: torch.Tensor, window_size: int, fill: torch.Tensor) -> torch.T
     return out
 
 
-def from_windows(windows: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, nWh, nWw, ws, ws, D) windows -> (B,H,W,D) contiguous in one copy, dropping the padding."""
+def from_windows(windows: torch.Tensor, hw: Tuple[int, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, nWh, nWw, ws, ws, D) windows -> (B,H,W,D) contiguous in one copy (into `out` if given), dropping the
+    padding."""
     B, _, _, ws, _, D = windows.shape
     H, W = hw
-    out = windows.new_empty(B, H, W, D)
+    out = windows.new_empty(B, H, W, D) if out is None else out
     grid = windows.permute(0, 1, 3, 2, 4, 5)
     for i0, i1, hs in _axis_parts(H, ws):
         for j0, j1, wd in _axis_parts(W, ws):
@@ -125,13 +145,18 @@ def from_windows(windows: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return out
 
 
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """A (L, C) relative position table linearly resized to (length, C), as the official get_rel_pos does."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+    return resized.reshape(-1, length).permute(1, 0)
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative position table (q_size, k_size, C), linearly resized when the table's length differs."""
     max_rel_dist = int(2 * max(q_size, k_size) - 1)
-    if rel_pos.shape[0] != max_rel_dist:
-        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
-                                size=max_rel_dist, mode="linear")
-        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    rel_pos = resize_rel_pos(rel_pos, max_rel_dist)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
@@ -207,6 +232,30 @@ class Attention(nn.Module):
         B, N, C = x.shape
         return self.proj(self.kernel.fn(self, self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), (N, 1)))
 
+    def forward_into(self, x: torch.Tensor, residual: torch.Tensor, window_size: int,
+                     workspace: Workspace) -> torch.Tensor:
+        """residual (B,H,W,C) += attention over x (B,H,W,C) (windowed when window_size > 0, as forward_windowed),
+        in place; every large intermediate in workspace buffers (the inference path)."""
+        B, H, W, C = x.shape
+        dev, dtype = x.device, self.qkv.weight.dtype
+        nh, hd = self.num_heads, self.head_dim
+        qkv = linear_into(x.reshape(-1, C), self.qkv, workspace.get("qkv", (B * H * W, 3 * C), dtype, dev))
+        if window_size > 0:
+            ws = window_size
+            nwh, nww = -(-H // ws), -(-W // ws)
+            fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)
+            windows = to_windows(qkv.view(B, H, W, 3 * C), ws, fill,
+                                 workspace.get("windows", (B, nwh, nww, ws, ws, 3 * C), dtype, dev))
+            out = workspace.get("attn_out", (B * nwh * nww, ws * ws, C), dtype, dev)
+            self.kernel.run(self, windows.view(-1, ws * ws, 3, nh, hd), (ws, ws), out, workspace)
+            tokens = from_windows(out.view(B, nwh, nww, ws, ws, C), (H, W),
+                                  workspace.get("tokens", (B, H, W, C), dtype, dev))
+        else:
+            tokens = workspace.get("attn_out", (B, H * W, C), dtype, dev)
+            self.kernel.run(self, qkv.view(B, H * W, 3, nh, hd), (H, W), tokens, workspace)
+        add_linear_(residual.view(-1, C), tokens.view(-1, C), self.proj, workspace, "proj")
+        return residual
+
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """The attention probabilities over a (B,H,W,C) grid by the reference arithmetic: (B, heads, N, N)."""
         B, H, W, _ = x.shape
@@ -236,35 +285,98 @@ def reference_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int])
 
 
 @register_kernel("sdpa_chunked")
-def sdpa_chunked_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+def sdpa_chunked_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int],
+                           out: Optional[torch.Tensor] = None, workspace: Optional[Workspace] = None) -> torch.Tensor:
     """softmax(q.k*scale + rel_h + rel_w) v with SDPA, chunked over batch, heads and query rows so that the
-    additive bias is never built whole (see _chunking)."""
+    additive bias is never built whole (see _chunking); with a workspace every chunk's bias reuses one buffer."""
     B, N = qkv.shape[:2]
     nh, hd = attn.num_heads, attn.head_dim
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, hd) strided views, no copies
-    out = qkv.new_empty(B, N, nh, hd)
+    out = qkv.new_empty(B, N, nh * hd) if out is None else out
+    out4 = out.view(B, N, nh, hd)
     if not attn.use_rel_pos:
-        out.copy_(F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
-        return out.view(B, N, nh * hd)
+        out4.copy_(F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+        return out
     H, W = hw
     # The two bias terms are computed in float32 from q (cheap: H+W entries per query), then used in q's dtype
     # (a bfloat16 mask halves the bias traffic; its effect on accuracy is measured in docs/speed.md).
-    rel_h, rel_w = rel_pos_terms(q.float(), attn.rel_pos_h, attn.rel_pos_w, hw)  # (B,nh,H,W,H), (B,nh,H,W,W)
-    on_cpu = q.device.type == "cpu"
+    rel_h, rel_w = _bias_terms(attn, q, hw)
+    for b0, b1, h0, h1, r0, r1 in _chunks(B, nh, H, W, N, q.device):
+        if workspace is None:
+            bias = rel_h[b0:b1, h0:h1, r0:r1] + rel_w[b0:b1, h0:h1, r0:r1]  # (b, h, rows, W, H, W)
+        else:
+            bias = workspace.get("bias", (b1 - b0, h1 - h0, r1 - r0, W, H, W), q.dtype, q.device)
+            torch.add(rel_h[b0:b1, h0:h1, r0:r1], rel_w[b0:b1, h0:h1, r0:r1], out=bias)
+        o = F.scaled_dot_product_attention(q[b0:b1, h0:h1, r0 * W:r1 * W], k[b0:b1, h0:h1],
+                                           v[b0:b1, h0:h1], attn_mask=bias.flatten(4).flatten(2, 3))
+        out4[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.transpose(1, 2))
+    return out
+
+
+@register_kernel("matmul_blocked")
+def matmul_blocked_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int],
+                             out: Optional[torch.Tensor] = None, workspace: Optional[Workspace] = None
+                             ) -> torch.Tensor:
+    """The official arithmetic in cache-sized blocks: per chunk, the bias written into the score buffer, the
+    scores GEMM added onto it (baddbmm, scale as its alpha), softmax in place, the GEMM with v into the output.
+    Scores are in q's dtype (bfloat16 for a bfloat16 model, as the official code under autocast)."""
+    B, N = qkv.shape[:2]
+    nh, hd = attn.num_heads, attn.head_dim
+    H, W = hw
+    dt, dev = qkv.dtype, qkv.device
+    inplace = workspace is not None
+    # one copy to head-major (3, B, nh, N, hd): every chunk is then a plain batch of matrices
+    heads = workspace.get("qkv_heads", (3, B, nh, N, hd), dt, dev) if inplace else None
+    if inplace:
+        heads.copy_(qkv.permute(2, 0, 3, 1, 4))
+    else:
+        heads = qkv.permute(2, 0, 3, 1, 4).contiguous()
+    q, k, v = heads.unbind(0)
+    out = qkv.new_empty(B, N, nh * hd) if out is None else out
+    out4 = out.view(B, N, nh, hd)
+    rel_h, rel_w = _bias_terms(attn, q, hw) if attn.use_rel_pos else (None, None)
+    for b0, b1, h0, h1, r0, r1 in _chunks(B, nh, H, W, N, dev):
+        nb, nhc, rows = b1 - b0, h1 - h0, r1 - r0
+        qc = q[b0:b1, h0:h1, r0 * W:r1 * W].flatten(0, 1)
+        kt = k[b0:b1, h0:h1].flatten(0, 1).transpose(1, 2)
+        vc = v[b0:b1, h0:h1].flatten(0, 1)
+        if inplace:
+            scores = workspace.get("scores", (nb * nhc, rows * W, N), dt, dev)
+            if rel_h is None:
+                torch.baddbmm(scores, qc, kt, beta=0, alpha=attn.scale, out=scores)
+            else:
+                torch.add(rel_h[b0:b1, h0:h1, r0:r1], rel_w[b0:b1, h0:h1, r0:r1],
+                          out=scores.view(nb, nhc, rows, W, H, W))
+                scores.baddbmm_(qc, kt, alpha=attn.scale)
+            torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            o = torch.bmm(scores, vc, out=workspace.get("attn_chunk", (nb * nhc, rows * W, hd), dt, dev))
+        else:
+            if rel_h is None:
+                scores = torch.bmm(qc, kt) * attn.scale
+            else:
+                bias = (rel_h[b0:b1, h0:h1, r0:r1] + rel_w[b0:b1, h0:h1, r0:r1]).reshape(nb * nhc, rows * W, N)
+                scores = torch.baddbmm(bias, qc, kt, alpha=attn.scale)
+            o = torch.bmm(scores.softmax(-1), vc)
+        out4[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.view(nb, nhc, rows * W, hd).transpose(1, 2))
+    return out
+
+
+def _bias_terms(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """rel_h (B,nh,H,W,H,1) and rel_w (B,nh,H,W,1,W) in q's dtype, computed in float32 from q (B,nh,N,hd)."""
+    rel_h, rel_w = rel_pos_terms(q.float(), attn.rel_pos_h, attn.rel_pos_w, hw)
+    return rel_h.to(q.dtype)[..., None], rel_w.to(q.dtype)[..., None, :]
+
+
+def _chunks(B: int, nh: int, H: int, W: int, N: int, device: torch.device):
+    """(b0, b1, h0, h1, r0, r1) chunks of batch items, heads and query rows (see _chunking)."""
+    on_cpu = device.type == "cpu"
     budget = MASK_CHUNK_ELEMS + (max(0, torch.get_num_threads() - 4) << 21) if on_cpu else MASK_CHUNK_ELEMS_CUDA
     nb, nhc, n_row_chunks = _chunking(B, nh, H, W, N, budget, MIN_CHUNK_QUERIES)
     row_bounds = [H * i // n_row_chunks for i in range(n_row_chunks + 1)]
-    rel_h, rel_w = rel_h.to(q.dtype)[..., None], rel_w.to(q.dtype)[..., None, :]
     for b0 in range(0, B, nb):
-        b1 = min(B, b0 + nb)
         for h0 in range(0, nh, nhc):
-            h1 = min(nh, h0 + nhc)
             for r0, r1 in zip(row_bounds[:-1], row_bounds[1:]):
-                bias = rel_h[b0:b1, h0:h1, r0:r1] + rel_w[b0:b1, h0:h1, r0:r1]  # (b, h, rows, W, H, W)
-                o = F.scaled_dot_product_attention(q[b0:b1, h0:h1, r0 * W:r1 * W], k[b0:b1, h0:h1],
-                                                   v[b0:b1, h0:h1], attn_mask=bias.flatten(4).flatten(2, 3))
-                out[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.transpose(1, 2))
-    return out.view(B, N, nh * hd)
+                yield b0, min(B, b0 + nb), h0, min(nh, h0 + nhc), r0, r1
 
 
 def _chunking(batch: int, heads: int, rows: int, row_len: int, n_keys: int, max_elems: int,

@@ -6,6 +6,28 @@ from typing import Type
 import torch
 from torch import nn
 
+from .workspace import Workspace
+
+
+def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """out = linear(x) for 2-D x, written into `out` (no allocation for a plain nn.Linear; any other layer, e.g. a
+    LoRALinear, is called and its result copied)."""
+    if type(linear) is not nn.Linear:
+        return out.copy_(linear(x))
+    if linear.bias is None:
+        return torch.mm(x, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+
+
+def add_linear_(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, workspace: Workspace,
+                name: str) -> torch.Tensor:
+    """residual += linear(x) in place (2-D); the product goes straight into the residual when dtypes agree."""
+    if residual.dtype == linear.weight.dtype and type(linear) is nn.Linear:
+        residual.addmm_(x, linear.weight.t())
+        return residual if linear.bias is None else residual.add_(linear.bias)
+    out = workspace.get(name, (x.shape[0], linear.out_features), linear.weight.dtype, x.device)
+    return residual.add_(linear_into(x, linear, out))
+
 
 class MLPBlock(nn.Module):
     """Linear -> activation -> Linear (GELU in the encoder's blocks, ReLU in the decoder's)."""
@@ -18,6 +40,16 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(self.act(self.lin1(x)))
+
+    def forward_into(self, x: torch.Tensor, residual: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+        """residual += self(x) in place, for 2-D x, the hidden layer in a workspace buffer (inference)."""
+        h = linear_into(x, self.lin1, workspace.get("mlp_hidden", (x.shape[0], self.lin1.out_features),
+                                                    self.lin1.weight.dtype, x.device))
+        if type(self.act) is nn.GELU:
+            torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        else:
+            h = self.act(h)
+        return add_linear_(residual, h, self.lin2, workspace, "mlp_out")
 
 
 class LayerNorm2d(nn.Module):

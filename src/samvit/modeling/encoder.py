@@ -5,7 +5,8 @@ Training hooks in the manner of timm: set_grad_checkpointing, forward_intermedia
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig
-from .attention import DEFAULT_KERNEL, KERNEL_ALIASES, Attention, get_kernel, window_partition, window_unpartition
+from .attention import (DEFAULT_KERNEL, KERNEL_ALIASES, Attention, get_kernel, resize_rel_pos, window_partition,
+                        window_unpartition)
 from .common import LayerNorm2d, MLPBlock
+from .workspace import Workspace
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
@@ -50,11 +53,23 @@ class Block(nn.Module):
         self.window_size = window_size
         self.drop_path = 0.0  # stochastic depth of both branches in training (ImageEncoder.set_drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: the residual stream (B,H,W,C); the official arithmetic when the kernel asks for it."""
+    def forward(self, x: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
+        """x: the residual stream (B,H,W,C); the official arithmetic when the kernel asks for it. With a workspace
+        (inference only) x is updated in place and returned."""
         if self.attn.kernel.official:
             return self.forward_reference(x)
+        if workspace is not None:
+            return self.forward_inplace(x, workspace)
         return self.forward_fast(x)
+
+    def forward_inplace(self, x: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+        """forward_fast's arithmetic adding into the residual stream x in place, with every large intermediate in
+        workspace buffers: nothing big is allocated (inference only)."""
+        dtype = self.attn.qkv.weight.dtype
+        self.attn.forward_into(_layer_norm(x, self.norm1, dtype), x, self.window_size, workspace)
+        C = x.shape[-1]
+        self.mlp.forward_into(_layer_norm(x, self.norm2, dtype).view(-1, C), x.view(-1, C), workspace)
+        return x
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """x: the residual stream (float32 when the weights are bfloat16/float16); windows without padded qkv/proj."""
@@ -111,11 +126,29 @@ def build_neck(embed_dim: int, out_chans: int, eps: float) -> nn.Sequential:
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(1,h,w,C) absolute position table bicubically resized to (1,H,W,C) for other input sizes."""
+    """(1,h,w,C) absolute position table resized to (1,H,W,C) for other input sizes: bicubic with antialiasing,
+    in float32, as timm's resample_abs_pos_embed_nhwc (timm's ViT-SAM runs other input sizes this way)."""
     if tuple(pos_embed.shape[1:3]) == tuple(hw):
         return pos_embed
-    p = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=hw, mode="bicubic", align_corners=False)
+    p = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(hw), mode="bicubic", antialias=True)
     return p.permute(0, 2, 3, 1).to(pos_embed.dtype)
+
+
+def fit_position_tables(sd: Dict[str, torch.Tensor], cfg: EncoderConfig) -> Dict[str, torch.Tensor]:
+    """An encoder state dict with its position embedding and its global blocks' relative-position tables resized
+    to cfg.img_size (the same arithmetic as running the original tables on that input size); other tensors as is."""
+    out = dict(sd)
+    g = cfg.grid_size
+    if cfg.use_abs_pos and "pos_embed" in out:
+        out["pos_embed"] = resize_pos_embed(out["pos_embed"], (g, g))
+    if cfg.use_rel_pos:
+        for i in range(cfg.depth):
+            if cfg.block_window_size(i) == 0:
+                for axis in ("h", "w"):
+                    key = f"blocks.{i}.attn.rel_pos_{axis}"
+                    if key in out:
+                        out[key] = resize_rel_pos(out[key], 2 * g - 1).contiguous()
+    return out
 
 
 def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d, out_dtype: torch.dtype) -> torch.Tensor:
@@ -170,6 +203,7 @@ class ImageEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, cfg.block_window_size(i)) for i in range(cfg.depth))
         self.neck = build_neck(cfg.embed_dim, cfg.out_chans, cfg.norm_eps) if cfg.out_chans else None
         self.grad_checkpointing = False
+        self._workspaces: Dict[int, Workspace] = {}  # per thread: buffers of the inference path
         self.set_kernel(attn_impl or kernel)
         if compile:  # torch.compile of the whole forward, done lazily at the first call (after loading weights)
             self.compile(dynamic=False)
@@ -226,6 +260,21 @@ class ImageEncoder(nn.Module):
             blk.drop_path = rate * i / (n - 1) if n > 1 else rate
         return self
 
+    def workspace(self) -> Optional[Workspace]:
+        """This thread's scratch buffers when the in-place inference path applies (no autograd, not compiling or
+        tracing, fast kernel, no drop path in training), else None."""
+        if (torch.is_grad_enabled() or self._official or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export()
+                or (self.training and any(blk.drop_path > 0 for blk in self.blocks))):
+            return None
+        return self._workspaces.setdefault(threading.get_ident(), Workspace())
+
+    def release_workspace(self) -> int:
+        """Free the inference path's scratch buffers (they are rebuilt at the next call); returns the bytes freed."""
+        freed = sum(ws.nbytes() for ws in self._workspaces.values())
+        self._workspaces.clear()
+        return freed
+
     def set_grad_checkpointing(self, enable: bool = True) -> "ImageEncoder":
         """Recompute each block's activations in the backward pass instead of keeping them (when grad is enabled)."""
         self.grad_checkpointing = enable
@@ -266,14 +315,15 @@ class ImageEncoder(nn.Module):
                 raise ValueError(f"block index {i} is outside the {n} blocks of model {self.config.name!r}")
             take.add(int(i) % n)
         x = self._embed(x)
+        ws = self.workspace()  # inference: x is updated in place, so the intermediates are copies
         inter, attn = [], []
         for i, blk in enumerate(self.blocks):
             if return_attention and i in take:
                 with torch.no_grad():
                     attn.append(blk.attention_probs(x))
-            x = self._block(blk, x)
+            x = blk(x, ws) if ws is not None else self._block(blk, x)
             if i in take:
-                inter.append(x.to(_residual_dtype(self.dtype)))
+                inter.append(x.to(_residual_dtype(self.dtype), copy=ws is not None))
         out = self._head(x)
         return (out, inter, attn) if return_attention else (out, inter)
 
@@ -299,6 +349,11 @@ class ImageEncoder(nn.Module):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
+        ws = self.workspace()
+        if ws is not None:  # inference: the residual stream (this call's own tensor) is updated in place
+            for blk in self.blocks:
+                blk(x, ws)
+            return x
         for blk in self.blocks:
             x = self._block(blk, x)
         return x

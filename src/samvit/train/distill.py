@@ -105,7 +105,7 @@ def teacher_store(teacher_path: str, teacher_sha: str, items: List[Tuple[str, st
             raise ValueError("under torchrun pass --teacher-store STORE, made beforehand with `samvit embed DIR "
                              "--store STORE --checkpoint TEACHER` (the processes would each compute it)")
         store_path = os.path.join(run_dir, STORE_DIR)
-        teacher = load_encoder(checkpoint=teacher_path)
+        teacher = load_encoder(checkpoint=teacher_path, dtype=torch.float32)
         report = embed(teacher, items, StoreSink(store_path, teacher_sha, dtype="float32"), batch_size=batch_size,
                        workers=0, progress=False if quiet else None)
         if report.failed:

@@ -64,7 +64,7 @@ def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "d
         raise ValueError(f"--layer-decay must be in (0, 1], got {layer_decay}")
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"--drop-path must be in [0, 1), got {drop_path}")
-    encoder, decoder = load_sam(checkpoint, model=model, kernel=kernel)
+    encoder, decoder = load_sam(checkpoint, model=model, kernel=kernel, dtype=torch.float32)  # trained: float32
     sam = Sam(encoder, decoder)
     sam.requires_grad_(False)
     for part in parts:
@@ -202,7 +202,7 @@ def ensure_store(store: str, source, checkpoint: str, model=None, device: Option
         existing = EmbeddingStore(store) if os.path.isdir(store) else None
         keys = [source.key(i) for i in range(len(source))]
         if existing is None or any(key not in existing for key in keys):
-            encoder = load_encoder(model, path, device=procs.device)
+            encoder = load_encoder(model, path, device=procs.device, dtype=torch.float32)
             report = embed(encoder, list(zip(paths, keys)), StoreSink(store, checkpoint_sha256(path)),
                            batch_size=batch_size, workers=0, progress=False if quiet else None)
             if procs.main and not quiet:

@@ -171,7 +171,7 @@ def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthet
         from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
 
         path = resolve_checkpoint(teacher)
-        teacher_model = load_encoder(checkpoint=path).requires_grad_(False)
+        teacher_model = load_encoder(checkpoint=path, dtype=torch.float32).requires_grad_(False)
         task.update(target=target, teacher_sha256=checkpoint_sha256(path))
     cfg = dataclasses.replace(cfg, task=task)  # the task's settings are part of the run's identity
     check_precision(cfg.precision, mae_cfg, cfg.fsdp)  # before building a model that may be refused
