@@ -179,6 +179,7 @@ def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
     by the blocks' own forward when `full`, else the stream after the last chosen block."""
     wanted = set(blocks)
     x = _stream_start(encoder, image)
+    ws = encoder.workspace()  # the inference path, as forward: x is then updated in place
     last = max(wanted) if wanted else -1
     for i, blk in enumerate(encoder.blocks):
         if i in wanted:
@@ -186,7 +187,7 @@ def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
                 for reduce in reducers:
                     reduce(chunk)
                 del chunk
-        x = blk(x)
+        x = blk(x, ws)
         if progress is not None:
             progress(i)
         if i == last and not full:
