@@ -113,18 +113,20 @@ def _runtime_peer(impl: str, cfg: EncoderConfig, sd: Dict[str, "torch.Tensor"], 
     from ..checkpoints.load import load_encoder
     from ..export import export_onnx, onnx_session
 
-    path = os.path.join(tempfile.mkdtemp(prefix="samvit-bench-onnx-"), "encoder.onnx")
-    export_onnx(load_encoder(cfg, checkpoint=sd, dtype=torch.float32), path, dynamic_batch=False, check=False)
     threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="samvit-bench-onnx-") as tmp:  # the runtimes hold the model once loaded
+        path = os.path.join(tmp, "encoder.onnx")
+        export_onnx(load_encoder(cfg, checkpoint=sd, dtype=torch.float32), path, dynamic_batch=False, check=False)
+        if impl == "onnxruntime":
+            sess = onnx_session(path, threads=threads)
+        else:
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(path, "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"})
     if impl == "onnxruntime":
-        sess = onnx_session(path, threads=threads)
         name = sess.get_inputs()[0].name
         return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16
-                                                else "f32"})
     request = compiled.create_infer_request()
     return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[compiled.output(0)].copy())

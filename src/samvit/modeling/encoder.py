@@ -125,12 +125,13 @@ def build_neck(embed_dim: int, out_chans: int, eps: float) -> nn.Sequential:
     )
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(1,h,w,C) absolute position table resized to (1,H,W,C) for other input sizes: bicubic with antialiasing,
-    in float32, as timm's resample_abs_pos_embed_nhwc (timm's ViT-SAM runs other input sizes this way)."""
+def resize_pos_embed(pos_embed: torch.Tensor, hw: Tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """(1,h,w,C) absolute position table resized to (1,H,W,C) for other input sizes: bicubic in float32, with
+    antialiasing as timm's resample_abs_pos_embed_nhwc (timm's ViT-SAM runs other input sizes this way); without
+    it, plain bicubic as ViTDet's MAE-to-detector transfer."""
     if tuple(pos_embed.shape[1:3]) == tuple(hw):
         return pos_embed
-    p = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(hw), mode="bicubic", antialias=True)
+    p = F.interpolate(pos_embed.permute(0, 3, 1, 2).float(), size=tuple(hw), mode="bicubic", antialias=antialias)
     return p.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 

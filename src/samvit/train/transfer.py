@@ -64,5 +64,5 @@ def mae_to_sam_encoder(src: MAESource, encoder: Union[str, EncoderConfig] = "vit
             pos = sd["pos_embed"][:, 1:, :]  # the class token's entry is dropped with the token
             grid = int(round(pos.shape[1] ** 0.5))
             pos = pos.reshape(1, grid, grid, dim).float()
-            model.pos_embed.copy_(resize_pos_embed(pos, (cfg.grid_size, cfg.grid_size)))
+            model.pos_embed.copy_(resize_pos_embed(pos, (cfg.grid_size, cfg.grid_size), antialias=False))
     return model
