@@ -66,6 +66,16 @@ def official_tiny_sam(cfg: EncoderConfig = TINY, seed: int = 0):
     return randomize_(sam, seed).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as the subprocesses run (OMP_NUM_THREADS=1): in-process runs then compute
+    bit for bit what they compute. Modules take it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     """A real photo, 512x512 RGB uint8."""

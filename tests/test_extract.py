@@ -28,6 +28,7 @@ from samvit.data.sources import collect_inputs
 from samvit.embeddings.store import StoreMismatchError, _read_log
 from samvit.data.preprocess import normalize_and_pad, resize_longest_side
 
+from _torchrun_utils import one_thread_env, torchrun
 from conftest import TINY, randomize_
 
 
@@ -40,19 +41,7 @@ def extract(encoder, items, path, *, checkpoint_sha256, store_dtype=None, report
 PY = sys.executable
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: fast on a busy machine
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs use one thread too, so they compute bit for bit what the subprocesses compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the arithmetic of the one-thread subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +168,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted_run(tmp_path, ck
     cmd = [PY, "-m", "samvit", "embed", str(src), "--checkpoint", ckpt, "--store", out, "--workers", "0",
            "--batch-size", "1", "--quiet"]
     # 1) killed mid-run, once some items are committed
-    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=one_thread_env(), stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while _committed(out) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -192,7 +181,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted_run(tmp_path, ck
     # 2) resumed runs killed at other moments: right after their writer session opened, and while writing
     for target in ("session", "writing"):
         sessions, before = len(os.listdir(os.path.join(out, "index"))), _committed(out)
-        proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=one_thread_env(), stderr=subprocess.DEVNULL)
         while proc.poll() is None and time.time() < deadline:
             if (len(os.listdir(os.path.join(out, "index"))) > sessions if target == "session"
                     else _committed(out) > before + 1):
@@ -203,7 +192,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted_run(tmp_path, ck
         s = EmbeddingStore.open(out)
         assert len(s) < n and s.verify().ok
     # 3) the re-run completes it
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     s = EmbeddingStore.open(out)
     assert len(s) == n and s.verify().ok
@@ -260,9 +249,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, images, ckpt, encoder):
     extract(encoder, collect_inputs([images]), one, checkpoint_sha256=checkpoint_sha256(ckpt),
             workers=0, progress=False)
     two = str(tmp_path / "two")
-    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                           "samvit", "embed", images, "--checkpoint", ckpt, "--store", two, "--workers", "1",
-                           "--device", "cpu"], capture_output=True, text=True, env=_env(), timeout=300)
+    proc = torchrun(["-m", "samvit", "embed", images, "--checkpoint", ckpt, "--store", two, "--workers", "1",
+                     "--device", "cpu"])
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]  # a rank's own message, if any
     assert proc.returncode == 0, "\n".join(errors) + "\n" + proc.stderr[-3000:]
     assert "6 embedded" in proc.stderr and "on 2 processes" in proc.stderr

@@ -16,19 +16,15 @@ from samvit.masks.predictor import Predictor
 from samvit.train.masks_data import ShapeMasks, save_mask_folder
 
 from _finetune_utils import SMALL, official_small_sam, write_tiny_checkpoint
-from test_train_distributed import log, torchrun
+from _torchrun_utils import torchrun_samvit
+from test_train_distributed import log
 from test_train_resume import assert_same_state, final_state, losses
 
 TASK = ["train", "sam", "--data", "synthetic", "--synthetic-size", "8", "--masks-per-image", "2",
         "--iterations", "1", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the arithmetic of the one-thread subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,7 @@ def test_two_processes_equal_one(tmp_path, checkpoint):
     one, ddp, fsdp = str(tmp_path / "one"), str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     assert main(common + ["--batch-size", "4", "--out", one]) == 0
     two = ["--batch-size", "1", "--accum", "2"]
-    torchrun(tmp_path, [common + two + ["--out", ddp], common + two + ["--fsdp", "--out", fsdp]])
+    torchrun_samvit(tmp_path, [common + two + ["--out", ddp], common + two + ["--fsdp", "--out", fsdp]])
     for run in (ddp, fsdp):
         assert json.load(open(os.path.join(run, "config.json")))["processes"] == 2
         for ra, rb in zip(log(one), log(run)):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,16 +21,13 @@ from samvit.modeling.mae import MaskedAutoencoder
 from samvit.train.ckpt import list_checkpoints, load_checkpoint
 from samvit.train.launch import seed_everything
 
+from _torchrun_utils import torchrun_samvit
+
 COMMON = ["train", "mae", "--data", "synthetic", "--model", "mae_tiny", "--synthetic-size", "16", "--steps", "8",
           "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the arithmetic of the one-thread subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +39,6 @@ def one_process(tmp_path_factory):
     assert main(COMMON + ["--batch-size", "4", "--out", out]) == 0
     torch.set_num_threads(threads)
     return out
-
-
-TORCHRUN_SCRIPT = """
-import json, sys
-import torch.distributed as dist
-from samvit.cli import main
-dist.init_process_group("gloo")  # one group for all the runs (the loop uses a group that exists)
-for args in json.loads(sys.argv[1]):
-    assert main(args) == 0, args
-dist.destroy_process_group()
-"""
-
-
-def torchrun(tmp_path, runs) -> None:
-    """`samvit train` runs one after the other in the same 2 torchrun processes (one start-up for all)."""
-    script = tmp_path / "runs.py"
-    script.write_text(TORCHRUN_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), json.dumps(runs)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def log(run_dir):
@@ -96,7 +69,8 @@ def test_two_processes_ddp_and_fsdp_equal_one_and_fsdp_checkpoint_loads_in_one_p
     without FSDP."""
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     two = ["--batch-size", "1", "--accum", "2"]
-    torchrun(tmp_path, [COMMON + two + ["--out", ddp], COMMON + two + ["--fsdp", "--checkpointing", "--out", fsdp]])
+    torchrun_samvit(tmp_path, [COMMON + two + ["--out", ddp],
+                               COMMON + two + ["--fsdp", "--checkpointing", "--out", fsdp]])
     for run in (ddp, fsdp):
         assert json.load(open(os.path.join(run, "config.json")))["processes"] == 2
         assert_equal_runs(one_process, run)

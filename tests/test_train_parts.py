@@ -23,12 +23,7 @@ TINY_RUN = ["train", "mae", "--data", "synthetic", "--model", "mae_tiny", "--syn
             "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the arithmetic of the one-thread subprocesses
 
 
 # -- lr schedule and parameter groups

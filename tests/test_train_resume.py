@@ -20,13 +20,7 @@ COMMON = ["train", "mae", "--data", "synthetic", "--model", "mae_tiny", "--synth
           "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "5", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1): the same arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the arithmetic of the one-thread subprocesses
 
 
 def losses(run_dir) -> list:

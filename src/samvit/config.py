@@ -5,12 +5,37 @@ import dataclasses
 import json
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Type, TypeVar
+
+C = TypeVar("C", bound="JsonFields")
+
+
+class JsonFields:
+    """The JSON form of a config dataclass: to_dict / to_json, and from_dict / from_json refusing unknown fields."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: Type[C], d: dict) -> C:
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls: Type[C], s: str) -> C:
+        return cls.from_dict(json.loads(s))
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    """Every architectural choice of the SAM ViT image encoder."""
+class ViTFields(JsonFields):
+    """The fields both ViTs have (the SAM image encoder, the MAE that pre-trains it): patch grid and width."""
 
     img_size: int = 1024
     patch_size: int = 16
@@ -19,6 +44,17 @@ class EncoderConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid (64 for 1024 / 16, 14 for 224 / 16)."""
+        return self.img_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class EncoderConfig(ViTFields):
+    """Every architectural choice of the SAM ViT image encoder (img_size ... mlp_ratio: ViTFields)."""
+
     qkv_bias: bool = True
     use_abs_pos: bool = True
     use_rel_pos: bool = True
@@ -40,11 +76,6 @@ class EncoderConfig:
             raise ValueError(f"global_attn_indexes {bad} are outside 0..{self.depth - 1}")
 
     @property
-    def grid_size(self) -> int:
-        """Side of the token grid (64 for 1024 / 16)."""
-        return self.img_size // self.patch_size
-
-    @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
@@ -56,23 +87,6 @@ class EncoderConfig:
         d = dataclasses.asdict(self)
         d["global_attn_indexes"] = list(self.global_attn_indexes)
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"an EncoderConfig is a JSON object of fields, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig fields: {unknown}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "EncoderConfig":
-        return cls.from_dict(json.loads(s))
 
 
 # Sane bounds for every field (configs also come from files): (low, high) for numbers.
@@ -137,7 +151,7 @@ def preset(name: str, **overrides) -> EncoderConfig:
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(JsonFields):
     """Architecture of the prompt encoder and mask decoder (defaults: every released SAM model)."""
 
     embed_dim: int = 256  # prompt / transformer width = encoder out_chans
@@ -157,17 +171,11 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(ViTFields):
     """The masked autoencoder (He et al. 2022) that pre-trains the encoder: a plain ViT with a class token and
-    fixed sine-cosine positions, a narrow decoder, a per-patch pixel loss."""
+    fixed sine-cosine positions, a narrow decoder, a per-patch pixel loss (patch_size ... mlp_ratio: ViTFields)."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    img_size: int = 224  # in its place among ViTFields, with MAE's default
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
@@ -189,31 +197,8 @@ class MAEConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
     @property
-    def grid_size(self) -> int:
-        """Side of the token grid (14 for 224 / 16)."""
-        return self.img_size // self.patch_size
-
-    @property
     def num_patches(self) -> int:
         return self.grid_size ** 2
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown MAEConfig fields: {unknown}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "MAEConfig":
-        return cls.from_dict(json.loads(s))
 
 
 MAE_PRESETS = {

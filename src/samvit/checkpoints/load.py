@@ -236,7 +236,7 @@ def decoder_base(metadata: Dict[str, str], source: str = "checkpoint") -> Decode
     if DECODER_CONFIG_METADATA_KEY not in metadata:
         return DecoderConfig()
     try:
-        return DecoderConfig(**json.loads(metadata[DECODER_CONFIG_METADATA_KEY]))
+        return DecoderConfig.from_json(metadata[DECODER_CONFIG_METADATA_KEY])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{source}: unreadable {DECODER_CONFIG_METADATA_KEY} metadata ({e})") from None
 

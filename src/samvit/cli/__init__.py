@@ -18,21 +18,10 @@ from ..errors import SamvitError
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-# name -> (module under samvit.cli, one-line help). Each module has add_arguments(parser) and run(args) -> int.
-COMMANDS = {
-    "embed": ("embed", "embed images into SAM image embeddings (one .safetensors per image, or --store PATH)"),
-    "store": ("store", "info, ls or verify an embedding store written by `samvit embed --store`"),
-    "info": ("info", "print a preset's or a checkpoint's architecture and parameter count"),
-    "bench": ("bench", "time the encoder side by side with segment-anything, timm and transformers"),
-    "download": ("download", "fetch the official SAM checkpoints into the verified cache (resumable)"),
-    "convert": ("convert", "convert a checkpoint between the official, transformers, timm and samvit layouts"),
-    "segment": ("segment", "masks from point / box prompts, or automatic masks for the whole image"),
-    "export": ("export", "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"),
-    "serve": ("serve", "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"),
-    "inspect": ("inspect", "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"),
-    "train": ("train", "MAE pre-training, distillation, fine-tuning SAM on masks (one process or torchrun); export to SAM"),
-    "evaluate": ("evaluate", "mIoU of a SAM checkpoint on masks: 1 point, 1 box, k correction clicks (JSON, markdown)"),
-}
+# The sub-commands, in the order --help lists them: each is the module samvit.cli.NAME, with HELP (its one-line
+# help), add_arguments(parser) and run(args) -> int.
+COMMANDS = ("embed", "store", "info", "bench", "download", "convert", "segment", "export", "serve", "inspect", "train",
+            "evaluate")
 
 
 class UserError(SamvitError):
@@ -48,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the full traceback of an error (for bug reports); also SAMVIT_DEBUG=1"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+    for name in COMMANDS:
+        module = importlib.import_module(f"samvit.cli.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-        importlib.import_module(f"samvit.cli.{module}").add_arguments(p)
+        module.add_arguments(p)
     return parser
 
 
@@ -68,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ..runtime import tune_allocator
 
         tune_allocator()
-        return importlib.import_module(f"samvit.cli.{args._module}").run(args)
+        return importlib.import_module(f"samvit.cli.{args.command}").run(args)
     except KeyboardInterrupt:
         print(f"samvit {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

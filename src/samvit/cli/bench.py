@@ -5,6 +5,10 @@ import argparse
 import os
 from typing import Any, Callable, List
 
+from .options import add_quiet
+
+HELP = "time the encoder side by side with segment-anything, timm and transformers"
+
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], List[Any]]:
     return lambda s: [kind(v.strip()) for v in s.split(",") if v.strip()]
@@ -35,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run bfloat16 even where this CPU has no fast bfloat16 matmul (very slow there)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON and markdown")
     p.add_argument("--label", default="", help="a note written at the top of the results (e.g. 'preliminary')")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_cache, add_quiet
+
+HELP = "convert a checkpoint between the official, transformers, timm and samvit layouts"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="IN", help="checkpoint file (.pth/.bin/.safetensors; official, transformers or "
@@ -12,12 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", default="safetensors", choices=["safetensors", "official", "transformers", "timm"],
                    help="layout to write (default safetensors: samvit's own file, encoder weights + config)")
     p.add_argument("--model", default=None, help="preset, needed only if no preset fits and IN has no config")
-    p.add_argument("--cache-dir", default=None, help="cache folder for registry names (default: $SAMVIT_CACHE "
-                   "or ~/.cache/samvit)")
-    p.add_argument("--base-url", default=None, help="mirror to fetch registry names from (default: "
-                   "$SAMVIT_BASE_URL or the public SAM release host)")
+    add_cache(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (refused otherwise)")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    add_quiet(p, "print nothing on success")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_cache, add_quiet
+
+HELP = "fetch the official SAM checkpoints into the verified cache (resumable)"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="checkpoints to fetch: vit_b, vit_l, vit_h or all; none: list them and their cache state")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: $SAMVIT_CACHE or ~/.cache/samvit)")
-    p.add_argument("--base-url", default=None, help="download from this mirror instead (default: $SAMVIT_BASE_URL "
-                   "or the public SAM release host); the file name is appended")
+    add_cache(p)
     p.add_argument("--force", action="store_true", help="delete the cached file and fetch it again")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

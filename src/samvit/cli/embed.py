@@ -9,32 +9,28 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import add_checkpoint, add_device, add_dtype, add_img_size, add_model, add_quiet, check_img_size
+
+HELP = "embed images into SAM image embeddings (one .safetensors per image, or --store PATH)"
+
 STORE_ONLY = ("store_dtype", "tile", "halo", "report")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, directories (searched recursively), globs, or .txt files listing paths")
-    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h, vit_h_spec); inferred from the "
-                   "checkpoint when omitted")
-    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="checkpoint file (official, transformers or timm layout; .pth/.bin/.safetensors) or a "
-                   "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
+    add_model(p)
+    add_checkpoint(p)
     p.add_argument("--out", default="embeddings", help="output directory of per-file embeddings, without --store "
                    "(default: ./embeddings); one file per input at its key's path, never outside it; a rerun skips "
                    "what this model and checkpoint already wrote from the same file content")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs that this model and checkpoint "
                    "did not write (refused otherwise), and re-embed those it did")
     p.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per forward pass (default 1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available; under torchrun "
-                   "cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (default auto: bfloat16 where the device computes it natively, i.e. CUDA "
-                   "with bf16 or a CPU with AVX512-BF16/AMX, else float32)")
-    p.add_argument("--img-size", type=int, default=None, metavar="PIXELS",
-                   help="input side (e.g. 512, 768, 1024, 1280; a multiple of 16): images are resized to it and the "
-                   "position tables follow (default: the checkpoint's, 1024)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_device(p, torchrun=True)
+    add_dtype(p)
+    add_img_size(p)
+    add_quiet(p)
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader processes decoding images (default: half the CPU cores, 1 to 8; 0 = in-process)")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
@@ -81,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--tile must be at least 1 pixel, got {args.tile}")
     if args.halo is not None and (args.halo < 0 or args.tile is None):
         raise UserError("--halo needs --tile and must be 0 or more pixels")
-    if args.img_size is not None and (args.img_size < 16 or args.img_size % 16):
-        raise UserError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
+    check_img_size(args.img_size)
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     items = collect_inputs(args.inputs)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import SAM_FILE, add_checkpoint, add_device, add_model, add_quiet, encoder_spec
+
+HELP = "mIoU of a SAM checkpoint on masks: 1 point, 1 box, k correction clicks (JSON, markdown)"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append", metavar="DIR|ANN.json|synthetic",
@@ -12,12 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "repeat for several datasets (reported one by one)")
     p.add_argument("--images", action="append", default=None, metavar="DIR",
                    help="the image folder of each COCO --data .json, in the same order")
-    p.add_argument("--checkpoint", required=True, metavar="CK", help="SAM checkpoint (registry name, official .pth, "
-                   "safetensors, e.g. a `samvit train sam` RUN_DIR/final.safetensors)")
+    add_checkpoint(p, SAM_FILE, required=True, note="; a `samvit train sam` run's is RUN_DIR/final.safetensors")
     p.add_argument("--compare", default=None, metavar="CK2", help="a second checkpoint, evaluated on the same "
                    "prompts; the markdown table puts both side by side (e.g. before / after fine-tuning)")
-    p.add_argument("--model", default=None, metavar="PRESET|CONFIG.json", help="encoder preset or EncoderConfig "
-                   "JSON (default: from the checkpoint)")
+    add_model(p, presets=None)
     p.add_argument("--json", required=True, metavar="OUT.json", help="where to write the results")
     p.add_argument("--markdown", default=None, metavar="OUT.md", help="also write a markdown table")
     p.add_argument("--clicks", default="1,3,5", metavar="K,K,...", help="report mIoU after these numbers of "
@@ -27,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 64)")
     p.add_argument("--synthetic-seed", type=int, default=1, metavar="S", help="seed of --data synthetic (default "
                    "1: not the default training set, seed 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_device(p)
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import TqdmProgress, resolve_device
     from ..train.evaluate import evaluate, markdown_table
     from ..train.masks_data import open_masks
-    from .train import encoder_spec
     from . import UserError
 
     try:

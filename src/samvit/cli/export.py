@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import add_checkpoint, add_model, add_quiet
+
+HELP = "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=["onnx"], help="output format (onnx)")
-    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h, vit_h_spec); inferred from the "
-                   "checkpoint when omitted")
-    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="checkpoint file (official, transformers or timm layout; .pth/.bin/.safetensors) or a "
-                   "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
+    add_model(p)
+    add_checkpoint(p)
     p.add_argument("--out", default=None, help="output file (default: ./encoder.onnx, with --decoder ./decoder.onnx)")
     p.add_argument("--decoder", action="store_true",
                    help="export the prompt encoder + mask decoder of a full SAM checkpoint instead, with the official "
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="run the file in onnxruntime on a random input and print the difference to PyTorch")
     p.add_argument("--force", action="store_true", help="replace OUT (and OUT.data) if they exist (refused otherwise)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "print a preset's or a checkpoint's architecture and parameter count"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s)")

@@ -5,19 +5,20 @@ import argparse
 import os
 import sys
 
+from .options import add_checkpoint, add_device, add_model, add_quiet
+
+HELP = "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"
+
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="checkpoint file (official, transformers or timm layout) or a registry name (vit_b, vit_l, "
-                   "vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
-    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h, vit_h_spec); inferred from the "
-                   "checkpoint when omitted")
+    add_checkpoint(p)
+    add_model(p)
     p.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: the --model preset with random weights (a demo of structure only; the "
                    "picture says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_device(p, default="cpu")
+    add_quiet(p)
     p.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG (default 100; 3 inches per panel)")
 
 

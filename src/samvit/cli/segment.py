@@ -6,6 +6,11 @@ import json
 import os
 from typing import TYPE_CHECKING, List, Tuple
 
+from .options import (SAM_FILE, SAM_PRESETS, add_checkpoint, add_device, add_dtype, add_img_size, add_model,
+                      add_quiet, check_img_size)
+
+HELP = "masks from point / box prompts, or automatic masks for the whole image"
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -28,17 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "encoder is not run")
     p.add_argument("--key", default=None, help="IMAGE's key in --store (default: its file name, the key `samvit "
                    "embed` gives a single file; files found in a directory are keyed by their relative path)")
-    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="full SAM checkpoint (official .pth, transformers SamModel file or folder, .safetensors) or a "
-                   "registry name (vit_b, vit_l, vit_h: fetched into the verified cache); default: $SAMVIT_CHECKPOINT")
-    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when omitted")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="image encoder compute dtype (default auto: bfloat16 where the device computes it natively, "
-                   "else float32); the decoder runs in float32")
-    p.add_argument("--img-size", type=int, default=None, metavar="PIXELS",
-                   help="model input side (e.g. 512, 768, 1024, 1280; a multiple of 16); default: the checkpoint's, "
-                   "or the one the --embedding / --store was made with (a different one is refused)")
+    add_checkpoint(p, SAM_FILE)
+    add_model(p, SAM_PRESETS)
+    add_device(p)
+    add_dtype(p, decoder=True)
+    add_img_size(p, "the checkpoint's, or the one the --embedding / --store was made with; another is refused")
     g = p.add_argument_group("automatic masks (--auto)")
     g.add_argument("--points-per-side", type=int, default=32)
     g.add_argument("--points-per-batch", type=int, default=64)
@@ -54,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-mismatch", action="store_true",
                    help="use an --embedding / --store embedding whose metadata names another model or checkpoint "
                    "than --checkpoint (refused otherwise: only if the weights are known to be the same)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_quiet(p)
 
 
 def _numbers(text: str, n: Tuple[int, ...], what: str) -> List[float]:
@@ -99,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.auto and precomputed and args.crop_n_layers > 0:
         raise UserError("--crop-n-layers re-encodes image crops, which needs the image encoder: drop "
                         f"{'--embedding' if args.embedding else '--store'}")
-    if args.img_size is not None and (args.img_size < 16 or args.img_size % 16):
-        raise UserError(f"--img-size must be a positive multiple of 16, got {args.img_size}")
+    check_img_size(args.img_size)
     _check_outputs(args)
     rgb = load_image(args.image)
     store = EmbeddingStore.open(args.store) if args.store else None

@@ -4,15 +4,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import SAM_FILE, SAM_PRESETS, add_checkpoint, add_device, add_dtype, add_model
+
+HELP = "serve embeddings and masks over HTTP (batching, cache, CVAT route) and a click-to-segment page"
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=os.environ.get("SAMVIT_CHECKPOINT"),
-                   help="full SAM checkpoint (official .pth or .safetensors, with the prompt decoder) or a registry "
-                   "name (vit_b, vit_l, vit_h); default: $SAMVIT_CHECKPOINT")
-    p.add_argument("--model", default=None, help="preset (vit_b, vit_l, vit_h); inferred from the checkpoint when "
-                   "omitted")
+    add_checkpoint(p, SAM_FILE)
+    add_model(p, SAM_PRESETS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                    "0.0.0.0 for every interface, with --token or behind a proxy)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -42,9 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "repeatable (default: CORS off)")
     p.add_argument("--max-connections", type=int, default=128,
                    help="concurrent connections beyond which uvicorn answers 503 (default 128)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="encoder compute dtype (default float32); the decoder runs in float32")
+    add_device(p)
+    add_dtype(p, auto=False, decoder=True)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 

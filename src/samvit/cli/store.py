@@ -4,13 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_quiet
+
+HELP = "info, ls or verify an embedding store written by `samvit embed --store`"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["info", "ls", "verify"],
                    help="info: identity, counts, size; ls: one line per item; verify: check every item's data")
     p.add_argument("path", metavar="PATH", help="the store directory")
     p.add_argument("--json", action="store_true", help="machine-readable output (info: one object; ls: one a line)")
-    p.add_argument("--quiet", action="store_true", help="verify: print errors only")
+    add_quiet(p, "verify: print errors only")
 
 
 def run(args: argparse.Namespace) -> int:

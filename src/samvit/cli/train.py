@@ -11,6 +11,10 @@ import argparse
 import os
 from typing import Tuple
 
+from .options import SAM_FILE, add_checkpoint, add_device, add_model, add_quiet, encoder_spec
+
+HELP = "MAE pre-training, distillation, fine-tuning SAM on masks (one process or torchrun); export to SAM"
+
 MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
 
 
@@ -25,10 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of training images (searched recursively), or 'synthetic' for a generated set of "
                    "shapes (tests and demos)")
     m.add_argument("--model", required=True, choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos)")
-    m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
-                   "--resume)")
-    m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="mae_vit_h")
+    o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="mae_vit_h", synthetic_size=1024)
     o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
     o.add_argument("--target", choices=("pixels", "teacher-features"), default="pixels",
                    help="what the decoder reconstructs for the masked patches: their pixels (MAE, default) or "
@@ -37,9 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "teacher SAM encoder (registry name or checkpoint file)")
     g.add_argument("--vis-every", type=int, default=0, metavar="K", help="write RUN_DIR/recon_<step>.png every K "
                    "steps (default: off)")
-    g.add_argument("--synthetic-size", type=int, default=1024, metavar="N", help="images in --data synthetic "
-                   "(default 1024)")
-    m.set_defaults(_train=_run_mae)
 
     f = sub.add_parser("sam", help="fine-tune SAM on masks (full, frozen parts, LoRA, or decoder-only from an "
                        "embedding store)",
@@ -52,14 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder with images/NAME.(png|jpg) and masks/NAME.png (0 background, each other value one "
                    "instance), a COCO annotations .json (with --images), or 'synthetic' (generated shapes)")
     f.add_argument("--images", default=None, metavar="DIR", help="the image folder of a COCO --data .json")
-    f.add_argument("--checkpoint", required=True, metavar="CK", help="the SAM model to start from: a registry name "
-                   "(vit_b, vit_l, vit_h) or a full SAM checkpoint file (official .pth, safetensors, transformers)")
-    f.add_argument("--model", default=None, metavar="PRESET|CONFIG.json", help="the encoder preset, or a JSON "
-                   "file of EncoderConfig fields (default: from the checkpoint)")
-    f.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
-                   "--resume)")
-    f.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    o, r, g = add_loop_arguments(f, blr=8e-4, blr_note="8e-4, SAM's at batch 256", fp16_refused="vit_h")
+    add_checkpoint(f, SAM_FILE, required=True, note=": the SAM model to start from")
+    add_model(f, presets=None)
+    o, r, g = add_loop_arguments(f, blr=8e-4, blr_note="8e-4, SAM's at batch 256", fp16_refused="vit_h",
+                                 synthetic_size=256)
     t = f.add_argument_group("what trains, and the prompts")
     t.add_argument("--train", default="encoder,prompt,decoder", metavar="PARTS",
                    help="comma-separated parts that train: encoder, prompt, decoder (default: all three)")
@@ -80,9 +74,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--store", default=None, metavar="STORE", help="decoder-only training: read the image "
                    "embeddings from this `samvit embed --store` store (computed into it where missing) instead of "
                    "running the frozen encoder")
-    g.add_argument("--synthetic-size", type=int, default=256, metavar="N", help="images in --data synthetic "
-                   "(default 256)")
-    f.set_defaults(_train=_run_sam)
 
     d = sub.add_parser("distill", help="distil a SAM encoder into a small student (MobileSAM-style)",
                        description="Decoupled distillation: the student encoder learns the teacher's image embeddings "
@@ -100,17 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "
                    "by `samvit embed DIR --store STORE --checkpoint TEACHER` (default: computed once into "
                    "RUN_DIR/teacher_store)")
-    d.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
-                   "--resume)")
-    d.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="vit_h")
+    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="vit_h", synthetic_size=256)
     o.add_argument("--cosine-weight", type=float, default=0.0, metavar="W", help="loss = MSE + W x (1 - cosine "
                    "per embedding position) (default 0: MSE alone)")
     g.add_argument("--embed-batch-size", type=int, default=1, metavar="B", help="batch of the teacher when it "
                    "computes the store (default 1)")
-    g.add_argument("--synthetic-size", type=int, default=256, metavar="N", help="images in --data synthetic "
-                   "(default 256)")
-    d.set_defaults(_train=_run_distill)
 
     e = sub.add_parser("export-encoder", help="turn an MAE encoder into a SAM ImageEncoder (.safetensors)",
                        description="Build a SAM ImageEncoder from an MAE-trained ViT (what SAM did): patch embedding "
@@ -123,13 +108,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--preset", required=True, help="SAM encoder preset of the result (vit_b, vit_l, vit_h, "
                    "vit_h_spec), or a JSON file of EncoderConfig fields (for other widths, e.g. a mae_tiny run)")
     e.add_argument("--out", required=True, metavar="PATH", help="output .safetensors file")
-    e.set_defaults(_train=_run_export)
 
 
-def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp16_refused: str
+def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp16_refused: str, synthetic_size: int
                        ) -> Tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
-    """The shared loop's options (length, optimisation, memory/precision/processes, run directory); returns the
-    three option groups for the task's own options."""
+    """The shared loop's options (run directory and batch, length, optimisation, memory/precision/processes, logs,
+    --data synthetic's size); returns the three option groups for the task's own options."""
+    m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
+                   "--resume)")
+    m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
     length = m.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, metavar="N", help="train up to optimizer step N")
     length.add_argument("--epochs", type=int, metavar="E", help="train E passes over the data")
@@ -156,8 +143,7 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
                    f"{fp16_refused})")
     r.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
                    "processes (FSDP2, per block) instead of DDP; needs torchrun")
-    r.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available; cuda:LOCAL_RANK under "
-                   "torchrun)")
+    add_device(r, torchrun=True)
     r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
                    "for synthetic data, else up to 8 per process); the data is the same for any N")
     g = m.add_argument_group("run directory and logs")
@@ -168,7 +154,9 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
     g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps and at the "
                    "end (default 500)")
     g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default 3)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
+    add_quiet(g, "no progress bar and no summary lines")
+    g.add_argument("--synthetic-size", type=int, default=synthetic_size, metavar="N", help="images in --data "
+                   f"synthetic (default {synthetic_size})")
     return o, r, g
 
 
@@ -195,72 +183,55 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "train_command", None):
         raise UserError("name a task: `samvit train mae ...`, `samvit train sam ...`, `samvit train distill ...` "
                         "or `samvit train export-encoder ...` (see --help)")
-    return args._train(args)
-
-
-def _run_mae(args: argparse.Namespace) -> int:
-    from ..train.mae import pretrain_mae
-    from . import UserError
-
-    if args.data != "synthetic" and not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
-    if args.vis_every < 0:
-        raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
-    pretrain_mae(loop_config(args), model=args.model, data=args.data, mask_ratio=args.mask_ratio,
-                 synthetic_size=args.synthetic_size, vis_every=args.vis_every, target=args.target,
-                 teacher=args.teacher)
+    if args.train_command == "export-encoder":
+        _run_export(args)
+        return 0
+    folder = args.train_command != "sam"  # sam also reads a COCO .json
+    if args.data != "synthetic" and not (os.path.isdir if folder else os.path.exists)(args.data):
+        raise UserError(f"--data {args.data}: no such " + ("directory (expected a folder of images or 'synthetic')"
+                                                           if folder else "file or directory"))
+    task = {"mae": _run_mae, "sam": _run_sam, "distill": _run_distill}[args.train_command]
+    task(loop_config(args), args)  # the task's own checks, then the run
     return 0
 
 
-def _run_sam(args: argparse.Namespace) -> int:
+def _run_mae(cfg, args: argparse.Namespace) -> None:
+    from ..train.mae import pretrain_mae
+    from . import UserError
+
+    if args.vis_every < 0:
+        raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
+    pretrain_mae(cfg, model=args.model, data=args.data, mask_ratio=args.mask_ratio, synthetic_size=args.synthetic_size,
+                 vis_every=args.vis_every, target=args.target, teacher=args.teacher)
+
+
+def _run_sam(cfg, args: argparse.Namespace) -> None:
     from ..train.finetune import finetune_sam
     from . import UserError
 
-    if args.data != "synthetic" and not os.path.exists(args.data):
-        raise UserError(f"--data {args.data}: no such file or directory")
     if args.store is not None and os.path.abspath(args.store) == os.path.abspath(args.out):
         raise UserError("--store and --out must be different paths")
-    finetune_sam(loop_config(args), args.checkpoint, data=args.data, images=args.images,
-                 model=encoder_spec(args.model), train_parts=args.train, lora_rank=args.lora_rank,
+    finetune_sam(cfg, args.checkpoint, data=args.data, images=args.images, model=encoder_spec(args.model),
+                 train_parts=args.train, lora_rank=args.lora_rank,
                  lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
                  lora_alpha=args.lora_alpha, layer_decay=args.layer_decay, drop_path=args.drop_path,
                  iterations=args.iterations, masks_per_image=args.masks_per_image, store=args.store,
                  synthetic_size=args.synthetic_size)
-    return 0
 
 
-def _run_distill(args: argparse.Namespace) -> int:
+def _run_distill(cfg, args: argparse.Namespace) -> None:
     from ..train.distill import distill
     from . import UserError
 
-    if args.data != "synthetic" and not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such directory (expected a folder of images or 'synthetic')")
     if args.student.endswith(".json") and not os.path.isfile(args.student):
         raise UserError(f"--student {args.student}: no such file")
     if args.embed_batch_size < 1:
         raise UserError(f"--embed-batch-size must be at least 1, got {args.embed_batch_size}")
-    distill(loop_config(args), args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight,
-            args.synthetic_size, args.embed_batch_size)
-    return 0
+    distill(cfg, args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight, args.synthetic_size,
+            args.embed_batch_size)
 
 
-def encoder_spec(model):
-    """--model: None, a preset name, or a JSON file of EncoderConfig fields."""
-    if model is None or not model.endswith(".json"):
-        return model
-    import json
-
-    from ..config import EncoderConfig
-    from . import UserError
-
-    try:
-        with open(model, encoding="utf-8") as fh:
-            return EncoderConfig.from_dict(json.load(fh))
-    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise UserError(f"--model {model}: cannot read an EncoderConfig from it ({e})") from None
-
-
-def _run_export(args: argparse.Namespace) -> int:
+def _run_export(args: argparse.Namespace) -> None:
     from ..train.ckpt import latest_checkpoint, list_checkpoints, load_checkpoint
     from ..train.transfer import mae_to_sam_encoder
     from ..checkpoints.load import save_encoder
@@ -285,20 +256,8 @@ def _run_export(args: argparse.Namespace) -> int:
         mae = load_checkpoint(src)["model"]
     else:
         mae = src  # an official or transformers MAE file, or a save_pretrained folder: transfer reads it
-    target = args.preset
-    if target.endswith(".json"):
-        import json
-
-        from ..config import EncoderConfig
-
-        try:
-            with open(target, encoding="utf-8") as fh:
-                target = EncoderConfig.from_dict(json.load(fh))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise UserError(f"--preset {args.preset}: cannot read an EncoderConfig from it ({e})") from None
-    encoder = mae_to_sam_encoder(mae, target)
+    encoder = mae_to_sam_encoder(mae, encoder_spec(args.preset, "--preset"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_encoder(encoder, out)
     if not getattr(args, "quiet", False):
         print(f"samvit train export-encoder: {encoder.config.name} encoder from {src} -> {out}")
-    return 0

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling.attention import rel_pos_terms, to_windows
-from ..modeling.encoder import ImageEncoder, resize_pos_embed
+from ..modeling.encoder import ImageEncoder
 
 # Score entries (windows x heads x queries x keys, float32) per chunk: 64 MiB (one head of a 64x64 global block).
 # Each chunk takes about eight tensor operations (bias, scores, log-softmax, exp, the reducers' row sums), and three
@@ -152,24 +152,6 @@ def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
                 del chunk  # the next chunk's tensors are built after this one's are freed
 
 
-def _stream_start(encoder: ImageEncoder, image: torch.Tensor) -> torch.Tensor:
-    """Patch embedding + position embedding, in the dtype and layout the encoder's own path uses."""
-    cfg = encoder.config
-    if image.ndim != 4 or image.shape[1] != cfg.in_chans or not image.is_floating_point():
-        raise ValueError(f"image tensor: expected a float tensor (1,{cfg.in_chans},S,S), got {image.dtype} of shape "
-                         f"{tuple(image.shape)}")
-    if image.shape[2] % cfg.patch_size or image.shape[3] % cfg.patch_size:
-        raise ValueError(f"image tensor: height and width must be multiples of the patch size {cfg.patch_size}, "
-                         f"got {tuple(image.shape[2:])}")
-    dtype = encoder.dtype
-    x = encoder.patch_embed(image.to(device=encoder.patch_embed.proj.weight.device, dtype=dtype))
-    if encoder.attn_impl != "reference":  # the fast path keeps a contiguous residual stream, float32 for low precision
-        x = x.to(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).contiguous()
-    if encoder.pos_embed is not None:
-        x = x + resize_pos_embed(encoder.pos_embed, x.shape[1:3]).to(x.dtype)
-    return x
-
-
 @torch.no_grad()
 def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
          reducers: Sequence[Callable[[Chunk], None]], chunk_elems: int = CHUNK_ELEMS,
@@ -178,8 +160,8 @@ def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
     each reducer; returns the residual stream after the last block run: the pre-neck features (1,H,W,C) computed
     by the blocks' own forward when `full`, else the stream after the last chosen block."""
     wanted = set(blocks)
-    x = _stream_start(encoder, image)
-    ws = encoder.workspace()  # the inference path, as forward: x is then updated in place
+    x = encoder.forward_embed(image.to(device=encoder.device))  # what forward gives the first block
+    ws = encoder.workspace()  # the path forward takes (in place under no_grad), so x is the encoder's stream
     last = max(wanted) if wanted else -1
     for i, blk in enumerate(encoder.blocks):
         if i in wanted:

@@ -315,7 +315,7 @@ class ImageEncoder(nn.Module):
             if not -n <= int(i) < n:
                 raise ValueError(f"block index {i} is outside the {n} blocks of model {self.config.name!r}")
             take.add(int(i) % n)
-        x = self._embed(x)
+        x = self.forward_embed(x)
         ws = self.workspace()  # inference: x is updated in place, so the intermediates are copies
         inter, attn = [], []
         for i, blk in enumerate(self.blocks):
@@ -328,8 +328,9 @@ class ImageEncoder(nn.Module):
         out = self._head(x)
         return (out, inter, attn) if return_attention else (out, inter)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> the residual stream: patch embedding plus position embedding."""
+    def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised padded images (B,3,S,S) -> the residual stream the first block takes (B,S/16,S/16,C): patch
+        embedding plus position embedding, in the dtype and memory layout of the encoder's own path."""
         dtype = self.dtype
         _check_input(x, self.config)
         if dtype == torch.float16:
@@ -349,7 +350,7 @@ class ImageEncoder(nn.Module):
         return blk(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
+        x = self.forward_embed(x)
         ws = self.workspace()
         if ws is not None:  # inference: the residual stream (this call's own tensor) is updated in place
             for blk in self.blocks:

@@ -233,15 +233,9 @@ def export_model(sam: Sam, run_dir: str) -> Tuple[str, str]:
         torch.save(sd, tmp)
     st = os.path.join(run_dir, FINAL_SAFETENSORS)
     meta = {CONFIG_METADATA_KEY: sam.config.to_json(), "format": "samvit",
-            DECODER_CONFIG_METADATA_KEY: _decoder_json(sam)}
+            DECODER_CONFIG_METADATA_KEY: sam.decoder_config.to_json()}
     write_tensors(st, sd, meta)
     return pth, st
-
-
-def _decoder_json(sam: Sam) -> str:
-    import json
-
-    return json.dumps(dataclasses.asdict(sam.decoder_config), sort_keys=True)
 
 
 # ---- the task ----
