@@ -7,7 +7,6 @@ import torch
 from conftest import official_sam, official_tiny_sam
 
 import samvit
-from samvit.modeling import attention as attn_mod
 from samvit.modeling.attention import (Attention, _chunking, from_windows, to_windows, window_partition,
                                        window_unpartition)
 from samvit.modeling.encoder import check_float16
@@ -101,21 +100,6 @@ def test_windowed_attention_skips_padding_exactly():
         assert _max_abs(attn.forward_windowed(x, 5), expected) <= 1e-5
         attn.set_kernel("reference")
         assert _max_abs(window_unpartition(attn(windows), 5, pad_hw, (12, 9)), expected) <= 1e-5
-
-
-@pytest.mark.parametrize("budget,min_queries", [(1, 1), (200, 1), (3000, 1), (3000, 14), (1 << 30, 768)])
-def test_bias_chunking_does_not_change_the_result(monkeypatch, budget, min_queries):
-    torch.manual_seed(0)
-    attn = Attention(48, 3, use_rel_pos=True, input_size=(6, 7)).eval()
-    with torch.no_grad():
-        attn.rel_pos_h.normal_()
-        attn.rel_pos_w.normal_()
-    x = torch.randn(3, 6, 7, 48)
-    with torch.inference_mode():
-        ref = attn.forward_reference(x)
-        monkeypatch.setattr(attn_mod, "MASK_CHUNK_ELEMS", budget)
-        monkeypatch.setattr(attn_mod, "MIN_CHUNK_QUERIES", min_queries)
-        assert _max_abs(attn(x), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("args", [(1, 12, 64, 64, 4096, 1 << 23), (25, 12, 14, 14, 196, 1 << 23),

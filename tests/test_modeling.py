@@ -48,9 +48,10 @@ def test_a_registered_kernel_is_used_by_every_block(monkeypatch):
 
     monkeypatch.setattr(attention, "KERNELS", dict(attention.KERNELS))
     register_kernel("counting")(counting)
+    assert not attention.KERNELS["counting"].takes_out  # no out=/workspace=: the inference path copies its result
     enc = randomize_(ImageEncoder(CFG, kernel="counting"), seed=1).eval()
     x = torch.randn(1, 3, 96, 96)
-    with torch.no_grad():
+    with torch.no_grad():  # the inference path (workspace buffers)
         torch.testing.assert_close(enc(x), enc.set_kernel("sdpa_chunked")(x), rtol=0, atol=0)
     assert sorted(set(calls)) == [(4, 4), (6, 6)] and len(calls) == CFG.depth
 
