@@ -299,3 +299,17 @@ def test_missing_module_advice(module, advice):
         assert code == 3
     else:
         assert code == 2 and advice in message
+
+
+@pytest.mark.parametrize("decoder,message", [({"num_heads": 0}, "decoder num_heads 0"),
+                                             ({"num_heads": 3}, "divisible by num_heads 3"),
+                                             ({"depth": "two"}, "decoder depth 'two'")])
+def test_hostile_decoder_config_metadata(world, tmp_path, capsys, decoder, message):
+    """The decoder config a fine-tuned file records is checked as the encoder's is: one line, exit 2."""
+    d, a, b, img, emb = world
+    bad = str(tmp_path / "dec.safetensors")
+    cfg = json.dumps(dict(samvit.DecoderConfig().to_dict(), **decoder))
+    save_file(load_file(a), bad, metadata={"samvit_config": TINY.to_json(), "samvit_decoder_config": cfg})
+    rc, out, err = _segment(capsys, img, bad, "--embedding", emb, "--out", tmp_path / "m.png", "--allow-mismatch")
+    assert rc == 2 and bad in err and message in err and "samvit_decoder_config" in err
+    assert not (tmp_path / "m.png").exists()

@@ -165,6 +165,14 @@ class DecoderConfig(JsonFields):
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # configs also come from files: every field a sane positive integer
+            v = getattr(self, f.name)
+            if not _is_int(v) or not 1 <= v <= 65536:
+                raise ValueError(f"decoder {f.name} {v!r}: expected an integer from 1 to 65536")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"decoder embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+
     def replace(self, **changes) -> "DecoderConfig":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
