@@ -76,3 +76,16 @@ def test_mismatch_is_a_clear_error(mae):
         mae_to_sam_encoder(mae, EncoderConfig(embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(2,)))
     with pytest.raises(ValueError, match="unknown model preset"):
         mae_to_sam_encoder(mae, "vit_x")
+
+
+def test_the_export_is_reproducible(mae):
+    """The same MAE gives the same encoder bytes every time (the new neck is seeded), and the caller's random
+    stream is left as it was."""
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = mae_to_sam_encoder(mae, SMALL_SAM).state_dict()
+    after = torch.rand(3)
+    b = mae_to_sam_encoder(mae, SMALL_SAM).state_dict()
+    assert torch.equal(before, after)
+    assert all(torch.equal(a[k], b[k]) for k in a)

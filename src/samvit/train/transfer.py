@@ -51,7 +51,9 @@ def mae_to_sam_encoder(src: MAESource, encoder: Union[str, EncoderConfig] = "vit
     if problems:
         raise ValueError(f"{where} does not fit encoder {cfg.name!r}: " + "; ".join(problems))
 
-    model = ImageEncoder(cfg)
+    with torch.random.fork_rng(devices=[]):  # the new parts (the neck) initialised the same way every time
+        torch.manual_seed(0)
+        model = ImageEncoder(cfg)
     with torch.no_grad():
         model.patch_embed.proj.weight.copy_(sd["patch_embed.proj.weight"])
         model.patch_embed.proj.bias.copy_(sd["patch_embed.proj.bias"])
