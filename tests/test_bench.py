@@ -40,7 +40,7 @@ def test_smoke_run_against_official(tmp_path):
     js, md = report.write_results(rec, str(tmp_path))
     assert json.load(open(js))["runs"] == rec["runs"]
     text = open(md).read()
-    assert "samvit fast path (sdpa_chunked)" in text and "official segment-anything" in text and "**test**" in text
+    assert "samvit fast path (default kernel: auto)" in text and "official segment-anything" in text and "**test**" in text
     assert "ISA flags beside every row" in text and set(rec["machine"]["isa"]) == {
         "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx"}
 

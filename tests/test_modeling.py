@@ -29,12 +29,12 @@ def _grads(enc: ImageEncoder, x: torch.Tensor):
 
 def test_kernel_names_and_aliases():
     enc = ImageEncoder(CFG)
-    assert enc.kernel == "sdpa_chunked" and enc.attn_impl == "fast"
+    assert enc.kernel == "auto" and enc.attn_impl == "fast"
     assert ImageEncoder(CFG, "reference").kernel == "reference"
     assert ImageEncoder(CFG, attn_impl="reference").kernel == "reference"
     assert enc.set_attention("reference").kernel == "reference" and enc.attn_impl == "reference"
     assert all(b.attn.kernel.name == "reference" for b in enc.blocks)
-    assert enc.set_kernel("fast").kernel == "sdpa_chunked"
+    assert enc.set_kernel("fast").kernel == "auto"
     with pytest.raises(ValueError, match="unknown attention kernel 'nope'"):
         ImageEncoder(CFG, kernel="nope")
 

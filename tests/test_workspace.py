@@ -18,7 +18,7 @@ def _encoder(kernel: str, seed: int = 3) -> samvit.ImageEncoder:
     return randomize_(samvit.ImageEncoder(CFG, kernel=kernel), seed=seed).eval()
 
 
-@pytest.mark.parametrize("kernel", ["sdpa_chunked", "matmul_blocked"])
+@pytest.mark.parametrize("kernel", ["sdpa_chunked", "matmul_blocked", "auto"])
 def test_inference_path_matches_the_reference_and_the_autograd_path(kernel):
     enc = _encoder(kernel)
     ref = _encoder("reference")
@@ -68,7 +68,7 @@ def test_the_workspace_is_per_thread_and_other_sizes_work():
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa_chunked", "matmul_blocked"])
+@pytest.mark.parametrize("kernel", ["sdpa_chunked", "matmul_blocked", "auto"])
 @pytest.mark.parametrize("budget,min_queries", [(1, 1), (300, 1), (3000, 14), (1 << 22, 1), (1 << 30, 768)])
 def test_kernels_match_the_reference_kernel_at_any_chunking(monkeypatch, kernel, budget, min_queries):
     """ViT-B's head width (64) on a small global grid and on windows; every chunking gives the reference result."""

@@ -12,7 +12,8 @@ if TYPE_CHECKING:  # torch is imported when a model is built, so that `samvit be
 
 # name -> (what it is, precisions it runs). Peers run bfloat16 the way their users do: autocast over fp32 weights.
 IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "samvit": ("samvit fast path (sdpa_chunked)", ("float32", "bfloat16")),
+    "samvit": ("samvit fast path (default kernel: auto)", ("float32", "bfloat16")),
+    "samvit-sdpa": ("samvit fast path (sdpa_chunked)", ("float32", "bfloat16")),
     "samvit-blocked": ("samvit fast path (matmul_blocked)", ("float32", "bfloat16")),
     "samvit-compiled": ("samvit fast path + torch.compile", ("float32", "bfloat16")),
     "samvit-reference": ("samvit reference path (official arithmetic)", ("float32",)),
@@ -24,8 +25,8 @@ IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "onnxruntime": ("ONNX Runtime (samvit ONNX export)", ("float32",)),
     "openvino": ("OpenVINO (samvit ONNX export)", ("float32", "bfloat16")),
 }
-SAMVIT_KERNELS = {"samvit": "sdpa_chunked", "samvit-compiled": "sdpa_chunked", "samvit-reference": "reference",
-                  "samvit-blocked": "matmul_blocked"}
+SAMVIT_KERNELS = {"samvit": "auto", "samvit-compiled": "auto", "samvit-reference": "reference",
+                  "samvit-sdpa": "sdpa_chunked", "samvit-blocked": "matmul_blocked"}
 DEFAULT_IMPLS = ("samvit", "samvit-reference", "official", "timm", "transformers")
 TUNED_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 ALLOCATORS = ("default", "tuned")
@@ -111,22 +112,14 @@ def _runtime_peer(impl: str, cfg: EncoderConfig, sd: Dict[str, "torch.Tensor"], 
     import torch
 
     from ..checkpoints.load import load_encoder
-    from ..export import export_onnx, onnx_session
+    from ..export import OpenVINOEncoder, export_onnx, onnx_session
 
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="samvit-bench-onnx-") as tmp:  # the runtimes hold the model once loaded
+    encoder = load_encoder(cfg, checkpoint=sd, dtype=torch.float32)
+    if impl == "openvino":
+        return OpenVINOEncoder(encoder, precision="bf16" if dtype == torch.bfloat16 else "f32", dynamic_batch=False)
+    with tempfile.TemporaryDirectory(prefix="samvit-bench-onnx-") as tmp:  # the session holds the model once loaded
         path = os.path.join(tmp, "encoder.onnx")
-        export_onnx(load_encoder(cfg, checkpoint=sd, dtype=torch.float32), path, dynamic_batch=False, check=False)
-        if impl == "onnxruntime":
-            sess = onnx_session(path, threads=threads)
-        else:
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(path, "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32"})
-    if impl == "onnxruntime":
-        name = sess.get_inputs()[0].name
-        return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
-    request = compiled.create_infer_request()
-    return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[compiled.output(0)].copy())
+        export_onnx(encoder, path, dynamic_batch=False, check=False)
+        sess = onnx_session(path, threads=torch.get_num_threads())
+    name = sess.get_inputs()[0].name
+    return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])

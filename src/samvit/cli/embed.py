@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images (or tiles) per forward pass (default 1)")
     add_device(p, torchrun=True)
     add_dtype(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="what runs the encoder: torch (default), or openvino (CPU, float32, outputs within 1e-4 of "
+                   "torch's; faster on some CPUs, see docs/speed.md; exports the model first, which takes a while; "
+                   "needs the openvino package)")
     add_img_size(p)
     add_quiet(p)
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -80,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     check_img_size(args.img_size)
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if args.backend == "openvino" and (args.dtype not in ("auto", "float32") or args.device not in (None, "cpu")):
+        raise UserError("--backend openvino runs float32 on the CPU: leave out --dtype and --device (or give "
+                        "float32 and cpu)")
     items = collect_inputs(args.inputs)
     if not items:
         raise UserError(f"no images found in {args.inputs}")
@@ -89,10 +96,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         with local_rank_zero_first(env):  # local rank 0 fetches a named checkpoint, the others find it cached
             checkpoint = resolve_checkpoint(args.checkpoint, progress=False if quiet else None)
-        dtype = resolve_dtype(args.dtype, device)
+        dtype = resolve_dtype(args.dtype if args.backend == "torch" else "float32", device)
         if not quiet:
-            print(f"samvit embed: {describe_dtype(dtype, args.dtype, device)}", file=sys.stderr)
+            print(f"samvit embed: {describe_dtype(dtype, args.dtype, device)}"
+                  + ("; backend openvino (exporting the model first)" if args.backend == "openvino" else ""),
+                  file=sys.stderr)
         encoder = load_encoder(args.model, checkpoint, device=device, dtype=dtype, img_size=args.img_size)
+        if args.backend == "openvino":
+            from ..export import OpenVINOEncoder
+
+            encoder = OpenVINOEncoder(encoder)
         sha = checkpoint_sha256(checkpoint)
         protected = [checkpoint] + [a for a in args.inputs if os.path.isfile(a)]  # list files too
         sink = FileSink(args.out, sha, force=args.force, protected=protected) if args.store is None else \

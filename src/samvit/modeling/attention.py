@@ -6,6 +6,7 @@ one set of weights serves every kernel. Registered here:
   an encoder using it runs the official arithmetic around it as well (blocks, neck, the weights' dtype).
 - "sdpa_chunked": the same function with scaled_dot_product_attention, the bias built in chunks, never whole.
 - "matmul_blocked": scores GEMM (baddbmm onto the bias chunk) + softmax in place + GEMM, in cache-sized blocks.
+- "auto" (the default): matmul_blocked on the CPU inference path, sdpa_chunked everywhere else (see auto_attention).
 A new kernel is one function registered with @register_kernel("name"); ImageEncoder(kernel="name") uses it.
 A kernel that also takes the keywords `out` (B, N, heads*head_dim) and `workspace` (a Workspace, or None) writes
 into `out` and takes its scratch memory from the workspace on the encoder's inference path.
@@ -52,8 +53,8 @@ class Kernel:
 
 
 KERNELS: Dict[str, Kernel] = {}
-KERNEL_ALIASES = {"fast": "sdpa_chunked"}  # the former attn_impl names
-DEFAULT_KERNEL = "sdpa_chunked"
+KERNEL_ALIASES = {"fast": "auto"}  # the former attn_impl names
+DEFAULT_KERNEL = "auto"
 
 
 def register_kernel(name: str, official: bool = False) -> Callable[[KernelFn], KernelFn]:
@@ -359,6 +360,17 @@ def matmul_blocked_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, 
             o = torch.bmm(scores.softmax(-1), vc)
         out4[b0:b1, r0 * W:r1 * W, h0:h1].copy_(o.view(nb, nhc, rows * W, hd).transpose(1, 2))
     return out
+
+
+@register_kernel("auto")
+def auto_attention(attn: Attention, qkv: torch.Tensor, hw: Tuple[int, int], out: Optional[torch.Tensor] = None,
+                   workspace: Optional[Workspace] = None) -> torch.Tensor:
+    """matmul_blocked on the CPU inference path (a workspace is given: no autograd, no tracing), sdpa_chunked
+    elsewhere: training keeps SDPA's backward, GPUs its fused kernels, exports one graph. Measured in
+    docs/speed.md: on CPU the blocked kernel is faster in bfloat16 and no slower in float32."""
+    blocked = workspace is not None and qkv.device.type == "cpu"
+    kernel = matmul_blocked_attention if blocked else sdpa_chunked_attention
+    return kernel(attn, qkv, hw, out=out, workspace=workspace)
 
 
 def _bias_terms(attn: Attention, q: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -191,7 +191,8 @@ class ImageEncoder(nn.Module):
                  attn_impl: Optional[str] = None) -> None:
         """Args:
             config: the architecture.
-            kernel: the attention kernel ("sdpa_chunked", "reference", or any registered; "fast" = sdpa_chunked).
+            kernel: the attention kernel ("auto", "sdpa_chunked", "matmul_blocked", "reference", or any
+                registered; "fast" = auto).
             compile: torch.compile the forward (lazily, at the first call).
             attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
         """
@@ -233,8 +234,9 @@ class ImageEncoder(nn.Module):
             yield self.pos_embed
 
     def set_kernel(self, name: str) -> "ImageEncoder":
-        """Use the attention kernel `name` in every block: "sdpa_chunked" (fast), "reference" (the official
-        arithmetic throughout: the oracle), or any kernel registered with attention.register_kernel."""
+        """Use the attention kernel `name` in every block: "auto" (the fast default), "sdpa_chunked",
+        "matmul_blocked", "reference" (the official arithmetic throughout: the oracle), or any kernel registered
+        with attention.register_kernel."""
         kernel = get_kernel(name)
         for blk in self.blocks:
             blk.attn.kernel = kernel
@@ -243,12 +245,12 @@ class ImageEncoder(nn.Module):
         return self
 
     def set_attention(self, impl: str) -> "ImageEncoder":
-        """Former name of set_kernel ("fast" = "sdpa_chunked", "reference")."""
+        """Former name of set_kernel ("fast" = "auto", "reference")."""
         return self.set_kernel(impl)
 
     @property
     def attn_impl(self) -> str:
-        """Former name of `kernel`: "fast" for sdpa_chunked."""
+        """Former name of `kernel`: "fast" for auto (the default)."""
         return {v: k for k, v in KERNEL_ALIASES.items()}.get(self.kernel, self.kernel)
 
     def set_drop_path(self, rate: float) -> "ImageEncoder":
