@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -84,14 +83,10 @@ def mae_losses(run: str) -> tuple:
 
 
 def cpu_line() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("Flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(isa) or 'none of avx2/avx512/amx'}"
+    from samvit.bench.runner import machine_info
+
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} CPUs, flags: {m['isa_flags']}"
 
 
 def main() -> None:
