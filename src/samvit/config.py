@@ -37,18 +37,21 @@ class JsonFields:
 class ViTFields(JsonFields):
     """The fields both ViTs have (the SAM image encoder, the MAE that pre-trains it): patch grid and width."""
 
+    # the patch grid
     img_size: int = 1024
     patch_size: int = 16
     in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
 
     @property
     def grid_size(self) -> int:
         """Side of the token grid (64 for 1024 / 16, 14 for 224 / 16)."""
         return self.img_size // self.patch_size
+
+    # the transformer
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
 
 
 @dataclass(frozen=True)

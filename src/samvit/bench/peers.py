@@ -11,12 +11,14 @@ if TYPE_CHECKING:  # torch is imported when a model is built, so that `samvit be
     import torch
 
 # name -> (what it is, precisions it runs). Peers run bfloat16 the way their users do: autocast over fp32 weights.
-IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+SAMVIT_IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "samvit": ("samvit fast path (default kernel: auto)", ("float32", "bfloat16")),
     "samvit-sdpa": ("samvit fast path (sdpa_chunked)", ("float32", "bfloat16")),
     "samvit-blocked": ("samvit fast path (matmul_blocked)", ("float32", "bfloat16")),
     "samvit-compiled": ("samvit fast path + torch.compile", ("float32", "bfloat16")),
     "samvit-reference": ("samvit reference path (official arithmetic)", ("float32",)),
+}
+PEER_IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "official": ("official segment-anything", ("float32", "bfloat16")),
     "official-compiled": ("official + torch.compile", ("float32", "bfloat16")),
     "timm": ("timm samvit (VisionTransformerSAM)", ("float32", "bfloat16")),
@@ -25,6 +27,7 @@ IMPLS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "onnxruntime": ("ONNX Runtime (samvit ONNX export)", ("float32",)),
     "openvino": ("OpenVINO (samvit ONNX export)", ("float32", "bfloat16")),
 }
+IMPLS = {**SAMVIT_IMPLS, **PEER_IMPLS}
 SAMVIT_KERNELS = {"samvit": "auto", "samvit-compiled": "auto", "samvit-reference": "reference",
                   "samvit-sdpa": "sdpa_chunked", "samvit-blocked": "matmul_blocked"}
 DEFAULT_IMPLS = ("samvit", "samvit-reference", "official", "timm", "transformers")
