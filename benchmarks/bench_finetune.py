@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -148,15 +147,10 @@ def run_store(steps: int, images: int) -> dict:
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    cpus = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("CPU(s)")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}, {cpus} CPUs, flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}"
+    from samvit.bench.runner import machine_info
+
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} CPUs, flags: {m['isa_flags']}"
 
 
 def report(command: str, mem: list, store: dict) -> str:

@@ -15,17 +15,14 @@ again on the same model: a time ratio measured within one process, less disturbe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def rss_mib() -> float:
@@ -98,21 +95,11 @@ def worker(kind: str, model: str, image: str, out_dir: str, interleave: bool = F
 
 
 def machine() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "Model name":
-                model = val.strip()
-            elif key.strip() == "Flags":
-                flags = set(val.split())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    import torch
+    from samvit.bench.runner import machine_info
 
-    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags],
-            "missing_flags": [f for f in FLAGS if f not in flags], "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    m = machine_info()
+    return {"cpu": m["cpu"], "cores": m["cores"], "flags": [f for f, on in m["isa"].items() if on],
+            "missing_flags": [f for f, on in m["isa"].items() if not on], "torch": m["torch"], "date": m["date"]}
 
 
 def run_sub(kind: str, model: str, image: str, out_dir: str, interleave: bool = False) -> dict:

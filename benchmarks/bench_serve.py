@@ -15,7 +15,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -198,15 +197,10 @@ def browser_clicks(url: str, n: int, png: bytes, chromium: str) -> dict:
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
-    have = " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
-    return f"{model}, {os.cpu_count()} CPUs, flags: {have}"
+    from samvit.bench.runner import machine_info
+
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} CPUs, flags: {m['isa_flags']}"
 
 
 def main() -> None:
