@@ -96,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         with local_rank_zero_first(env):  # local rank 0 fetches a named checkpoint, the others find it cached
             checkpoint = resolve_checkpoint(args.checkpoint, progress=False if quiet else None)
-        dtype = resolve_dtype(args.dtype if args.backend == "torch" else "float32", device)
+        asked = args.dtype if args.backend == "torch" else "float32"
+        dtype = resolve_dtype(asked, device)
         if not quiet:
-            print(f"samvit embed: {describe_dtype(dtype, args.dtype, device)}"
+            print(f"samvit embed: {describe_dtype(dtype, asked, device)}"
                   + ("; backend openvino (exporting the model first)" if args.backend == "openvino" else ""),
                   file=sys.stderr)
         encoder = load_encoder(args.model, checkpoint, device=device, dtype=dtype, img_size=args.img_size)
