@@ -85,12 +85,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(app, timeout: float = 30.0) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread; yields the base URL; stops it afterwards."""
+    """Serve an app from create_app with uvicorn on 127.0.0.1 in a thread, with the settings `samvit serve` uses
+    (its protocol: header timeout, connection cap); yields the base URL; stops it afterwards."""
     import uvicorn
 
+    from samvit.serve.server import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     t0 = time.monotonic()

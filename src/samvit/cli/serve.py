@@ -41,8 +41,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. https://cvat.example.org) to call the API; "
                    "repeatable (default: CORS off)")
-    p.add_argument("--max-connections", type=int, default=128,
-                   help="concurrent connections beyond which uvicorn answers 503 (default 128)")
+    p.add_argument("--max-requests", type=int, default=128, metavar="N",
+                   help="requests handled at once (body received) beyond which 503 + Retry-After; /healthz is "
+                   "exempt (default 128)")
+    p.add_argument("--max-connections", type=int, default=512, metavar="N",
+                   help="open connections (idle, slow or busy) beyond which a new one gets 503 and is closed "
+                   "(default 512)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request line and its headers must arrive within it, then 408 and the connection is "
+                   "closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a whole request body must arrive within it, then 408 (default 60)")
     add_device(p)
     add_dtype(p, auto=False, decoder=True)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -62,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"samvit serve needs the serve extra ({e}): pip install 'samvit[serve]'") from None
     if not args.checkpoint:
         raise UserError("no checkpoint: pass --checkpoint PATH (a full SAM checkpoint) or set SAMVIT_CHECKPOINT")
-    for name in ("workers_batch", "max_queue", "max_pixels", "max_connections"):
+    for name in ("workers_batch", "max_queue", "max_pixels", "max_connections", "max_requests"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("timeout", "max_body_mb", "cache_mb"):
+    for name in ("timeout", "max_body_mb", "cache_mb", "header_timeout", "body_timeout"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not args.max_wait_ms >= 0:
@@ -83,11 +92,14 @@ def run(args: argparse.Namespace) -> int:
     from ..masks.predictor import Predictor
     from ..runtime import resolve_device, resolve_dtype
     from ..serve import ServeConfig, create_app
+    from ..serve.server import uvicorn_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = resolve_checkpoint(args.checkpoint)
     dtype = resolve_dtype(args.dtype)
+    print(f"samvit serve: image encoder dtype {str(dtype).replace('torch.', '')} "
+          f"({'asked for' if args.dtype else 'the default'}; the prompt decoder runs in float32)", file=sys.stderr)
     predictor = Predictor.from_checkpoint(checkpoint, args.model, device=resolve_device(args.device), dtype=dtype)
     cfg = predictor.encoder.config
     store = writer = None
@@ -99,11 +111,12 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(max_batch=args.workers_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                          timeout_s=args.timeout, cache_bytes=int(args.cache_mb * 2**20), token=args.token,
-                         cors_origins=tuple(args.cors_origin), model_name=cfg.name)
+                         cors_origins=tuple(args.cors_origin), model_name=cfg.name,
+                         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                         max_requests=args.max_requests, max_connections=args.max_connections)
     app = create_app(predictor, config, store, writer)
     if args.host not in LOOPBACK and not args.token:
         print(f"samvit serve: warning: listening on {args.host} without --token: anyone who reaches this port can "
               "use the model", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                limit_concurrency=args.max_connections, timeout_keep_alive=30)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
     return 0

@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import io
 import json
+import math
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +22,7 @@ from typing import Any, Literal, Optional, Tuple
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Path as PathParam, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps
@@ -28,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 import samvit
 
+from ..errors import NonFiniteError
 from .cache import Embedded, EmbeddingCache
 from .metrics import Metrics
 from .schemas import (ID_PATTERN, Array, AutoRequest, AutoResponse, CvatRequest, CvatResponse, EmbeddingInfo, Health,
@@ -49,7 +53,12 @@ class ServeConfig:
     max_queue: int = 32  # images admitted (decoding or waiting) beyond which requests get 429
     max_body_bytes: int = 32 * 2**20
     max_pixels: int = 50_000_000  # decoded image size limit (413)
-    timeout_s: float = 120.0  # per request, waiting for the model (504)
+    timeout_s: float = 120.0  # per request, waiting for the model (504); also stops a running auto-mask job
+    header_timeout_s: float = 10.0  # a request line and headers must arrive within it (408, connection closed)
+    body_timeout_s: float = 60.0  # a whole request body must arrive within it (408)
+    max_requests: int = 128  # requests handled at once (their body read), beyond which 503; /healthz is exempt
+    max_connections: int = 512  # open connections (idle, slow or busy); a new one beyond it gets 503 and is closed
+    auto_batch_bytes: int = 2**30  # memory for one /v1/segment/auto decoder pass's full-size masks
     cache_bytes: int = 2**30  # embeddings kept in memory (LRU)
     token: Optional[str] = None  # bearer token required on every route but /healthz and the page
     cors_origins: Tuple[str, ...] = ()
@@ -63,6 +72,10 @@ class PixelLimitError(samvit.ImageError):
 
 class ClientGone(Exception):
     """The client disconnected while its request waited."""
+
+
+class GaveUp(Exception):
+    """Raised inside a running model job whose request is no longer waiting (timeout or disconnect)."""
 
 
 def decode_image(data: bytes, img_size: int, max_pixels: int):
@@ -81,6 +94,9 @@ def decode_image(data: bytes, img_size: int, max_pixels: int):
                 img.load()
     except samvit.ImageError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's own check, in Image.open, for far larger headers
+        raise PixelLimitError(f"image header declares too many pixels ({e}); this server's limit is {max_pixels} "
+                              "pixels") from None
     except Image.UnidentifiedImageError:
         raise samvit.ImageError(f"cannot decode the image: {len(data)} bytes starting {data[:12]!r} are not an image "
                                 "file Pillow reads (PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
@@ -123,8 +139,9 @@ class Service:
         self.decode_pool.shutdown(wait=True)
         self.cache.close()
 
-    async def wait(self, request: Request, fut: Future) -> Any:
-        """The worker's answer; 504 past the timeout; a client that leaves cancels its work if not yet started."""
+    async def wait(self, request: Request, fut: Future, stop: Optional[threading.Event] = None) -> Any:
+        """The worker's answer; 504 past the timeout; a client that leaves cancels its work if not yet started
+        (and sets `stop`, which a running job polls)."""
         loop = asyncio.get_running_loop()
         afut = asyncio.wrap_future(fut)
         deadline = loop.time() + self.config.timeout_s
@@ -134,9 +151,13 @@ class Service:
                 return afut.result()
             if await request.is_disconnected():
                 fut.cancel()
+                if stop is not None:
+                    stop.set()
                 raise ClientGone()
             if loop.time() >= deadline:
                 fut.cancel()
+                if stop is not None:
+                    stop.set()
                 raise HTTPException(504, f"not answered within {self.config.timeout_s:g} s (this server's "
                                     "per-request timeout); the server is busy, retry later")
 
@@ -177,15 +198,23 @@ class Service:
         return key, item
 
 
+DTYPE_HEADER = "X-Samvit-Dtype"  # on every answer that carries an embedding or masks: the encoder's compute dtype
+
+
 def embedding_response(key: str, item: Embedded, fmt: str, dtype: str, cached: bool, model: str) -> Response:
     """JSON facts, or the embedding itself as .npy ((1,C,h,w), as SamPredictor.get_image_embedding) or .safetensors
     (the file `samvit embed` writes: (C,h,w) with original_size / input_size metadata)."""
     info = EmbeddingInfo(id=key, original_size=item.original_size, input_size=item.input_size,
-                         shape=list(item.embedding.shape), model=model, cached=cached)
+                         shape=list(item.embedding.shape), model=model, cached=cached,
+                         compute_dtype=item.compute_dtype)
     if fmt == "json":
-        return JSONResponse(info.model_dump())
+        return JSONResponse(info.model_dump(), headers={DTYPE_HEADER: item.compute_dtype})
     emb = item.embedding.to(getattr(torch, dtype))
-    headers = {"X-Samvit-Embedding": json.dumps(info.model_dump(), separators=(",", ":"))}
+    if not torch.isfinite(emb).all():  # float16 overflows past 65504
+        raise HTTPException(422, f"dtype={dtype}: this embedding has values beyond {dtype}'s range; ask for "
+                            "dtype=float32")
+    headers = {"X-Samvit-Embedding": json.dumps(info.model_dump(), separators=(",", ":")),
+               DTYPE_HEADER: item.compute_dtype}
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, emb[None].numpy())
@@ -193,7 +222,7 @@ def embedding_response(key: str, item: Embedded, fmt: str, dtype: str, cached: b
     from safetensors.torch import save
 
     meta = {"original_size": "%d,%d" % item.original_size, "input_size": "%d,%d" % item.input_size,
-            "model": model, "source_sha256": key}
+            "model": model, "source_sha256": key, "dtype": item.compute_dtype}
     return Response(save({"embedding": emb.contiguous()}, metadata=meta), media_type="application/octet-stream",
                     headers=headers)
 
@@ -214,11 +243,13 @@ def _mask_out(mask: np.ndarray, score: float, fmt: str) -> MaskOut:
 
 
 class Guard:
-    """ASGI middleware: bearer token, request body limit (413; the body is read here, bounded), metrics by route."""
+    """ASGI middleware: bearer token, request body limit (413) and time limit (408; the body is read here, bounded),
+    requests handled at once (503), metrics by route."""
 
     def __init__(self, app, service: Service, routes: list) -> None:
         self.app, self.service, self.routes = app, service, routes
         self.token = service.config.token.encode() if service.config.token else None
+        self.handling = 0  # requests past their body, not yet answered (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -249,6 +280,7 @@ class Guard:
     async def _guarded(self, scope, receive, send) -> None:
         path = scope["path"]
         headers = dict(scope["headers"])
+        config = self.service.config
         public = path in PUBLIC_PATHS or path.startswith("/static/") or scope["method"] == "OPTIONS"
         if self.token is not None and not public:
             given = headers.get(b"authorization", b"")
@@ -256,14 +288,21 @@ class Guard:
                 return await _send_json(send, 401, "missing or wrong bearer token: send the header "
                                         "'Authorization: Bearer <token>' (the token `samvit serve --token` was given)",
                                         {"www-authenticate": "Bearer"})
-        limit = self.service.config.max_body_bytes
+        limit = config.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_json(send, 413, f"request body of {int(length)} bytes is over this server's limit of "
                                     f"{limit} bytes")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.body_timeout_s
         chunks, total = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                self.service.metrics.slow_clients.labels("body").inc()
+                return await _send_json(send, 408, f"the request body did not arrive within {config.body_timeout_s:g} "
+                                        f"s (this server's body timeout; {total} bytes came)")
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -274,11 +313,21 @@ class Guard:
             if not message.get("more_body", False):
                 break
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        del chunks
 
         async def receive_buffered():
             return replay.pop() if replay else await receive()
 
-        await self.app(scope, receive_buffered, send)
+        if path == "/healthz":  # load balancers must see a live server as live, also when it is busy
+            return await self.app(scope, receive_buffered, send)
+        if self.handling >= config.max_requests:
+            return await _send_json(send, 503, f"{self.handling} requests are being handled (this server's limit is "
+                                    f"{config.max_requests}); retry later", {"retry-after": "1"})
+        self.handling += 1
+        try:
+            await self.app(scope, receive_buffered, send)
+        finally:
+            self.handling -= 1
 
 
 async def _send_json(send, status: int, detail: str, headers: Optional[dict] = None) -> None:
@@ -292,6 +341,25 @@ async def _send_json(send, status: int, detail: str, headers: Optional[dict] = N
 
 def _error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _validation_detail(errors) -> list:
+    """pydantic's errors as strict JSON: location, message and type; the offending input is not echoed (it may be a
+    5,000-point list, or NaN, which JSON cannot hold)."""
+    out = []
+    for err in errors:
+        loc = [x if isinstance(x, (str, int)) else str(x) for x in err.get("loc", ())]
+        out.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
+    return out
+
+
+def auto_batch(asked: int, original_size: Tuple[int, int], img_size: int, budget_bytes: int) -> int:
+    """Prompts per decoder pass of an automatic-mask job: at most `asked`, fewer when the pass's float32 masks (3 per
+    prompt, at the model's input size and at the image's) would exceed budget_bytes; at least 1. The records do not
+    depend on it (the generator filters each pass alone and runs NMS after the last)."""
+    h, w = original_size
+    per_prompt = 3 * 4 * (img_size * img_size + h * w) + 3 * h * w  # logits at both sizes, then the boolean masks
+    return max(1, min(asked, budget_bytes // per_prompt))
 
 
 def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store_writer=None) -> FastAPI:
@@ -329,6 +397,19 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
     async def _bad_prompt(request, e):
         return _error(422, f"prompt: {e}")
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e):
+        return JSONResponse({"detail": _validation_detail(e.errors())}, status_code=422)
+
+    @app.exception_handler(NonFiniteError)
+    async def _non_finite(request, e):  # the model's output, not the client's input (prompts are checked before)
+        return _error(500, f"{e}; nothing was cached, and no value of it is returned")
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e):  # still logged with its traceback by the server
+        return _error(500, f"internal error ({type(e).__name__}): a bug in samvit or a failure of the model; the "
+                      "server log has the details")
+
     @app.exception_handler(QueueFull)
     async def _queue_full(request, e):
         return _error(429, str(e), {"Retry-After": str(e.retry_after)})
@@ -336,6 +417,10 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
     @app.exception_handler(ClientGone)
     async def _gone(request, e):
         return Response(status_code=499)  # nobody reads it; the status shows in the metrics (nginx's convention)
+
+    @app.exception_handler(GaveUp)
+    async def _gave_up(request, e):
+        return _error(504, str(e))
 
     model = config.model_name
 
@@ -404,27 +489,37 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
         (masks, scores, low), seconds = await service.wait(request, service.worker.call(run))
         service.metrics.decoder_seconds.observe(seconds)
         outs = await run_in_threadpool(lambda: [_mask_out(m, s, req.format) for m, s in zip(masks, scores)])
-        return SegmentResponse(id=key, original_size=item.original_size, masks=outs, best=int(np.argmax(scores)),
+        body = SegmentResponse(id=key, original_size=item.original_size, masks=outs, best=int(np.argmax(scores)),
                                low_res_logits=Array.of(low) if req.return_low_res else None,
                                decoder_ms=seconds * 1000)
+        return JSONResponse(body.model_dump(), headers={DTYPE_HEADER: item.compute_dtype})
 
     @app.post("/v1/segment/auto", response_model=AutoResponse, tags=["masks"])
     async def segment_auto(request: Request, req: AutoRequest):
         """Automatic masks for the whole image (a grid of point prompts, the official generator's filters), COCO
         RLE. Runs between encoder batches; a long one delays clicks that arrive meanwhile."""
         key, item = await service.image(request, req)
+        batch = auto_batch(req.points_per_batch, item.original_size, service.img_size,
+                           service.config.auto_batch_bytes)
+        stop = threading.Event()
+
+        def progress(done: int, total: int) -> None:  # called between decoder passes
+            if stop.is_set():
+                raise GaveUp(f"automatic masks stopped after {done} of {total} points: the request was given up "
+                             f"(the timeout of {service.config.timeout_s:g} s, or the client left)")
 
         def run(predictor):
             predictor.set_embedding(item.embedding, item.original_size, item.input_size)
             gen = samvit.AutomaticMaskGenerator(
-                predictor, points_per_side=req.points_per_side, points_per_batch=req.points_per_batch,
+                predictor, points_per_side=req.points_per_side, points_per_batch=batch,
                 pred_iou_thresh=req.pred_iou_thresh, stability_score_thresh=req.stability_score_thresh,
                 box_nms_thresh=req.box_nms_thresh, min_mask_region_area=req.min_mask_region_area,
-                output_mode="coco_rle", progress=False)
+                output_mode="coco_rle", progress=progress)
             return gen.generate(None)
 
-        records = await service.wait(request, service.worker.call(run, heavy=True))
-        return AutoResponse(id=key, original_size=item.original_size, annotations=records)
+        records = await service.wait(request, service.worker.call(run, heavy=True), stop)
+        body = AutoResponse(id=key, original_size=item.original_size, annotations=records)
+        return JSONResponse(body.model_dump(), headers={DTYPE_HEADER: item.compute_dtype})
 
     @app.post("/v1/cvat/embedding", response_model=CvatResponse, tags=["cvat"])
     async def cvat(request: Request, req: CvatRequest):
@@ -432,7 +527,8 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
         embedding}; CVAT decodes it with np.frombuffer(..., np.float32).reshape(1, 256, 64, 64)."""
         _, item, _ = await service.embedding(request, b64decode(req.image, "image"))
         blob = np.ascontiguousarray(item.embedding[None].numpy(), dtype="<f4").tobytes()
-        return CvatResponse(blob=base64.b64encode(blob).decode())
+        return JSONResponse(CvatResponse(blob=base64.b64encode(blob).decode()).model_dump(),
+                            headers={DTYPE_HEADER: item.compute_dtype})
 
     @app.get("/", include_in_schema=False)
     async def page():

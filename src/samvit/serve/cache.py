@@ -15,11 +15,13 @@ log = logging.getLogger("samvit.serve")
 
 @dataclass(frozen=True)
 class Embedded:
-    """One image's embedding (C,h,w) float32 on the CPU, with the sizes that map prompts and masks."""
+    """One image's embedding (C,h,w) float32 on the CPU, with the sizes that map prompts and masks, and the dtype
+    the encoder computed it in."""
 
     embedding: torch.Tensor
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
+    compute_dtype: str = "float32"
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +77,12 @@ class EmbeddingCache:
             log.error("reading embedding %s from the store failed: %s", key[:16], e)
             self._by_sha.pop(key, None)  # so has(key) is False and the image is admitted for encoding
             return None
-        hit = Embedded(emb.float().contiguous(), tuple(meta["original_size"]), tuple(meta["input_size"]))
+        hit = Embedded(emb.float().contiguous(), tuple(meta["original_size"]), tuple(meta["input_size"]),
+                       str(meta.get("compute_dtype") or "unknown"))
+        if not torch.isfinite(hit.embedding).all():  # e.g. a float16 store that overflowed: encode again
+            log.error("embedding %s in the store holds NaN or infinite values; encoding it again", key[:16])
+            self._by_sha.pop(key, None)
+            return None
         self._insert(key, hit)
         self._on_hit("store")
         return hit
@@ -86,7 +93,12 @@ class EmbeddingCache:
             return key in self._lru or key in self._by_sha
 
     def put(self, key: str, item: Embedded) -> None:
-        """Keep an embedding (evicting the least recently used beyond max_bytes) and write it behind to the store."""
+        """Keep an embedding (evicting the least recently used beyond max_bytes) and write it behind to the store;
+        NonFiniteError for one holding NaN or inf (never kept)."""
+        if not torch.isfinite(item.embedding).all():
+            from ..errors import NonFiniteError
+
+            raise NonFiniteError(f"embedding {key[:16]}... holds NaN or infinite values")
         self._insert(key, item)
         with self._lock:
             if self._behind is None or key in self._by_sha or key in self._writing:

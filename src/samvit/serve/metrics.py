@@ -7,6 +7,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+# Label values come from these fixed sets only, never from what a client sends (bounded cardinality): the route is a
+# path template of the app or "other", the method one of METHODS or "other", the status one of STATUSES (the codes
+# this server answers with) or its class ("2xx", "3xx", "4xx", "5xx").
+METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")
+STATUSES = (200, 304, 400, 401, 404, 405, 408, 413, 422, 429, 499, 500, 503, 504)
+
 
 class Metrics:
     """Requests by route and status, latencies, encoder batch sizes, queue depth, cache hits."""
@@ -29,6 +35,12 @@ class Metrics:
         self.queue_depth = Gauge("samvit_queue_depth", "requests waiting for the model worker, by kind", ["kind"],
                                  registry=r)
         self.cache_bytes = Gauge("samvit_cache_bytes", "bytes of embeddings held in memory", registry=r)
+        self.slow_clients = Counter("samvit_slow_clients", "connections ended for sending too slowly, by phase",
+                                    ["phase"], registry=r)
+        for phase in ("headers", "body"):
+            self.slow_clients.labels(phase)
+        self.refused_connections = Counter("samvit_refused_connections", "connections closed at once: the open "
+                                           "connection limit was reached", registry=r)
         for tier in ("memory", "store"):
             self.cache_hits.labels(tier)
 
@@ -44,5 +56,14 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        """Count a request; route must be a path template of the app or "other" (the caller's guarantee)."""
+        self.requests.labels(route, method_label(method), status_label(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in STATUSES else f"{min(max(int(status) // 100, 1), 5)}xx"

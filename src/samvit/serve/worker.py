@@ -13,6 +13,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import torch
 
+from ..errors import NonFiniteError
 from .cache import Embedded, EmbeddingCache
 
 log = logging.getLogger("samvit.serve")
@@ -206,14 +207,21 @@ class ModelWorker:
         self.batches += 1
         if self.metrics is not None:
             self.metrics.encoder_batch(len(live), seconds)
+        compute_dtype = str(encoder.dtype).replace("torch.", "")
         for j, emb in zip(live, out):
-            item = Embedded(emb.clone(), tuple(j.prepared.original_size), tuple(j.prepared.input_size))
-            self.cache.put(j.key, item)  # before the waiters wake: a request that follows finds it cached
+            item = Embedded(emb.clone(), tuple(j.prepared.original_size), tuple(j.prepared.input_size), compute_dtype)
+            error = None
+            if torch.isfinite(emb).all():
+                self.cache.put(j.key, item)  # before the waiters wake: a request that follows finds it cached
+            else:  # damaged weights, or overflow in a low-precision dtype: an error, never cached nor returned
+                log.error("the encoder gave NaN or infinite values for image %s", j.key[:16])
+                error = NonFiniteError(f"the image encoder gave NaN or infinite values for this image (compute dtype "
+                                       f"{compute_dtype}; damaged weights, or an overflow)")
             with self._cond:
                 self._jobs.pop(j.key, None)
                 waiters = list(j.waiters)
             j.prepared = None
-            _resolve(waiters, result=item)
+            _resolve(waiters, result=None if error else item, error=error)
 
 
 def _resolve(waiters: List[Future], result: Any = None, error: Optional[BaseException] = None) -> None:
