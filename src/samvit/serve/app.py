@@ -95,8 +95,8 @@ def decode_image(data: bytes, img_size: int, max_pixels: int):
     except samvit.ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own check, in Image.open, for far larger headers
-        raise PixelLimitError(f"image header declares too many pixels ({e}); this server's limit is {max_pixels} "
-                              "pixels") from None
+        raise PixelLimitError(f"image header declares more pixels than Pillow opens ({e}), over this server's "
+                              f"limit of {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
         raise samvit.ImageError(f"cannot decode the image: {len(data)} bytes starting {data[:12]!r} are not an image "
                                 "file Pillow reads (PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
