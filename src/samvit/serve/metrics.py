@@ -37,7 +37,7 @@ class Metrics:
         self.cache_bytes = Gauge("samvit_cache_bytes", "bytes of embeddings held in memory", registry=r)
         self.slow_clients = Counter("samvit_slow_clients", "connections ended for sending too slowly, by phase",
                                     ["phase"], registry=r)
-        for phase in ("headers", "body"):
+        for phase in ("headers", "body", "response"):
             self.slow_clients.labels(phase)
         self.refused_connections = Counter("samvit_refused_connections", "connections closed at once: the open "
                                            "connection limit was reached", registry=r)
