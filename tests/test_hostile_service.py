@@ -156,6 +156,8 @@ def test_prompt_limits_refused_before_model_work(server, setup):
     ]
     for route, body, words in hostile:
         assert words in json_error(client.post(route, json=body), 422), (route, body)
+    many_parts = {f"f{i}": ("x.png", b"1", "image/png") for i in range(50)}  # a multipart body of 50 files
+    assert "Too many files" in json_error(client.post("/v1/embeddings", files=many_parts), 400)
     assert decoder_calls(app) == after  # none of them reached the decoder
 
 

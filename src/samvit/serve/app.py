@@ -468,7 +468,7 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
         embedding itself (facts in the X-Samvit-Embedding header)."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form()
+            form = await request.form(max_files=1, max_fields=8)  # one image; a form of 10^5 parts is a 400
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, "multipart body without a file field named `image`")
