@@ -120,8 +120,10 @@ def click(setup) -> list:
     return [OBJECT[0] * w, OBJECT[1] * h]
 
 
-def decoder_calls(app) -> float:
-    return app.state.service.metrics.decoder_seconds._sum.get(), app.state.service.worker.batches
+def decoder_calls(app) -> tuple:
+    """(decoder calls, encoder batches) so far."""
+    service = app.state.service
+    return service.metrics.registry.get_sample_value("samvit_decoder_seconds_count"), service.worker.batches
 
 
 # ---- 1. the cost of every request is bounded before any model work ----
@@ -523,6 +525,23 @@ def test_no_non_finite_embedding_out_or_in(server):
     with pytest.raises(SamvitError, match="NaN or infinite"):
         cache.put("d" * 64, Embedded(torch.full((256, 64, 64), float("nan")), (240, 320), (768, 1024)))
     assert cache.get("d" * 64) is None
+
+    class NanStore:  # a store whose item holds NaN (e.g. an overflowed float16 store): read, refused, re-encoded
+        def keys(self):
+            return ["photo.png"]
+
+        def record(self, key):
+            return {"sha256": "c" * 64}
+
+        def __getitem__(self, key):
+            return torch.full((256, 64, 64), float("nan")), {"original_size": (240, 320), "input_size": (768, 1024),
+                                                            "compute_dtype": "bfloat16"}
+
+    from samvit.serve.cache import EmbeddingCache
+
+    backed = EmbeddingCache(2**30, NanStore())
+    assert backed.has("c" * 64) and backed.get("c" * 64) is None
+    assert not backed.has("c" * 64) and len(backed) == 0  # so the server admits the image for encoding
 
 
 # ---- 5. bombs: 413 on every route that takes an image ----
