@@ -172,7 +172,7 @@ def test_auto_bounded_memory_and_time(server, setup):
     n = auto_batch(256, (7071, 7071), 1024, 2**30)
     assert 1 <= n < 256 and n * 3 * 4 * (1024 ** 2 + 7071 ** 2) <= 2**30
     assert auto_batch(256, (100_000, 100_000), 1024, 2**30) == 1 and auto_batch(64, (240, 320), 1024, 2**30) == 64
-    params = dict(image_id=image_id, points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    params = dict(image_id=image_id, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     normal = service.config
     r1 = client.post("/v1/segment/auto", json=params)
     assert r1.status_code == 200, r1.text
