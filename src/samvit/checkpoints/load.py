@@ -177,7 +177,7 @@ def _build_decoder(full: StateDict, config: Optional[DecoderConfig], source: str
 
 
 def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = None, device: Device = None,
-                 dtype: DtypeArg = "auto", kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
+                 dtype: DtypeArg = None, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
                  attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> ImageEncoder:
     """Build an ImageEncoder and load its weights.
 
@@ -187,9 +187,10 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
             folder, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache. None: the preset's
             freshly initialised weights.
         device: where to put the weights (None: the CPU).
-        dtype: the compute dtype: "auto" (bfloat16 where the device computes it natively, else float32; see
-            samvit.runtime.auto_dtype), a torch dtype or its name, or None for float32 (see ImageEncoder for the
-            tensors kept in float32).
+        dtype: the compute dtype: None for the default, float32 (samvit.runtime.DEFAULT_DTYPE: the official
+            package's, the same numbers on every CPU), "auto" (bfloat16 where the device computes it natively, else
+            float32; see samvit.runtime.auto_dtype), or a torch dtype or its name (see ImageEncoder for the tensors
+            kept in float32).
         kernel: the attention kernel ("sdpa_chunked", "reference", ...; see samvit.modeling.attention).
         progress: download/verification bar (None: only on a terminal).
         attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
@@ -242,7 +243,7 @@ def decoder_base(metadata: Dict[str, str], source: str = "checkpoint") -> Decode
 
 
 def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
-             dtype: DtypeArg = "auto", with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
+             dtype: DtypeArg = None, with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
              progress: Optional[bool] = None, attn_impl: Optional[str] = None, img_size: Optional[int] = None
              ) -> Tuple[Optional[ImageEncoder], SamDecoder]:
     """Encoder and decoder from one read of a full SAM checkpoint.
@@ -250,8 +251,8 @@ def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Devi
     Args:
         checkpoint: as for load_encoder (a full SAM model).
         model: the encoder's preset or EncoderConfig; None: from the file's metadata, else inferred.
-        device: for both. dtype: the encoder's compute dtype ("auto", a dtype or its name; as load_encoder); the
-            decoder (cheap) stays float32.
+        device: for both. dtype: the encoder's compute dtype (None: float32, the default; "auto", a dtype or
+            its name; as load_encoder); the decoder (cheap) stays float32.
         with_encoder: False skips the encoder (for precomputed embeddings); its tensors need not be present.
         kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
         progress: download/verification bar (None: only on a terminal).

@@ -111,7 +111,10 @@ class DistanceResult:
                 for h in range(self.mean_distance.shape[1])]
 
     def write_csv(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", newline="") as f:
+        """Write rows() as CSV to path, atomically."""
+        from ..checkpoints.files import atomic_write
+
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             w.writeheader()
             for row in self.rows():

@@ -37,7 +37,10 @@ def _figure(width_in: float, height_in: float, dpi: int = DPI):
 
 
 def _save(fig, path: PathLike) -> Tuple[int, int]:
-    fig.savefig(os.fspath(path), dpi=fig.dpi, format="png")  # no bbox_inches="tight": the size stays as laid out
+    from ..checkpoints.files import atomic_write
+
+    with atomic_write(path) as tmp:  # a full disk leaves the old file or none, never half a PNG
+        fig.savefig(tmp, dpi=fig.dpi, format="png")  # no bbox_inches="tight": the size stays as laid out
     w, h = fig.get_size_inches() * fig.dpi
     return int(round(w)), int(round(h))
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from ..data.preprocess import get_preprocess_shape, prepare
+from ..errors import InputError
 from .data import sample_generator
 from .shapes import SyntheticShapes
 
@@ -40,8 +41,8 @@ BOX_NOISE_FRACTION = 0.1  # std of the box noise: 10% of the box's side (SAM pap
 BOX_NOISE_MAX = 20.0  # the noise is clipped to 20 pixels of a 1024 input (scaled with the input size)
 
 
-class MaskError(ValueError):
-    """A mask file or annotation that cannot be used."""
+class MaskError(InputError):
+    """A mask file, annotation or annotations file that cannot be used."""
 
 
 def labels_to_masks(labels: np.ndarray) -> np.ndarray:
@@ -133,10 +134,10 @@ class CocoMasks:
             with open(annotations, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--data {annotations}: cannot read a COCO annotations JSON ({e})") from None
+            raise MaskError(f"--data {annotations}: cannot read a COCO annotations JSON ({e})") from None
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) or \
                 not isinstance(data.get("annotations"), list):
-            raise ValueError(f"--data {annotations}: not a COCO annotations file (expected 'images' and "
+            raise MaskError(f"--data {annotations}: not a COCO annotations file (expected 'images' and "
                              "'annotations' lists)")
         self.root, self.problems, self.missing = images, Counter(), []
         by_image: Dict[object, list] = {}
@@ -162,7 +163,7 @@ class CocoMasks:
                 continue
             self.items.append((rec["file_name"], rec, anns))
         if not self.items:
-            raise ValueError(f"--data {annotations}: no image with a usable annotation and an existing file in "
+            raise MaskError(f"--data {annotations}: no image with a usable annotation and an existing file in "
                              f"{images} ({dict(self.problems)})")
 
     def __len__(self) -> int:
