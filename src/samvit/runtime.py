@@ -73,6 +73,18 @@ def resolve_device(device: Optional[str] = None) -> "torch.device":
     return dev
 
 
+def as_device(device: Union[str, "torch.device", None]) -> Optional["torch.device"]:
+    """A device argument as a torch.device (None stays None); ParameterError for a name torch does not know."""
+    import torch
+
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"device {device!r} is unknown; expected cpu, cuda, cuda:N", "device") from None
+
+
 def cpu_features() -> Dict[str, bool]:
     """The CPU's instruction-set features that decide the encoder's speed (avx2, avx512f, avx512_vnni,
     avx512_bf16, amx), as PyTorch detects them."""

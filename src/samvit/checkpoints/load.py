@@ -20,7 +20,7 @@ from .files import (CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, Checkpoint
                     read_checkpoint, write_tensors)
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
-from ..runtime import DtypeArg, resolve_dtype
+from ..runtime import DtypeArg, as_device, resolve_dtype
 
 ModelSpec = Union[str, EncoderConfig, None]
 CheckpointSource = Union[str, os.PathLike, StateDict]
@@ -200,7 +200,7 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
     Returns:
         the encoder in eval mode.
     """
-    dev = None if device is None else torch.device(device)
+    dev = as_device(device)
     dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
     if checkpoint is None:
         if model is None:
@@ -270,7 +270,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
               ) -> Tuple[Optional[ImageEncoder], SamDecoder, Optional[EncoderConfig], str]:
     """load_sam, plus the encoder config at img_size (None when neither given, stored nor inferable) and the
     source file."""
-    dev = None if device is None else torch.device(device)
+    dev = as_device(device)
     dtype = resolve_dtype(dtype, dev or torch.device("cpu")) if with_encoder else None
     sd, metadata, source = read_official(checkpoint, progress)
     esd = _encoder_part(sd) if any(k.startswith(ENCODER_PREFIX) for k in sd) else {}
