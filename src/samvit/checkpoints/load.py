@@ -21,6 +21,7 @@ from .files import (CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, Checkpoint
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
 from ..runtime import DtypeArg, as_device, resolve_dtype
+from ..errors import ParameterError
 
 ModelSpec = Union[str, EncoderConfig, None]
 CheckpointSource = Union[str, os.PathLike, StateDict]
@@ -147,7 +148,8 @@ def with_img_size(cfg: EncoderConfig, img_size: Optional[int]) -> EncoderConfig:
     if img_size is None or img_size == cfg.img_size:
         return cfg
     if not isinstance(img_size, int) or img_size < cfg.patch_size or img_size % cfg.patch_size:
-        raise ValueError(f"img_size must be a positive multiple of the patch size {cfg.patch_size}, got {img_size!r}")
+        raise ParameterError(f"img_size must be a positive multiple of the patch size {cfg.patch_size}, "
+                             f"got {img_size!r}")
     return dataclasses.replace(cfg, img_size=img_size)
 
 
@@ -204,7 +206,7 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
     dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
     if checkpoint is None:
         if model is None:
-            raise ValueError("load_encoder needs a model preset, a checkpoint, or both")
+            raise ParameterError("load_encoder needs a model preset, a checkpoint, or both")
         cfg = with_img_size(encoder_config(model, {}, {}), img_size)
         return _finish(ImageEncoder(cfg, attn_impl or kernel), device, dtype)
     sd, metadata, source = read_official(checkpoint, progress)
@@ -289,7 +291,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
     elif img_size is not None:
         patch = base.input_image_size // base.image_embedding_size
         if img_size % patch:
-            raise ValueError(f"img_size must be a multiple of the patch size {patch}, got {img_size}")
+            raise ParameterError(f"img_size must be a multiple of the patch size {patch}, got {img_size}")
         base = base.replace(image_embedding_size=img_size // patch, input_image_size=img_size)
     return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source
 

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from ..data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from ..data.preprocess import get_preprocess_shape, prepare
-from ..errors import InputError
+from ..errors import InputError, ParameterError
 from .data import sample_generator
 from .shapes import SyntheticShapes
 
@@ -96,7 +96,7 @@ class MaskFolder:
                 self.problems["image without mask"] += 1
                 self.missing.append((os.path.join(images, f), f"no mask file {mask}"))
         if not self.items:
-            raise ValueError(f"--data {root}: no image in images/ has a mask masks/NAME.png")
+            raise ParameterError(f"--data {root}: no image in images/ has a mask masks/NAME.png")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -265,12 +265,13 @@ def open_masks(data: str, images: Optional[str] = None, synthetic_size: int = 25
         return ShapeMasks(synthetic_size, synthetic_px, seed)
     if data.lower().endswith(".json"):
         if images is None:
-            raise ValueError(f"--data {data}: a COCO annotations file needs --images DIR (the folder of its images)")
+            raise ParameterError(f"--data {data}: a COCO annotations file needs --images DIR (the folder of its "
+                                 "images)")
         if not os.path.isfile(data):
             raise FileNotFoundError(f"--data {data}: no such file")
         return CocoMasks(data, images)
     if images is not None:
-        raise ValueError("--images only applies to a COCO annotations .json given as --data")
+        raise ParameterError("--images only applies to a COCO annotations .json given as --data")
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data}: no such directory (expected DIR with images/ and masks/, a COCO "
                                 ".json with --images, or 'synthetic')")
@@ -302,7 +303,7 @@ def low_res_targets(masks: np.ndarray, img_size: int, low_res: int) -> np.ndarra
     to img_size, Pillow bilinear), zero-padded bottom/right to img_size, averaged over (img_size/L)^2 blocks and
     thresholded at one half."""
     if img_size % low_res:
-        raise ValueError(f"the input size {img_size} is not a multiple of the low-res size {low_res}")
+        raise ParameterError(f"the input size {img_size} is not a multiple of the low-res size {low_res}")
     n, h, w = masks.shape
     nh, nw = get_preprocess_shape(h, w, img_size)
     s = img_size // low_res
@@ -358,7 +359,7 @@ class MaskSamples(Dataset):
     def __init__(self, source: MaskSource, img_size: int, low_res: int, masks_per_image: int, seed: int = 0,
                  store=None, report: Optional[str] = None) -> None:
         if masks_per_image < 1:
-            raise ValueError(f"--masks-per-image must be at least 1, got {masks_per_image}")
+            raise ParameterError(f"--masks-per-image must be at least 1, got {masks_per_image}")
         self.source, self.img_size, self.low_res, self.k = source, img_size, low_res, masks_per_image
         self.seed, self.store, self.report = seed, store, report
         self._bad: set = set()
@@ -424,7 +425,7 @@ class MaskSamples(Dataset):
                 self._skip(i, "no usable instance")
                 continue
             return i, rgb, masks
-        raise ValueError(f"none of the {n} images of the training data has a usable mask")
+        raise ParameterError(f"none of the {n} images of the training data has a usable mask")
 
     def _skip(self, i: int, reason: str) -> None:
         self._bad.add(i)
