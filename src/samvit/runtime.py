@@ -134,7 +134,7 @@ def resolve_dtype(dtype: DtypeArg = None, device: Union[str, "torch.device", Non
         if dtype == "auto":
             return auto_dtype(device)
         if dtype not in DTYPE_NAMES:
-            raise ParameterError(f"dtype {dtype!r} is unknown; expected auto, float32, bfloat16 or float16", "dtype")
+            raise ParameterError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16", "dtype")
         dtype = getattr(torch, DTYPE_NAMES[dtype])
     if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ParameterError(f"dtype {dtype!r} is not supported; expected auto, float32, bfloat16 or float16", "dtype")

@@ -92,6 +92,10 @@ def describe_error(e: BaseException) -> "tuple[str, int]":
         return f"safetensors: {text}", EXIT_USAGE
     if isinstance(e, MemoryError):
         return f"out of memory ({text or 'MemoryError'})", EXIT_USAGE
+    if type(e).__name__ == "JSONDecodeError":  # a file given as JSON that is not (json's own ValueError)
+        return f"not valid JSON ({text})", EXIT_USAGE
+    if isinstance(e, UnicodeDecodeError):  # a file given as text that is not UTF-8
+        return f"not UTF-8 text ({text})", EXIT_USAGE
     if isinstance(e, ValueError) and _raised_by_samvit(e):
         # an argument check written as `raise ValueError(...)` in samvit's own code, not yet a typed error
         return text or type(e).__name__, EXIT_USAGE
