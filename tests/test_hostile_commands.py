@@ -254,7 +254,7 @@ def test_inspect_output_rule(tiny_encoder_file, tmp_path, capsys):
 SHAPE = (8, 4, 4)
 
 
-def _store(path, compute_dtype="float32"):
+def _store(path):
     return EmbeddingStore.create(path, model="tiny", config={}, embedding_shape=SHAPE, checkpoint_sha256="ab" * 32,
                                  dtype="float16")
 
@@ -278,6 +278,11 @@ def test_nothing_non_finite_enters_a_store_and_verify_reports_it(tmp_path, capsy
     monkeypatch.undo()
     rc, out, err = cli(["store", "verify", tmp_path / "s"], capsys)
     assert rc == 1 and "old: holds 128 NaN or infinite values" in out + err and "ok:" not in out + err
+    from samvit.embeddings.files import save_embedding  # ... nor to an embedding file
+
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        save_embedding(str(tmp_path / "e.safetensors"), torch.full(SHAPE, float("inf")), (8, 8), (8, 8), {})
+    assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_a_store_refuses_another_compute_dtype_unless_allowed(sam_ckpt, tmp_path, capsys):
