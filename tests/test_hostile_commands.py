@@ -349,6 +349,31 @@ def test_embed_and_the_cvat_route_give_the_same_embedding_by_default(tmp_path, c
 
 # ---- whose fault ----
 
+class _Bad(torch.utils.data.Dataset):
+    """Item 0: a ValueError from inside torch (a bug); item 1: an argument check of samvit's (the user's)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        return torch.zeros(2).view(3) if i == 0 else samvit.preset("vit_nope")
+
+
+def test_a_worker_error_is_described_as_without_workers():
+    from samvit.cli import describe_error
+
+    for index, code in ((0, 3), (1, 2)):
+        seen = []
+        for workers in (0, 1):
+            loader = iter(torch.utils.data.DataLoader(torch.utils.data.Subset(_Bad(), [index]), batch_size=None,
+                                                      num_workers=workers))
+            with pytest.raises(Exception) as e:
+                next(loader)
+            seen.append(describe_error(e.value))
+            del loader
+        assert seen[0] == seen[1] and seen[0][1] == code and "Traceback" not in seen[1][0], seen
+
+
 def test_errors_say_whose_fault(capsys, monkeypatch, tmp_path):
     import errno
 

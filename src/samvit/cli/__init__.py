@@ -96,7 +96,7 @@ def describe_error(e: BaseException) -> "tuple[str, int]":
         return f"not valid JSON ({text})", EXIT_USAGE
     if isinstance(e, UnicodeDecodeError):  # a file given as text that is not UTF-8
         return f"not UTF-8 text ({text})", EXIT_USAGE
-    if isinstance(e, ValueError) and _raised_by_samvit(e):
+    if isinstance(e, ValueError) and (_raised_by_samvit(e) if text == str(e) else _worker_raised_by_samvit(str(e))):
         # an argument check written as `raise ValueError(...)` in samvit's own code, not yet a typed error
         return text or type(e).__name__, EXIT_USAGE
     return f"{type(e).__name__}: {text}", EXIT_INTERNAL
@@ -134,6 +134,16 @@ def worker_message(e: BaseException) -> str:
     last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
     tail = "\n".join(lines[last_frame + 1:]).strip()
     return re.sub(r"^[\w.]+: ", "", tail, count=1) or text
+
+
+def _worker_raised_by_samvit(wrapped: str) -> bool:
+    """_raised_by_samvit for an error re-raised from a DataLoader worker: read from the worker's traceback text."""
+    lines = wrapped.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    if not frames or frames[-1] + 1 >= len(lines):
+        return False
+    where, code = lines[frames[-1]], lines[frames[-1] + 1].strip()
+    return f"{os.sep}samvit{os.sep}" in where and code.startswith("raise ")
 
 
 def _raised_by_samvit(e: BaseException) -> bool:
