@@ -389,6 +389,7 @@ def test_errors_say_whose_fault(capsys, monkeypatch, tmp_path):
     assert rc == 3 and "bug in samvit" in err
     message, code = describe_error(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt.pt"))
     assert code == 2 and message == "/x/ckpt.pt: No space left on device"  # a full disk is never a bug
+    assert describe_error(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))[1] == 2
     message, code = describe_error(ParameterError("batch_size must be at least 1, got 0", "batch_size"))
     assert code == 2 and message == "--batch-size must be at least 1, got 0"
     with pytest.raises(ParameterError, match="device 'tpu' is unknown"):

@@ -92,6 +92,9 @@ def describe_error(e: BaseException) -> "tuple[str, int]":
         return f"safetensors: {text}", EXIT_USAGE
     if isinstance(e, MemoryError):
         return f"out of memory ({text or 'MemoryError'})", EXIT_USAGE
+    if isinstance(e, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):
+        # torch.save's own report of a failed write (a full disk) where samvit did not turn it into an OSError
+        return f"torch.save could not write its file (a full disk?): {text.splitlines()[-1]}", EXIT_USAGE
     if type(e).__name__ == "JSONDecodeError":  # a file given as JSON that is not (json's own ValueError)
         return f"not valid JSON ({text})", EXIT_USAGE
     if isinstance(e, UnicodeDecodeError):  # a file given as text that is not UTF-8
