@@ -1,4 +1,5 @@
-"""dtype="auto": bfloat16 where the device computes it natively, float32 elsewhere (detection mocked both ways)."""
+"""dtype="auto" (opt-in; float32 is the default): bfloat16 where the device computes it natively, float32 elsewhere
+(detection mocked both ways)."""
 from __future__ import annotations
 
 import warnings
@@ -26,9 +27,10 @@ def cpu_bf16(monkeypatch):
 def test_auto_follows_the_cpu(cpu_bf16, avx512_bf16, amx, expected):
     cpu_bf16(avx512_bf16, amx)
     assert runtime.auto_dtype("cpu") == expected and runtime.resolve_dtype("auto", "cpu") == expected
-    enc = samvit.load_encoder(samvit.EncoderConfig(img_size=32, embed_dim=32, depth=1, num_heads=2, window_size=0,
-                                                   global_attn_indexes=(0,), out_chans=8))
-    assert enc.dtype == expected  # load_encoder's default is "auto"
+    cfg = samvit.EncoderConfig(img_size=32, embed_dim=32, depth=1, num_heads=2, window_size=0,
+                               global_attn_indexes=(0,), out_chans=8)
+    assert samvit.load_encoder(cfg, dtype="auto").dtype == expected
+    assert samvit.load_encoder(cfg).dtype == torch.float32  # the default is float32 on every CPU (opt in to auto)
     assert runtime.cpu_features()["avx512_bf16"] == avx512_bf16 and runtime.cpu_features()["amx"] == amx
 
 

@@ -107,4 +107,4 @@ def test_evaluate_cli_json_keys_and_side_by_side_markdown(tmp_path, capsys):
     row = next(ln for ln in table.splitlines() if ln.startswith("| all |") and "1 box" in ln)
     assert row.endswith(f"| {r['box_miou']:.4f} | {r['compare']['box_miou']:.4f} |")
     assert main(["evaluate", "--data", "synthetic", "--checkpoint", a, "--json", a]) == 2  # never over an input
-    assert "would overwrite an input" in capsys.readouterr().err
+    assert "would replace one of this run's inputs" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Type, TypeVar
 
+from .errors import ParameterError
+
 C = TypeVar("C", bound="JsonFields")
 
 
@@ -22,10 +24,10 @@ class JsonFields:
     @classmethod
     def from_dict(cls: Type[C], d: dict) -> C:
         if not isinstance(d, dict):
-            raise ValueError(f"expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
+            raise ParameterError(f"expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+            raise ParameterError(f"unknown {cls.__name__} fields: {unknown}")
         return cls(**d)
 
     @classmethod
@@ -71,12 +73,12 @@ class EncoderConfig(ViTFields):
         _check_fields(self)
         object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ParameterError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            raise ParameterError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
         if bad:
-            raise ValueError(f"global_attn_indexes {bad} are outside 0..{self.depth - 1}")
+            raise ParameterError(f"global_attn_indexes {bad} are outside 0..{self.depth - 1}")
 
     @property
     def head_dim(self) -> int:
@@ -109,19 +111,19 @@ def _check_fields(cfg: "EncoderConfig") -> None:
         if name == "out_chans" and v is None:
             continue
         if not _is_int(v) or not lo <= v <= hi:
-            raise ValueError(f"{name} {v!r}: expected an integer from {lo} to {hi}")
+            raise ParameterError(f"{name} {v!r}: expected an integer from {lo} to {hi}")
     for name, (lo, hi) in _FLOAT_BOUNDS.items():
         v = getattr(cfg, name)
         if not isinstance(v, numbers.Real) or isinstance(v, bool) or not lo <= v <= hi:  # NaN fails too
-            raise ValueError(f"{name} {v!r}: expected a number from {lo:g} to {hi:g}")
+            raise ParameterError(f"{name} {v!r}: expected a number from {lo:g} to {hi:g}")
     for name in ("qkv_bias", "use_abs_pos", "use_rel_pos"):
         if type(getattr(cfg, name)) is not bool:
-            raise ValueError(f"{name} {getattr(cfg, name)!r}: expected true or false")
+            raise ParameterError(f"{name} {getattr(cfg, name)!r}: expected true or false")
     g = cfg.global_attn_indexes
     if not isinstance(g, (list, tuple, range)) or len(g) > 1024 or not all(_is_int(i) for i in g):
-        raise ValueError(f"global_attn_indexes {str(g)[:60]}: expected a list of block numbers")
+        raise ParameterError(f"global_attn_indexes {str(g)[:60]}: expected a list of block numbers")
     if not isinstance(cfg.name, str):
-        raise ValueError(f"name {cfg.name!r}: expected a text")
+        raise ParameterError(f"name {cfg.name!r}: expected a text")
 
 
 PRESETS = {
@@ -148,7 +150,7 @@ NO_RELEASED_WEIGHTS = frozenset({"vit_h_spec", "vit_t", "vit_s"})
 def preset(name: str, **overrides) -> EncoderConfig:
     """Return the named preset, optionally with some fields replaced."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ParameterError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     cfg = PRESETS[name]
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
@@ -172,9 +174,9 @@ class DecoderConfig(JsonFields):
         for f in dataclasses.fields(self):  # configs also come from files: every field a sane positive integer
             v = getattr(self, f.name)
             if not _is_int(v) or not 1 <= v <= 65536:
-                raise ValueError(f"decoder {f.name} {v!r}: expected an integer from 1 to 65536")
+                raise ParameterError(f"decoder {f.name} {v!r}: expected an integer from 1 to 65536")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"decoder embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+            raise ParameterError(f"decoder embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
 
     def replace(self, **changes) -> "DecoderConfig":
         """A copy with some fields changed."""
@@ -199,13 +201,13 @@ class MAEConfig(ViTFields):
         for width, heads, what in ((self.embed_dim, self.num_heads, "embed_dim"),
                                    (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim")):
             if width % heads:
-                raise ValueError(f"{what} {width} is not divisible by its number of heads {heads}")
+                raise ParameterError(f"{what} {width} is not divisible by its number of heads {heads}")
             if width % 4:
-                raise ValueError(f"{what} {width} is not a multiple of 4 (the 2-D sine-cosine position embedding)")
+                raise ParameterError(f"{what} {width} is not a multiple of 4 (the 2-D sine-cosine position embedding)")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            raise ParameterError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise ParameterError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
     @property
     def num_patches(self) -> int:
@@ -226,6 +228,6 @@ MAE_PRESETS = {
 def mae_preset(name: str, **overrides) -> MAEConfig:
     """Return the named MAE preset, optionally with some fields replaced."""
     if name not in MAE_PRESETS:
-        raise ValueError(f"unknown MAE preset {name!r}; known presets: {', '.join(MAE_PRESETS)}")
+        raise ParameterError(f"unknown MAE preset {name!r}; known presets: {', '.join(MAE_PRESETS)}")
     cfg = MAE_PRESETS[name]
     return dataclasses.replace(cfg, **overrides) if overrides else cfg

@@ -13,7 +13,20 @@ PathLike = Union[str, os.PathLike]
 
 
 class SamvitError(Exception):
-    """Base of the errors caused by bad input: a file, an argument, or metadata read from a file."""
+    """Base of the errors caused by bad input: a file, an argument, or metadata read from a file.
+
+    `exit_code` is the CLI's exit code for it (2: nothing, or nothing more, was done)."""
+
+    exit_code = 2
+
+
+class ParameterError(SamvitError, ValueError):
+    """A library function's argument out of its domain. `param` names the parameter (the CLI names the flag that
+    set it: see samvit.cli.describe_error)."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InputError(SamvitError, ValueError):
@@ -35,6 +48,17 @@ class ProvenanceError(SamvitError, ValueError):
 
 class NonFiniteError(SamvitError, ValueError):
     """An embedding, or a model output, with NaN or infinite values."""
+
+
+class TrainingDivergedError(NonFiniteError):
+    """A training run whose loss (or weights) became NaN or infinite: the run stops at that step (exit code 1,
+    the checkpoints before it are kept)."""
+
+    exit_code = 1
+
+
+class RunLockedError(SamvitError):
+    """A training run folder that another process is training in (its lock file names the holder)."""
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),

@@ -15,6 +15,7 @@ from torch import nn
 
 from .modeling.encoder import ImageEncoder
 from .modeling.sam import SamDecoder
+from .errors import ParameterError
 
 DEFAULT_OPSET = MIN_OPSET = 18  # the torch.export-based exporter's own opset; older ones fail its converter
 # A protobuf message cannot exceed 2 GiB; weights above this (leaving room for the graph) go to a side file.
@@ -66,10 +67,10 @@ def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int
         raise TypeError(f"export_onnx expects a samvit ImageEncoder, got {type(encoder).__name__}")
     dtypes = {p.dtype for p in encoder.parameters()}
     if dtypes != {torch.float32}:
-        raise ValueError(f"export_onnx exports float32 weights; the encoder holds {sorted(map(str, dtypes))} "
-                         "(load it with dtype=torch.float32)")
+        raise ParameterError(f"export_onnx exports float32 weights; the encoder holds {sorted(map(str, dtypes))} "
+                             "(load it with dtype=torch.float32)")
     if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or later")
+        raise ParameterError(f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or later")
     path = os.fspath(path)
     if external_data is None:
         external_data = needs_external_data(encoder)
@@ -90,7 +91,7 @@ def export_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int
         encoder.set_kernel(kernel).train(training)
     got = program.model.opset_imports.get("")
     if got != opset:
-        raise ValueError(f"opset {opset} could not be produced (the exporter gave opset {got})")
+        raise ParameterError(f"opset {opset} could not be produced (the exporter gave opset {got})")
     program.model.producer_name = "samvit"
     program.model.metadata_props.update({"samvit_config": cfg.to_json(), "model": cfg.name})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -203,9 +204,10 @@ def export_decoder_onnx(decoder: SamDecoder, path: Union[str, os.PathLike], opse
                         f"{type(decoder).__name__}")
     dtypes = {p.dtype for p in decoder.parameters()}
     if dtypes != {torch.float32}:
-        raise ValueError(f"export_decoder_onnx exports float32 weights; the decoder holds {sorted(map(str, dtypes))}")
+        raise ParameterError("export_decoder_onnx exports float32 weights; the decoder holds "
+                             f"{sorted(map(str, dtypes))}")
     if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or later")
+        raise ParameterError(f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} or later")
     path = os.fspath(path)
     c = decoder.config
     device = next(decoder.parameters()).device
@@ -234,7 +236,7 @@ def export_decoder_onnx(decoder: SamDecoder, path: Union[str, os.PathLike], opse
         decoder.train(training)
     got = program.model.opset_imports.get("")
     if got != opset:
-        raise ValueError(f"opset {opset} could not be produced (the exporter gave opset {got})")
+        raise ParameterError(f"opset {opset} could not be produced (the exporter gave opset {got})")
     program.model.producer_name = "samvit"
     program.model.metadata_props.update({"samvit_decoder_config": json.dumps(dataclasses.asdict(c), sort_keys=True),
                                          "return_single_mask": str(return_single_mask).lower()})
@@ -269,7 +271,7 @@ def verify_decoder_onnx(decoder: SamDecoder, path: Union[str, os.PathLike], orig
              "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array(original_size, np.float32)}
     masks, iou, low = onnx_session(path, threads).run(None, feeds)
     if masks.shape[1] == 1:
-        raise ValueError(f"{path}: a single-mask file (return_single_mask); verify the four-mask export instead")
+        raise ParameterError(f"{path}: a single-mask file (return_single_mask); verify the four-mask export instead")
     worst = {"max_abs": 0.0, "mean_abs": 0.0, "cosine": 1.0}
     for multimask, sl in ((False, slice(0, 1)), (True, slice(1, None))):
         ref = predictor.predict(points, labels, box, multimask_output=multimask, return_logits=True)
@@ -288,7 +290,7 @@ def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     saturate int16 on CPUs without it). Attention, norms and convolutions stay float32.
     """
     if weights not in ("uint8", "int8"):
-        raise ValueError(f"weights must be 'uint8' or 'int8', got {weights!r}")
+        raise ParameterError(f"weights must be 'uint8' or 'int8', got {weights!r}")
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
@@ -356,7 +358,7 @@ def verify_onnx(encoder: ImageEncoder, path: Union[str, os.PathLike], batch: int
     ref = encoder(x.to(device)).float().cpu().numpy()
     out = onnx_session(path, threads).run(None, {INPUT_NAME: x.numpy()})[0]
     if out.shape != ref.shape:
-        raise ValueError(f"{path}: ONNX output shape {out.shape} differs from PyTorch {ref.shape}")
+        raise ParameterError(f"{path}: ONNX output shape {out.shape} differs from PyTorch {ref.shape}")
     return compare(out, ref)
 
 
@@ -384,7 +386,7 @@ class OpenVINOEncoder:
         except ImportError:
             raise ImportError("the OpenVINO backend needs the openvino package: pip install openvino") from None
         if precision not in ("f32", "bf16"):
-            raise ValueError(f"precision must be 'f32' or 'bf16', got {precision!r}")
+            raise ParameterError(f"precision must be 'f32' or 'bf16', got {precision!r}")
         self.config, self.device, self.dtype = encoder.config, torch.device("cpu"), torch.float32
         self.precision = precision
         src = encoder

@@ -13,6 +13,8 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Tuple, Union
 
+from .errors import ParameterError
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,7 +23,11 @@ _M_MMAP_MAX = -4
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
 _tuned = False
-DtypeArg = Union[str, "torch.dtype", None]  # "auto", a dtype name (float32, bf16, ...), a torch.dtype; None: float32
+DtypeArg = Union[str, "torch.dtype", None]  # "auto", a dtype name (float32, bf16, ...), a torch.dtype; None: default
+# The one default compute dtype of every entry point (embed, segment, serve, inspect, evaluate, Predictor,
+# load_encoder): float32, as the official package computes, and the same numbers on every CPU, so that embeddings
+# made on different machines agree. dtype="auto" (bfloat16 where the device computes it natively) is opt-in.
+DEFAULT_DTYPE = "float32"
 
 # A progress callback: progress(done, total) after each finished unit (images, points, bytes), `done` counted
 # from the start; keyword arguments carry optional notes (e.g. failed=3) that a bar may show.
@@ -61,10 +67,22 @@ def resolve_device(device: Optional[str] = None) -> "torch.device":
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or auto") from None
+        raise ParameterError(f"device {device!r} is unknown; expected cpu, cuda, cuda:N or auto", "device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA device is available here")
+        raise ParameterError(f"device {device!r} asked for, but no CUDA device is available here", "device")
     return dev
+
+
+def as_device(device: Union[str, "torch.device", None]) -> Optional["torch.device"]:
+    """A device argument as a torch.device (None stays None); ParameterError for a name torch does not know."""
+    import torch
+
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"device {device!r} is unknown; expected cpu, cuda, cuda:N", "device") from None
 
 
 def cpu_features() -> Dict[str, bool]:
@@ -107,19 +125,19 @@ def auto_dtype(device: Union[str, "torch.device", None] = None) -> "torch.dtype"
 
 def resolve_dtype(dtype: DtypeArg = None, device: Union[str, "torch.device", None] = None) -> "torch.dtype":
     """'auto' (see auto_dtype), 'float32', 'bfloat16', 'float16' (or fp32/bf16/fp16), a torch dtype, or None
-    (float32) -> torch dtype. bfloat16 asked for on a CPU that emulates it runs, with a warning."""
+    (DEFAULT_DTYPE, float32) -> torch dtype. bfloat16 asked for on a CPU that emulates it runs, with a warning."""
     import torch
 
     if dtype is None:
-        return torch.float32
+        dtype = DEFAULT_DTYPE
     if isinstance(dtype, str):
         if dtype == "auto":
             return auto_dtype(device)
         if dtype not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16")
+            raise ParameterError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16", "dtype")
         dtype = getattr(torch, DTYPE_NAMES[dtype])
     if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype!r}; expected auto, float32, bfloat16 or float16")
+        raise ParameterError(f"dtype {dtype!r} is not supported; expected auto, float32, bfloat16 or float16", "dtype")
     if dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu" and not native_bfloat16("cpu"):
         warnings.warn("bfloat16 on a CPU without AVX512-BF16 or AMX instructions is emulated and several times "
                       "slower than float32 here; dtype='auto' picks float32 on this CPU", stacklevel=3)
@@ -129,7 +147,9 @@ def resolve_dtype(dtype: DtypeArg = None, device: Union[str, "torch.device", Non
 def describe_dtype(dtype: "torch.dtype", asked: DtypeArg, device: Union[str, "torch.device", None] = None) -> str:
     """One line for the CLI: the compute dtype and why it was chosen."""
     name = str(dtype).replace("torch.", "")
-    if asked not in (None, "auto"):
+    if asked is None:
+        return f"dtype {name} (the default; --dtype auto computes bfloat16 where the device has it natively)"
+    if asked != "auto":
         return f"dtype {name} (asked for)"
     dev = torch_device_type(device)
     if os.environ.get("SAMVIT_DTYPE", "auto") not in ("", "auto"):
@@ -159,7 +179,7 @@ def distributed_env() -> Optional[Tuple[int, int, int]]:
             return None
         return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     except (KeyError, ValueError) as e:
-        raise ValueError(f"incomplete torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK): {e}") from None
+        raise ParameterError(f"incomplete torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK): {e}") from None
 
 
 def init_distributed(device: Optional[str] = None) -> Tuple["torch.device", Optional[Tuple[int, int, int]]]:

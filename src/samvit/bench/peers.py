@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 from ..config import EncoderConfig
+from ..errors import ParameterError
 
 if TYPE_CHECKING:  # torch is imported when a model is built, so that `samvit bench --help` starts without it
     import torch
@@ -45,7 +46,7 @@ def official_encoder(cfg: EncoderConfig) -> "torch.nn.Module":
     from segment_anything.modeling import ImageEncoderViT
 
     if cfg.out_chans is None:
-        raise ValueError("the official encoder always has a neck; this config has none (out_chans=None)")
+        raise ParameterError("the official encoder always has a neck; this config has none (out_chans=None)")
     return ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                            out_chans=cfg.out_chans, qkv_bias=cfg.qkv_bias,
@@ -103,7 +104,7 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: tor
         model.load_state_dict(from_official(sd, "transformers"))
         model.eval()
         return (lambda x: model(pixel_values=x).last_hidden_state), torch.float32, autocast
-    raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
+    raise ParameterError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
 
 
 def _runtime_peer(impl: str, cfg: EncoderConfig, sd: Dict[str, "torch.Tensor"], dtype: "torch.dtype"

@@ -22,6 +22,7 @@ from ..runtime import TqdmProgress
 from .peers import ALLOCATORS, DEFAULT_IMPLS, IMPLS, TUNED_ENV, official_encoder
 from .report import one_line
 from .weights import random_weights
+from ..errors import ParameterError
 
 
 
@@ -141,10 +142,10 @@ def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
 
     for name in impls:
         if name not in IMPLS:
-            raise ValueError(f"unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
+            raise ParameterError(f"unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
     for a in allocators:
         if a not in ALLOCATORS:
-            raise ValueError(f"unknown allocator setting {a!r}; expected some of {', '.join(ALLOCATORS)}")
+            raise ParameterError(f"unknown allocator setting {a!r}; expected some of {', '.join(ALLOCATORS)}")
     record: Dict[str, Any] = {"label": label, "machine": machine_info(), "config": cfg.to_dict(),
                               "settings": {"threads": threads, "warmup": warmup, "repeats": repeats,
                                            "timeout_s": timeout, "allocators": list(allocators), "rounds": rounds,

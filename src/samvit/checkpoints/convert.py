@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from ..errors import OutputError
+from ..errors import OutputError, ParameterError
 from .files import CONFIG_METADATA_KEY, PathLike, read_checkpoint, save_checkpoint, write_tensors
 from .keymaps import FORMATS, detect_format, from_official, to_official
 from .load import ModelSpec, _encoder_part, check_state_dict, encoder_config, infer_config
@@ -32,7 +32,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str = "safetensors", mo
         the detected input layout.
     """
     if to not in OUTPUTS:
-        raise ValueError(f"--to {to!r}: expected one of {', '.join(OUTPUTS)}")
+        raise ParameterError(f"--to {to!r}: expected one of {', '.join(OUTPUTS)}")
     src = resolve_checkpoint(src, progress=progress)
     dst = os.fspath(dst)
     if os.path.exists(dst) and os.path.samefile(src, dst):
@@ -49,7 +49,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str = "safetensors", mo
     check_state_dict(enc, cfg, source=src)
     if to == "safetensors":
         if not dst.endswith(".safetensors"):
-            raise ValueError(f"{dst}: --to safetensors writes a .safetensors file; give the output that suffix")
+            raise ParameterError(f"{dst}: --to safetensors writes a .safetensors file; give the output that suffix")
         if len(enc) < len(official):
             warnings.warn("samvit's safetensors file holds the image encoder only: the prompt encoder and mask "
                           "decoder tensors are not written (use --to official to keep them)")

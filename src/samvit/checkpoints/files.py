@@ -148,10 +148,25 @@ def save_checkpoint(path: PathLike, tensors: StateDict, config_json: Optional[st
 def _torch_save(obj, tmp: str, path: PathLike) -> None:
     """torch.save into an open file, so a full or read-only disk is an OSError naming `path` (torch's own writer
     reports it as a RuntimeError)."""
+    errors = []
+
+    class Writes:  # keeps the OSError of a failed write: torch reports it as RuntimeError 'unexpected pos'
+        def write(self, data) -> int:
+            try:
+                return f.write(data)
+            except OSError as e:
+                errors.append(e)
+                raise
+
+        def flush(self) -> None:
+            f.flush()
+
     with open(tmp, "wb") as f:
         try:
-            torch.save(obj, f)
+            torch.save(obj, Writes())
         except RuntimeError as e:
+            if errors and errors[0].errno is not None:
+                raise OSError(errors[0].errno, errors[0].strerror, os.fspath(path)) from None
             raise OSError(f"cannot write {os.fspath(path)} ({str(e).splitlines()[-1]})") from None
 
 

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .files import CheckpointError, StateDict
+from ..errors import ParameterError
 
 FORMATS = ("official", "transformers", "timm")
 ENCODER_PREFIX = "image_encoder."
@@ -130,7 +131,7 @@ def to_official(sd: StateDict, fmt: Optional[str] = None) -> StateDict:
         out, rest = _rename({k: v for k, v in sd.items() if k not in head}, _TIMM, reverse=True)
         return {**out, **rest}
     if fmt != "transformers":
-        raise ValueError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ParameterError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
     full = _is_full(sd)
     if not full:  # a bare SamVisionEncoder state dict
         sd = {"vision_encoder." + k: v for k, v in sd.items()}
@@ -166,7 +167,7 @@ def from_official(sd: StateDict, fmt: str) -> StateDict:
         out, rest = _rename(enc, _TIMM, reverse=False)
         return {**out, **rest}
     if fmt != "transformers":
-        raise ValueError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ParameterError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
     src = sd if full else {"image_encoder." + k: v for k, v in sd.items()}
     out, rest = _rename(src, _HF_ENCODER + _HF_PROMPT_DECODER, reverse=False)
     if rest:

@@ -20,7 +20,8 @@ from .files import (CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, Checkpoint
                     read_checkpoint, write_tensors)
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
-from ..runtime import DtypeArg, resolve_dtype
+from ..runtime import DtypeArg, as_device, resolve_dtype
+from ..errors import ParameterError
 
 ModelSpec = Union[str, EncoderConfig, None]
 CheckpointSource = Union[str, os.PathLike, StateDict]
@@ -147,7 +148,8 @@ def with_img_size(cfg: EncoderConfig, img_size: Optional[int]) -> EncoderConfig:
     if img_size is None or img_size == cfg.img_size:
         return cfg
     if not isinstance(img_size, int) or img_size < cfg.patch_size or img_size % cfg.patch_size:
-        raise ValueError(f"img_size must be a positive multiple of the patch size {cfg.patch_size}, got {img_size!r}")
+        raise ParameterError(f"img_size must be a positive multiple of the patch size {cfg.patch_size}, "
+                             f"got {img_size!r}")
     return dataclasses.replace(cfg, img_size=img_size)
 
 
@@ -177,7 +179,7 @@ def _build_decoder(full: StateDict, config: Optional[DecoderConfig], source: str
 
 
 def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = None, device: Device = None,
-                 dtype: DtypeArg = "auto", kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
+                 dtype: DtypeArg = None, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
                  attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> ImageEncoder:
     """Build an ImageEncoder and load its weights.
 
@@ -187,9 +189,10 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
             folder, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache. None: the preset's
             freshly initialised weights.
         device: where to put the weights (None: the CPU).
-        dtype: the compute dtype: "auto" (bfloat16 where the device computes it natively, else float32; see
-            samvit.runtime.auto_dtype), a torch dtype or its name, or None for float32 (see ImageEncoder for the
-            tensors kept in float32).
+        dtype: the compute dtype: None for the default, float32 (samvit.runtime.DEFAULT_DTYPE: the official
+            package's, the same numbers on every CPU), "auto" (bfloat16 where the device computes it natively, else
+            float32; see samvit.runtime.auto_dtype), or a torch dtype or its name (see ImageEncoder for the tensors
+            kept in float32).
         kernel: the attention kernel ("sdpa_chunked", "reference", ...; see samvit.modeling.attention).
         progress: download/verification bar (None: only on a terminal).
         attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
@@ -199,11 +202,11 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
     Returns:
         the encoder in eval mode.
     """
-    dev = None if device is None else torch.device(device)
+    dev = as_device(device)
     dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
     if checkpoint is None:
         if model is None:
-            raise ValueError("load_encoder needs a model preset, a checkpoint, or both")
+            raise ParameterError("load_encoder needs a model preset, a checkpoint, or both")
         cfg = with_img_size(encoder_config(model, {}, {}), img_size)
         return _finish(ImageEncoder(cfg, attn_impl or kernel), device, dtype)
     sd, metadata, source = read_official(checkpoint, progress)
@@ -242,7 +245,7 @@ def decoder_base(metadata: Dict[str, str], source: str = "checkpoint") -> Decode
 
 
 def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
-             dtype: DtypeArg = "auto", with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
+             dtype: DtypeArg = None, with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
              progress: Optional[bool] = None, attn_impl: Optional[str] = None, img_size: Optional[int] = None
              ) -> Tuple[Optional[ImageEncoder], SamDecoder]:
     """Encoder and decoder from one read of a full SAM checkpoint.
@@ -250,8 +253,8 @@ def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Devi
     Args:
         checkpoint: as for load_encoder (a full SAM model).
         model: the encoder's preset or EncoderConfig; None: from the file's metadata, else inferred.
-        device: for both. dtype: the encoder's compute dtype ("auto", a dtype or its name; as load_encoder); the
-            decoder (cheap) stays float32.
+        device: for both. dtype: the encoder's compute dtype (None: float32, the default; "auto", a dtype or
+            its name; as load_encoder); the decoder (cheap) stays float32.
         with_encoder: False skips the encoder (for precomputed embeddings); its tensors need not be present.
         kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
         progress: download/verification bar (None: only on a terminal).
@@ -269,7 +272,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
               ) -> Tuple[Optional[ImageEncoder], SamDecoder, Optional[EncoderConfig], str]:
     """load_sam, plus the encoder config at img_size (None when neither given, stored nor inferable) and the
     source file."""
-    dev = None if device is None else torch.device(device)
+    dev = as_device(device)
     dtype = resolve_dtype(dtype, dev or torch.device("cpu")) if with_encoder else None
     sd, metadata, source = read_official(checkpoint, progress)
     esd = _encoder_part(sd) if any(k.startswith(ENCODER_PREFIX) for k in sd) else {}
@@ -288,7 +291,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
     elif img_size is not None:
         patch = base.input_image_size // base.image_embedding_size
         if img_size % patch:
-            raise ValueError(f"img_size must be a multiple of the patch size {patch}, got {img_size}")
+            raise ParameterError(f"img_size must be a multiple of the patch size {patch}, got {img_size}")
         base = base.replace(image_embedding_size=img_size // patch, input_image_size=img_size)
     return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source
 

@@ -75,22 +75,94 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def describe_error(e: BaseException) -> "tuple[str, int]":
-    """(one-line message, exit code) of an exception that reached the command's boundary, by its kind."""
+    """(one-line message, exit code) of an exception that reached the command's boundary, by its kind: samvit's
+    typed errors (bad input) and OS errors (a file, a full disk) are the user's or the machine's (exit 2, or the
+    error's own exit_code); an unexpected ValueError or RuntimeError (a bug, or one raised inside torch) is
+    samvit's (exit 3)."""
+    text = worker_message(e)
     if isinstance(e, SamvitError):
-        return str(e), EXIT_USAGE
+        return flag_names(text, getattr(e, "param", "")), getattr(e, "exit_code", EXIT_USAGE)
     if isinstance(e, ImportError) and not (e.name or "").startswith("samvit"):
         return missing_dependency(e), EXIT_USAGE
     if isinstance(e, OSError):  # file exists, read-only, disk full, is a directory, permission denied...
         where = " -> ".join(os.fspath(f) for f in (e.filename, e.filename2) if f is not None)
-        what = e.strerror or str(e) or type(e).__name__
+        what = e.strerror or text or type(e).__name__
         return (f"{where}: {what}" if where else what), EXIT_USAGE
     if type(e).__name__ == "SafetensorError":  # safetensors' own type, without importing it here
-        return f"safetensors: {e}", EXIT_USAGE
-    if isinstance(e, ValueError):  # argument checks of the library (ValueError by convention)
-        return str(e) or type(e).__name__, EXIT_USAGE
+        return f"safetensors: {text}", EXIT_USAGE
     if isinstance(e, MemoryError):
-        return f"out of memory ({e or 'MemoryError'})", EXIT_USAGE
-    return f"{type(e).__name__}: {e}", EXIT_INTERNAL
+        return f"out of memory ({text or 'MemoryError'})", EXIT_USAGE
+    if isinstance(e, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):
+        # torch.save's own report of a failed write (a full disk) where samvit did not turn it into an OSError
+        return f"torch.save could not write its file (a full disk?): {text.splitlines()[-1]}", EXIT_USAGE
+    if type(e).__name__ == "JSONDecodeError":  # a file given as JSON that is not (json's own ValueError)
+        return f"not valid JSON ({text})", EXIT_USAGE
+    if isinstance(e, UnicodeDecodeError):  # a file given as text that is not UTF-8
+        return f"not UTF-8 text ({text})", EXIT_USAGE
+    if isinstance(e, ValueError) and (_raised_by_samvit(e) if text == str(e) else _worker_raised_by_samvit(str(e))):
+        # an argument check written as `raise ValueError(...)` in samvit's own code, not yet a typed error
+        return text or type(e).__name__, EXIT_USAGE
+    return f"{type(e).__name__}: {text}", EXIT_INTERNAL
+
+
+# Library parameters named in messages as `name=value` that are the CLI flag --name-with-dashes (value: its value;
+# True: the flag alone).
+CLI_PARAMS = ("allow_mixed_dtypes", "allow_mismatch", "dtype", "force", "batch_size", "img_size", "device")
+
+
+def flag_names(message: str, param: str = "") -> str:
+    """A library message in the CLI's words: its parameter `param` (a ParameterError's) named as the flag
+    (batch_size -> --batch-size), and `name=True` / `name=value` advice for CLI_PARAMS as `--name` / `--name value`."""
+    import re
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if param and not param.startswith("-"):
+        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w=-])", flag(param), message)
+    names = "|".join(CLI_PARAMS)
+    message = re.sub(rf"(?<![\w-])({names})=True\b", lambda m: flag(m.group(1)), message)
+    return re.sub(rf"(?<![\w-])({names})=([\w.:]+)", lambda m: f"{flag(m.group(1))} {m.group(2)}", message)
+
+
+def worker_message(e: BaseException) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker (whose message holds the worker's whole
+    traceback) the original message alone, as the same error gives without workers."""
+    text = str(e)
+    if " in DataLoader worker process " not in text or "Traceback (most recent call last)" not in text:
+        return text
+    import re
+
+    lines = text.rstrip().splitlines()
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
+    tail = "\n".join(lines[last_frame + 1:]).strip()
+    return re.sub(r"^[\w.]+: ", "", tail, count=1) or text
+
+
+def _worker_raised_by_samvit(wrapped: str) -> bool:
+    """_raised_by_samvit for an error re-raised from a DataLoader worker: read from the worker's traceback text."""
+    lines = wrapped.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    if not frames or frames[-1] + 1 >= len(lines):
+        return False
+    where, code = lines[frames[-1]], lines[frames[-1] + 1].strip()
+    return f"{os.sep}samvit{os.sep}" in where and code.startswith("raise ")
+
+
+def _raised_by_samvit(e: BaseException) -> bool:
+    """Whether `e` was raised by a `raise` statement in samvit's own code (not inside torch or numpy, nor an
+    implicit one such as a failed unpacking)."""
+    import linecache
+
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    if not (frame.f_globals.get("__name__") or "").startswith("samvit."):
+        return False
+    return linecache.getline(frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 _DISTRIBUTIONS = {"cv2": "opencv-python-headless", "skimage": "scikit-image", "PIL": "pillow", "yaml": "pyyaml",

@@ -13,7 +13,7 @@ from .options import add_checkpoint, add_device, add_dtype, add_img_size, add_mo
 
 HELP = "embed images into SAM image embeddings (one .safetensors per image, or --store PATH)"
 
-STORE_ONLY = ("store_dtype", "tile", "halo", "report")
+STORE_ONLY = ("store_dtype", "tile", "halo", "report", "allow_mixed_dtypes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embed overlapping tiles: a SIZE-pixel grid over the original image, each cell plus --halo")
     g.add_argument("--halo", type=int, default=None, metavar="PIXELS",
                    help="pixels added on every side of each tile, clipped at the image border (default 0)")
+    g.add_argument("--allow-mixed-dtypes", action="store_true", default=None,
+                   help="add to a store that holds embeddings computed in another --dtype (refused otherwise: "
+                   "embeddings computed in bfloat16 and float32 differ by up to a few 1e-2)")
     g.add_argument("--report", default=None, metavar="PATH",
                    help="where to list failed inputs as JSON lines (default: STORE/failures.jsonl)")
 
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     check_img_size(args.img_size)
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    if args.backend == "openvino" and (args.dtype not in ("auto", "float32") or args.device not in (None, "cpu")):
+    if args.backend == "openvino" and (args.dtype not in (None, "float32") or args.device not in (None, "cpu")):
         raise UserError("--backend openvino runs float32 on the CPU: leave out --dtype and --device (or give "
                         "float32 and cpu)")
     items = collect_inputs(args.inputs)
@@ -110,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         sha = checkpoint_sha256(checkpoint)
         protected = [checkpoint] + [a for a in args.inputs if os.path.isfile(a)]  # list files too
         sink = FileSink(args.out, sha, force=args.force, protected=protected) if args.store is None else \
-            StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report, protected=protected)
+            StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report, protected=protected,
+                      allow_mixed_dtypes=bool(args.allow_mixed_dtypes))
         with TqdmProgress("embed" + (f" (rank 0 of {env[1]})" if env else ""), "img",
                           enabled=False if quiet else None) as bar:
             report = embed(encoder, items, sink, batch_size=args.batch_size, workers=args.workers, tile=args.tile,

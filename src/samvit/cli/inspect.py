@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .options import add_checkpoint, add_device, add_model, add_quiet
+from .options import add_checkpoint, add_device, add_dtype, add_model, add_quiet
 
 HELP = "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"
 
@@ -18,7 +18,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "picture says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     add_device(p, default="cpu")
+    add_dtype(p)
     add_quiet(p)
+    p.add_argument("--force", action="store_true", help="replace the output files if they exist (refused "
+                   "otherwise)")
     p.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG (default 100; 3 inches per panel)")
 
 
@@ -56,10 +59,14 @@ def _encoder(args: argparse.Namespace):
     import torch
 
     from .. import load_encoder, preset
-    from ..runtime import resolve_device
+    from ..runtime import describe_dtype, resolve_device, resolve_dtype
     from . import UserError
 
     device = resolve_device(args.device)
+    asked = getattr(args, "dtype", None)
+    dtype = resolve_dtype(asked, device)
+    if not getattr(args, "quiet", False):
+        print(f"samvit inspect: {describe_dtype(dtype, asked, device)}", file=sys.stderr)
     if args.random_weights:
         if args.checkpoint:
             raise UserError("--random-weights and --checkpoint exclude each other")
@@ -67,15 +74,15 @@ def _encoder(args: argparse.Namespace):
             raise UserError("--random-weights needs --model PRESET (vit_b, vit_l, vit_h, vit_h_spec)")
         torch.manual_seed(args.seed)
         cfg = preset(args.model)
-        return load_encoder(cfg, device=device), f"{cfg.name}, RANDOM WEIGHTS (seed {args.seed}): structure only"
+        return load_encoder(cfg, device=device, dtype=dtype), f"{cfg.name}, RANDOM WEIGHTS (seed {args.seed}): structure only"
     if not args.checkpoint:
         raise UserError("no weights: pass --checkpoint PATH (or set SAMVIT_CHECKPOINT); for a demo of structure "
                         "only, --model PRESET --random-weights")
-    enc = load_encoder(args.model, args.checkpoint, device=device)
+    enc = load_encoder(args.model, args.checkpoint, device=device, dtype=dtype)
     return enc, f"{enc.config.name}, {os.path.basename(os.fspath(args.checkpoint))}"
 
 
-def _check_png(out: str, inputs) -> None:
+def _check_png(out: str, inputs, force: bool = False) -> None:
     from . import UserError
 
     if not out.lower().endswith(".png"):
@@ -85,6 +92,8 @@ def _check_png(out: str, inputs) -> None:
     real = os.path.realpath(out)
     if any(os.path.exists(i) and os.path.realpath(i) == real for i in inputs):
         raise UserError(f"--out {out}: is one of the inputs; refusing to overwrite it")
+    if os.path.lexists(out) and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
     parent = os.path.dirname(out)
     if parent:
         os.makedirs(parent, exist_ok=True)
@@ -122,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "distance":
         return _distance(args)
     ins = _plots()
-    _check_png(args.out, [args.image])
+    _check_png(args.out, [i for i in (args.image, args.checkpoint) if i], args.force)
     from ..inspect.capture import prepare
 
     if not os.path.exists(args.image):  # before loading a model: a typo should fail fast
@@ -169,6 +178,9 @@ def _distance(args: argparse.Namespace) -> int:
     clash = [i for i in args.images if os.path.realpath(i) in real_out]
     if clash:
         raise UserError(f"--out {out}: would overwrite the input {clash[0]}")
+    there = [p for p in sorted(real_out) if os.path.lexists(p)]
+    if there and not args.force:
+        raise UserError(f"--out {out}: {there[0]} exists; pass --force to replace it")
     blocks = None
     if args.blocks:
         try:

@@ -62,14 +62,14 @@ def add_device(p: argparse.ArgumentParser, default: Optional[str] = None, torchr
 
 
 def add_dtype(p: argparse.ArgumentParser, auto: bool = True, decoder: bool = False) -> None:
-    """--dtype of the image encoder: float32, bfloat16, float16, and with `auto` (then the default) auto;
-    `decoder`: the command also runs the prompt decoder, in float32."""
+    """--dtype of the image encoder: float32 (the default, runtime.DEFAULT_DTYPE), bfloat16, float16, and with
+    `auto` also auto; `decoder`: the command also runs the prompt decoder, in float32. The value None means the
+    default (print it with runtime.describe_dtype)."""
     what, tail = ("image encoder compute dtype", "; the decoder runs in float32") if decoder else ("compute dtype", "")
-    if auto:
-        p.add_argument("--dtype", default="auto", choices=["auto"] + DTYPES,
-                       help=f"{what} (default {AUTO_DTYPE}){tail}")
-    else:
-        p.add_argument("--dtype", default=None, choices=DTYPES, help=f"{what} (default float32){tail}")
+    choices = (["auto"] if auto else []) + DTYPES
+    p.add_argument("--dtype", default=None, choices=choices,
+                   help=f"{what} (default float32: the official package's, the same numbers on every machine"
+                   + (f"; {AUTO_DTYPE}" if auto else "") + f"){tail}")
 
 
 def add_img_size(p: argparse.ArgumentParser, default: str = "the checkpoint's, 1024") -> None:

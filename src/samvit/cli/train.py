@@ -108,6 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--preset", required=True, help="SAM encoder preset of the result (vit_b, vit_l, vit_h, "
                    "vit_h_spec), or a JSON file of EncoderConfig fields (for other widths, e.g. a mae_tiny run)")
     e.add_argument("--out", required=True, metavar="PATH", help="output .safetensors file")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists (refused otherwise)")
 
 
 def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp16_refused: str, synthetic_size: int
@@ -186,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_command == "export-encoder":
         _run_export(args)
         return 0
+    check_run_dir_not_in_inputs(args)
     folder = args.train_command != "sam"  # sam also reads a COCO .json
     if args.data != "synthetic" and not (os.path.isdir if folder else os.path.exists)(args.data):
         raise UserError(f"--data {args.data}: no such " + ("directory (expected a folder of images or 'synthetic')"
@@ -231,6 +233,36 @@ def _run_distill(cfg, args: argparse.Namespace) -> None:
             args.embed_batch_size)
 
 
+def check_run_dir_not_in_inputs(args: argparse.Namespace) -> None:
+    """The run folder (--out) is never one of the inputs nor inside an input folder (--data, --images,
+    --teacher-store, --store): a run's checkpoints and pictures would become training data."""
+    from . import UserError
+
+    out = os.path.realpath(args.out)
+    for flag in ("data", "images", "teacher_store", "store", "checkpoint", "teacher"):
+        value = getattr(args, flag, None)
+        if not value or value == "synthetic" or not os.path.exists(value):
+            continue
+        real = os.path.realpath(value)
+        if out == real or (os.path.isdir(real) and os.path.commonpath([out, real]) == real):
+            raise UserError(f"--out {args.out}: is {'' if out == real else 'inside '}the input "
+                            f"--{flag.replace('_', '-')} {value}; choose a run folder outside it")
+
+
+def refuse_non_finite(state, source: str) -> None:
+    """NonFiniteError naming `source` when a floating tensor of `state` holds NaN or infinite values."""
+    import torch
+
+    from ..errors import NonFiniteError
+
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"{source}: the weights hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}); a run that diverged? Export an earlier "
+                             "checkpoint (RUN_DIR/ckpt_<step>.pt)")
+
+
 def _run_export(args: argparse.Namespace) -> None:
     from ..train.ckpt import latest_checkpoint, list_checkpoints, load_checkpoint
     from ..train.transfer import mae_to_sam_encoder
@@ -247,6 +279,10 @@ def _run_export(args: argparse.Namespace) -> None:
         raise UserError(f"--out {out}: would write into the input {src}; choose a path outside it")
     if not out.endswith(".safetensors"):
         raise UserError(f"--out {out}: expected a .safetensors path")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out}: is a folder; expected a .safetensors file name")
+    if os.path.lexists(out) and not args.force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
     if os.path.isdir(src) and list_checkpoints(src):
         mae = latest_checkpoint(src)["model"]  # a run directory: its newest checkpoint
     elif os.path.isdir(src) and os.path.exists(os.path.join(src, "config.json")) and not any(
@@ -256,7 +292,10 @@ def _run_export(args: argparse.Namespace) -> None:
         mae = load_checkpoint(src)["model"]
     else:
         mae = src  # an official or transformers MAE file, or a save_pretrained folder: transfer reads it
+    if isinstance(mae, dict):
+        refuse_non_finite(mae, src)
     encoder = mae_to_sam_encoder(mae, encoder_spec(args.preset, "--preset"))
+    refuse_non_finite(encoder.state_dict(), src)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_encoder(encoder, out)
     if not getattr(args, "quiet", False):

@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from typing import List, Tuple
 
+from ..errors import ParameterError
+
 Box = Tuple[int, int, int, int]
 
 
 def tile_grid(height: int, width: int, size: int, halo: int = 0) -> List[Tuple[Box, Box]]:
     """(core, box) of every tile of an HxW image, row-major (see the module docstring)."""
     if size < 1 or halo < 0:
-        raise ValueError(f"tile size must be >= 1 and halo >= 0, got size {size}, halo {halo}")
+        raise ParameterError(f"tile size must be >= 1 and halo >= 0, got size {size}, halo {halo}")
     out = []
     for r in range(math.ceil(height / size)):
         for c in range(math.ceil(width / size)):

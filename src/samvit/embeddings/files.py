@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoints.files import write_tensors
 from ..data.sources import key_clash_message
-from ..errors import InputError, MetadataError, OutputError, open_regular
+from ..errors import InputError, MetadataError, NonFiniteError, OutputError, open_regular
 
 MAX_SIDE = 1 << 20  # bound on an image side read from metadata (pixels)
 EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -105,7 +105,10 @@ def _metadata_or_none(path: str) -> Optional[Dict[str, str]]:
 
 def save_embedding(path: str, embedding: torch.Tensor, original_size: Tuple[int, int],
                    input_size: Tuple[int, int], metadata: Dict[str, str]) -> None:
-    """Write one embedding (C,h,w) and its metadata, atomically."""
+    """Write one embedding (C,h,w) and its metadata, atomically; NonFiniteError (nothing written) when it holds
+    NaN or infinite values."""
+    if embedding.is_floating_point() and not bool(torch.isfinite(embedding).all()):
+        raise NonFiniteError(f"{path}: the embedding holds NaN or infinite values; not written")
     meta = dict(metadata, original_size=f"{original_size[0]},{original_size[1]}",
                 input_size=f"{input_size[0]},{input_size[1]}")
     write_tensors(path, {"embedding": embedding}, meta)

@@ -153,8 +153,10 @@ class StoreSink:
     skipped). Failed inputs are listed in report_path (default PATH/failures.jsonl, rewritten every run)."""
 
     def __init__(self, path: str, checkpoint_sha256: str, dtype: Optional[str] = None,
-                 report_path: Optional[str] = None, durable: bool = True, protected: Sequence[str] = ()) -> None:
+                 report_path: Optional[str] = None, durable: bool = True, protected: Sequence[str] = (),
+                 allow_mixed_dtypes: bool = False) -> None:
         self.path, self.checkpoint_sha256, self.dtype = path, checkpoint_sha256, dtype
+        self.allow_mixed_dtypes = allow_mixed_dtypes  # add items computed in another dtype than the store holds
         self.report_path, self.durable = report_path, durable
         self.protected = {os.path.realpath(p) for p in protected}
         self.report_error: Optional[str] = None
@@ -186,7 +188,8 @@ class StoreSink:
         self.writer = self.store.writer(model=cfg.name, checkpoint_sha256=self.checkpoint_sha256,
                                         samvit_version=__version__,
                                         compute_dtype=str(encoder.dtype).replace("torch.", ""),
-                                        name=f"rank{rank}" if world > 1 else None, durable=self.durable)
+                                        name=f"rank{rank}" if world > 1 else None, durable=self.durable,
+                                        allow_mixed_dtypes=self.allow_mixed_dtypes)
         self.put, self.put_alias = self.writer.put, self.writer.put_alias
         self.commit, self.close = self.writer.commit, self.writer.close
         return {k: self.store.record(k)["sha256"] for k in self.store.keys()}

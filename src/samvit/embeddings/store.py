@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import MetadataError, SamvitError, open_regular
+from ..errors import MetadataError, NonFiniteError, SamvitError, open_regular
 
 FORMAT = "samvit-embedding-store"
 FORMAT_VERSION = 1
@@ -353,8 +353,11 @@ class EmbeddingStore:
 
     # ---- writing ------------------------------------------------------------------------------------------------
     def writer(self, *, model: str, checkpoint_sha256: str, samvit_version: str, compute_dtype: str,
-               name: Optional[str] = None, durable: bool = True) -> "StoreWriter":
-        """A new writer session (its own data array and commit log)."""
+               name: Optional[str] = None, durable: bool = True, allow_mixed_dtypes: bool = False) -> "StoreWriter":
+        """A new writer session (its own data array and commit log). Refused (StoreMismatchError) when the store
+        holds items computed in another compute_dtype, unless allow_mixed_dtypes."""
+        if not allow_mixed_dtypes:
+            check_compute_dtype(self, compute_dtype)
         return StoreWriter(self, model=model, checkpoint_sha256=checkpoint_sha256, samvit_version=samvit_version,
                            compute_dtype=compute_dtype, name=name, durable=durable)
 
@@ -389,6 +392,8 @@ class EmbeddingStore:
             rep.checked += 1
             if check_data:
                 _rows, problem = self._check_item(key, rec)
+                if problem is None:
+                    problem = nonfinite_problem(_rows)
                 if problem:
                     rep.errors.append(f"{key}: {problem}")
         data_dir = os.path.join(self.path, "data")
@@ -485,6 +490,9 @@ class StoreWriter:
                              f"that is {'tiled' if st.tiled else 'not tiled'}")
         if not st.tiled and rows.shape[0] != 1:
             raise StoreError(f"{key!r}: {rows.shape[0]} embeddings for one key in an untiled store")
+        problem = nonfinite_problem(rows)
+        if problem:
+            raise NonFiniteError(f"{key!r}: {problem}; not written to the store {st.path}")
         with self._lock:
             if self._array is None:
                 self._open()
@@ -538,6 +546,23 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def nonfinite_problem(rows: np.ndarray) -> Optional[str]:
+    """None when every value is finite, else what is wrong ('holds N NaN or infinite values of M')."""
+    bad = rows.size - int(np.count_nonzero(np.isfinite(rows)))
+    return f"holds {bad} NaN or infinite values (of {rows.size})" if bad else None
+
+
+def check_compute_dtype(store: "EmbeddingStore", compute_dtype: str) -> None:
+    """Refuse (StoreMismatchError) to add items computed in `compute_dtype` to a store that holds items computed in
+    another one: embeddings of one store are comparable only when computed alike."""
+    held = sorted({str(store._headers.get(r["writer"], {}).get("compute_dtype")) for r in store._records.values()}
+                  - {compute_dtype, "None"})
+    if held:
+        raise StoreMismatchError(
+            f"store {store.path} holds embeddings computed in {', '.join(held)}; this run computes {compute_dtype}: "
+            f"give the same dtype (dtype={held[0]}), or allow_mixed_dtypes=True to add them anyway")
 
 
 def _tile_str(tile: Optional[Dict[str, int]]) -> str:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..modeling.attention import rel_pos_terms, to_windows
 from ..modeling.encoder import ImageEncoder
+from ..errors import ParameterError
 
 # Score entries (windows x heads x queries x keys, float32) per chunk: 64 MiB (one head of a 64x64 global block).
 # Each chunk takes about eight tensor operations (bias, scores, log-softmax, exp, the reducers' row sums), and three
@@ -98,7 +99,7 @@ def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
     blk = encoder.blocks[index]
     attn = blk.attn
     if x.shape[0] != 1:
-        raise ValueError(f"attention capture takes one image at a time, got a batch of {x.shape[0]}")
+        raise ParameterError(f"attention capture takes one image at a time, got a batch of {x.shape[0]}")
     _, H, W, C = x.shape
     ws = blk.window_size
     nh, hd = attn.num_heads, attn.head_dim
@@ -210,7 +211,7 @@ def prepare(image, img_size: int) -> Prepared:
     if isinstance(image, torch.Tensor):
         t = image[None] if image.ndim == 3 else image
         if t.ndim != 4 or t.shape[0] != 1:
-            raise ValueError(f"image tensor: expected (3,S,S) or (1,3,S,S), got shape {tuple(image.shape)}")
+            raise ParameterError(f"image tensor: expected (3,S,S) or (1,3,S,S), got shape {tuple(image.shape)}")
         return Prepared(t, tuple(t.shape[-2:]), tuple(t.shape[-2:]))
     rgb = load_image(image)
     pi = preprocess(rgb, img_size=img_size)
@@ -221,8 +222,8 @@ def pixel_to_token(x: float, y: float, prepared: Prepared, patch_size: int) -> T
     """Grid token (row, col) under pixel (x, y) of the original image."""
     oh, ow = prepared.original_size
     if not (0 <= x < ow and 0 <= y < oh):
-        raise ValueError(f"query pixel ({x:g}, {y:g}) is outside the image of {ow}x{oh} pixels (x < width, "
-                         "y < height)")
+        raise ParameterError(f"query pixel ({x:g}, {y:g}) is outside the image of {ow}x{oh} pixels (x < width, "
+                             "y < height)")
     sy, sx = prepared.input_size[0] / oh, prepared.input_size[1] / ow
     return int(y * sy // patch_size), int(x * sx // patch_size)
 
@@ -277,7 +278,7 @@ class QueryMaps:
         H, W = grid
         for r, c in queries:
             if not (0 <= r < H and 0 <= c < W):
-                raise ValueError(f"query token (row {r}, col {c}) is outside the {H}x{W} token grid")
+                raise ParameterError(f"query token (row {r}, col {c}) is outside the {H}x{W} token grid")
         self.queries = [(int(r), int(c)) for r, c in queries]
         self.grid = grid
         self.num_heads = num_heads
@@ -318,7 +319,7 @@ def _check_blocks(encoder: ImageEncoder, blocks: Union[None, int, Iterable[int]]
     blocks = sorted({int(b) for b in blocks})
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
-        raise ValueError(f"block {bad[0]} does not exist: model {encoder.config.name!r} has blocks 0..{depth - 1}")
+        raise ParameterError(f"block {bad[0]} does not exist: model {encoder.config.name!r} has blocks 0..{depth - 1}")
     return blocks
 
 
@@ -345,15 +346,15 @@ def attention(encoder: ImageEncoder, image, blocks: Union[None, int, Iterable[in
     grid = (prepared.tensor.shape[-2] // p, prepared.tensor.shape[-1] // p)
     if isinstance(queries, str):
         if queries != "all":
-            raise ValueError(f"queries: expected 'all' or a list of (row, col) tokens, got {queries!r}")
+            raise ParameterError(f"queries: expected 'all' or a list of (row, col) tokens, got {queries!r}")
         queries = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
     reducer = QueryMaps(queries, grid, encoder.config.num_heads)
     heads, n = encoder.config.num_heads, grid[0] * grid[1]
     kept = sum(4 * len(reducer.queries) * heads * (n if encoder.blocks[b].window_size == 0
                                                    else encoder.blocks[b].window_size ** 2) for b in blocks)
     if kept > MAX_KEPT_BYTES:
-        raise ValueError(f"attention: {len(reducer.queries)} queries in {len(blocks)} blocks would keep "
-                         f"{kept / 2**30:.1f} GiB of maps (limit {MAX_KEPT_BYTES / 2**30:.0f} GiB); choose fewer "
-                         "queries or blocks, or use attention_distance for statistics over every query")
+        raise ParameterError(f"attention: {len(reducer.queries)} queries in {len(blocks)} blocks would keep "
+                             f"{kept / 2**30:.1f} GiB of maps (limit {MAX_KEPT_BYTES / 2**30:.0f} GiB); choose fewer "
+                             "queries or blocks, or use attention_distance for statistics over every query")
     walk(encoder, prepared.tensor, blocks, [reducer], chunk_elems, full=False)  # later blocks are not needed
     return AttentionResult(reducer.result(), prepared.image_tokens(p), prepared)

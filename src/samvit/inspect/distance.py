@@ -25,6 +25,7 @@ import torch
 
 from ..modeling.encoder import ImageEncoder
 from .capture import CHUNK_ELEMS, Chunk, Prepared, _check_blocks, prepare, walk
+from ..errors import ParameterError
 
 CSV_COLUMNS = ("block", "head", "window", "mean_distance_px", "entropy")
 
@@ -85,7 +86,7 @@ class DistanceStats:
     def means(self, block: int) -> torch.Tensor:
         """(3, heads): this image's mean distance (px), entropy (nats) and padding mass per head."""
         if not self.counts.get(block):
-            raise ValueError(f"block {block}: no query token of the image was seen")
+            raise ParameterError(f"block {block}: no query token of the image was seen")
         return self.sums[block] / self.counts[block]
 
 
@@ -111,7 +112,10 @@ class DistanceResult:
                 for h in range(self.mean_distance.shape[1])]
 
     def write_csv(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", newline="") as f:
+        """Write rows() as CSV to path, atomically."""
+        from ..checkpoints.files import atomic_write
+
+        with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             w.writeheader()
             for row in self.rows():
@@ -147,7 +151,7 @@ def attention_distance(encoder: ImageEncoder, images, blocks: Union[None, int, I
         names.append(os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"image {n}")
         windows = [stats.window[b] for b in blocks]
     if not per_image:
-        raise ValueError("attention_distance: no images given")
+        raise ParameterError("attention_distance: no images given")
     arr = np.stack(per_image)  # (images, blocks, 3, heads)
     mean = arr.mean(0)
     return DistanceResult(encoder.config.name, p, blocks, windows, mean[:, 0], mean[:, 1], mean[:, 2], arr[:, :, 0],

@@ -14,6 +14,7 @@ import torch
 
 from ..modeling.encoder import ImageEncoder
 from .capture import Prepared, prepare, walk
+from ..errors import ParameterError
 
 
 def principal_components(features: torch.Tensor, mask: Optional[torch.Tensor] = None, k: int = 3
@@ -24,7 +25,7 @@ def principal_components(features: torch.Tensor, mask: Optional[torch.Tensor] = 
     x = features.reshape(H * W, C).double().cpu()
     fit = x[mask.reshape(-1).cpu()] if mask is not None else x
     if fit.shape[0] < 2:
-        raise ValueError(f"PCA needs at least 2 tokens, got {fit.shape[0]}")
+        raise ParameterError(f"PCA needs at least 2 tokens, got {fit.shape[0]}")
     k = min(k, C)
     mean = fit.mean(0)
     cov = (fit - mean).T @ (fit - mean) / (fit.shape[0] - 1)

@@ -16,6 +16,7 @@ import torch
 from .capture import AttentionResult, Prepared
 from .distance import DistanceResult, window_diameter_px
 from .pca import PCAResult
+from ..errors import ParameterError
 
 DPI = 100
 PANEL_IN = 3.0  # inches per attention / PCA panel
@@ -37,7 +38,10 @@ def _figure(width_in: float, height_in: float, dpi: int = DPI):
 
 
 def _save(fig, path: PathLike) -> Tuple[int, int]:
-    fig.savefig(os.fspath(path), dpi=fig.dpi, format="png")  # no bbox_inches="tight": the size stays as laid out
+    from ..checkpoints.files import atomic_write
+
+    with atomic_write(path) as tmp:  # a full disk leaves the old file or none, never half a PNG
+        fig.savefig(tmp, dpi=fig.dpi, format="png")  # no bbox_inches="tight": the size stays as laid out
     w, h = fig.get_size_inches() * fig.dpi
     return int(round(w)), int(round(h))
 
@@ -100,7 +104,7 @@ def plot_attention(result: AttentionResult, block: int, path: PathLike, patch_si
     heads = list(range(n_heads)) if heads is None else list(heads)
     for h in heads:
         if not 0 <= h < n_heads:
-            raise ValueError(f"head {h} does not exist: block {block} has heads 0..{n_heads - 1}")
+            raise ParameterError(f"head {h} does not exist: block {block} has heads 0..{n_heads - 1}")
     rows, cols = grid_shape(len(heads))
     ph = panel_height_in(prepared.original_size) + 0.25  # + a line of panel title
     fig = _figure(cols * PANEL_IN, rows * ph + TITLE_IN, dpi)

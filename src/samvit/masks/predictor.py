@@ -46,7 +46,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike], model: Union[str, EncoderConfig, None] = None,
-                        device: Union[str, torch.device, None] = None, dtype: DtypeArg = "auto",
+                        device: Union[str, torch.device, None] = None, dtype: DtypeArg = None,
                         with_encoder: bool = True, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
                         attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> "Predictor":
         """Encoder and decoder from one full SAM checkpoint, read once (samvit.checkpoints.load.load_sam).
@@ -55,8 +55,8 @@ class Predictor:
             checkpoint: a file (official .pth, transformers SamModel, .safetensors), a transformers folder, or a
                 registry name (vit_b, vit_l, vit_h) fetched into the verified cache.
             model: preset name or EncoderConfig; inferred when omitted.
-            device: for both models. dtype: the encoder's compute dtype ("auto": bfloat16 where the device computes
-                it natively, else float32; or a dtype); the decoder is cheap and stays float32.
+            device: for both models. dtype: the encoder's compute dtype (None: float32, the default; "auto":
+                bfloat16 where the device computes it natively, else float32; or a dtype); the decoder is cheap and stays float32.
             with_encoder: False skips the encoder: use set_embedding.
             kernel: the encoder's attention kernel (attn_impl: its former name, wins when given).
             progress: download/verification bar (None: only on a terminal).

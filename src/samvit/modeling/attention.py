@@ -23,6 +23,7 @@ from torch import nn
 
 from .common import add_linear_, linear_into
 from .workspace import Workspace
+from ..errors import ParameterError
 
 # The additive bias is built and used in chunks of at most this many entries (16 MiB in float32 on CPU, so that
 # it stays in the last-level cache; 2 MiB more per thread beyond 4 threads, so that a chunk keeps every thread
@@ -70,8 +71,8 @@ def get_kernel(name: str) -> Kernel:
     """The kernel registered as `name` (or a former alias: "fast"); the one place a kernel name is resolved."""
     name = KERNEL_ALIASES.get(name, name)
     if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; expected one of {', '.join(KERNELS)} "
-                         f"(or {', '.join(KERNEL_ALIASES)})")
+        raise ParameterError(f"unknown attention kernel {name!r}; expected one of {', '.join(KERNELS)} "
+                             f"(or {', '.join(KERNEL_ALIASES)})")
     return KERNELS[name]
 
 
@@ -229,7 +230,7 @@ class Attention(nn.Module):
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
         """Global attention over a token sequence (B,N,C), no relative position (the MAE ViT, class token included)."""
         if self.use_rel_pos:
-            raise ValueError("forward_seq: relative positions need a (B,H,W,C) grid; use forward")
+            raise ParameterError("forward_seq: relative positions need a (B,H,W,C) grid; use forward")
         B, N, C = x.shape
         return self.proj(self.kernel.fn(self, self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), (N, 1)))
 

@@ -18,6 +18,7 @@ from .attention import (DEFAULT_KERNEL, KERNEL_ALIASES, Attention, get_kernel, r
                         window_unpartition)
 from .common import LayerNorm2d, MLPBlock
 from .workspace import Workspace
+from ..errors import ParameterError
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
@@ -166,22 +167,22 @@ def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_input(x: torch.Tensor, cfg: EncoderConfig) -> None:
     if x.ndim != 4 or x.shape[1] != cfg.in_chans or not x.is_floating_point():
-        raise ValueError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
-                         f"got {x.dtype} of shape {tuple(x.shape)}")
+        raise ParameterError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
+                             f"got {x.dtype} of shape {tuple(x.shape)}")
     if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
-        raise ValueError(f"encoder input: height and width must be multiples of the patch size {cfg.patch_size}, "
-                         f"got {tuple(x.shape[2:])}")
+        raise ParameterError(f"encoder input: height and width must be multiples of the patch size {cfg.patch_size}, "
+                             f"got {tuple(x.shape[2:])}")
 
 
 def check_float16(cfg: EncoderConfig, device: torch.device) -> None:
     """float16 only where it is safe: refused on CPU (no faster there, and not shown safe) and for ViT-H-sized
     models, whose activations overflow float16 (segment-anything issue 540). bfloat16 is the fast dtype."""
     if device.type == "cpu":
-        raise ValueError("float16 is not supported on CPU (no faster than float32 there, and not shown to be "
-                         "accurate); use bfloat16 or float32")
+        raise ParameterError("float16 is not supported on CPU (no faster than float32 there, and not shown to be "
+                             "accurate); use bfloat16 or float32")
     if cfg.embed_dim >= 1280:
-        raise ValueError(f"float16 is refused for model {cfg.name!r} (width {cfg.embed_dim}): ViT-H activations "
-                         "overflow float16 (segment-anything issue 540); use bfloat16")
+        raise ParameterError(f"float16 is refused for model {cfg.name!r} (width {cfg.embed_dim}): ViT-H activations "
+                             "overflow float16 (segment-anything issue 540); use bfloat16")
 
 
 class ImageEncoder(nn.Module):
@@ -257,7 +258,7 @@ class ImageEncoder(nn.Module):
         """Stochastic depth for training: block i drops its branches with probability rate * i / (depth - 1)
         (0 in the first block, `rate` in the last, as timm's linear rule); 0 turns it off."""
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+            raise ParameterError(f"drop path rate must be in [0, 1), got {rate}")
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             blk.drop_path = rate * i / (n - 1) if n > 1 else rate
@@ -315,7 +316,7 @@ class ImageEncoder(nn.Module):
         take = set(range(n)) if blocks is None else set()
         for i in blocks or ():
             if not -n <= int(i) < n:
-                raise ValueError(f"block index {i} is outside the {n} blocks of model {self.config.name!r}")
+                raise ParameterError(f"block index {i} is outside the {n} blocks of model {self.config.name!r}")
             take.add(int(i) % n)
         x = self.forward_embed(x)
         ws = self.workspace()  # inference: x is updated in place, so the intermediates are copies

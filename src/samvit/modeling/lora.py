@@ -12,6 +12,8 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
+from ..errors import ParameterError
+
 LORA_TARGETS = {"qkv": ("attn.qkv",), "proj": ("attn.proj",), "mlp": ("mlp.lin1", "mlp.lin2")}
 
 
@@ -21,7 +23,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+            raise ParameterError(f"LoRA rank must be at least 1, got {rank}")
         self.base = base
         base.requires_grad_(False)
         self.rank = rank
@@ -70,7 +72,7 @@ def _targets(targets: Iterable[str]) -> List[str]:
     paths = []
     for t in targets:
         if t not in LORA_TARGETS:
-            raise ValueError(f"unknown LoRA target {t!r}; expected some of {', '.join(LORA_TARGETS)}")
+            raise ParameterError(f"unknown LoRA target {t!r}; expected some of {', '.join(LORA_TARGETS)}")
         paths.extend(LORA_TARGETS[t])
     return paths
 
@@ -86,7 +88,7 @@ def add_lora(blocks: nn.ModuleList, rank: int, targets: Iterable[str] = ("qkv",)
             parent = block.get_submodule(parent_path)
             layer = getattr(parent, leaf)
             if isinstance(layer, LoRALinear):
-                raise ValueError(f"{path} already has a LoRA adapter")
+                raise ParameterError(f"{path} already has a LoRA adapter")
             setattr(parent, leaf, LoRALinear(layer, rank, alpha))
             n += 1
     return n

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig, MAEConfig
 from .encoder import Block, PatchEmbed
+from ..errors import ParameterError
 
 
 def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -120,7 +121,7 @@ class MaskedAutoencoder(nn.Module):
         p, C = self.config.patch_size, self.config.in_chans
         h = int(round(x.shape[1] ** 0.5))
         if h * h != x.shape[1] or x.shape[2] != p * p * C:
-            raise ValueError(f"unpatchify: expected (B, h*h, {p * p * C}), got {tuple(x.shape)}")
+            raise ParameterError(f"unpatchify: expected (B, h*h, {p * p * C}), got {tuple(x.shape)}")
         x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, h, p, p, C))
         return x.reshape(x.shape[0], C, h * p, h * p)
 
@@ -133,7 +134,7 @@ class MaskedAutoencoder(nn.Module):
         if noise is None:
             noise = torch.rand(B, L, device=x.device)
         elif noise.shape != (B, L):
-            raise ValueError(f"noise: expected shape {(B, L)} (batch, patches), got {tuple(noise.shape)}")
+            raise ParameterError(f"noise: expected shape {(B, L)} (batch, patches), got {tuple(noise.shape)}")
         ids_shuffle = torch.argsort(noise.to(x.device), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
@@ -190,21 +191,22 @@ class MaskedAutoencoder(nn.Module):
         config's; noise (B, L) fixes the masking (the tokens with the smallest noise are kept). With target_dim,
         target (B, L, target_dim) is what the masked patches' predictions are compared with (mean squared error)."""
         if (target is None) != (self.target_dim is None):
-            raise ValueError("MAE target: give target (B, L, target_dim) exactly when the model was built with "
-                             f"target_dim (it was built with {self.target_dim})")
+            raise ParameterError("MAE target: give target (B, L, target_dim) exactly when the model was built with "
+                                 f"target_dim (it was built with {self.target_dim})")
         cfg = self.config
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size) \
                 or not imgs.is_floating_point():
-            raise ValueError(f"MAE input: expected a float tensor (B,{cfg.in_chans},{cfg.img_size},{cfg.img_size}), "
-                             f"got {imgs.dtype} of shape {tuple(imgs.shape)}")
+            raise ParameterError("MAE input: expected a float tensor "
+                                 f"(B,{cfg.in_chans},{cfg.img_size},{cfg.img_size}), "
+                                 f"got {imgs.dtype} of shape {tuple(imgs.shape)}")
         mask_ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
         if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+            raise ParameterError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         if target is None:
             return self.forward_loss(imgs, pred, mask), pred, mask
         if target.shape != pred.shape:
-            raise ValueError(f"MAE target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+            raise ParameterError(f"MAE target: expected shape {tuple(pred.shape)}, got {tuple(target.shape)}")
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum(), pred, mask

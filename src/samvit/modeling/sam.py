@@ -12,6 +12,7 @@ from .encoder import ImageEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
+from ..errors import ParameterError
 
 
 class SamDecoder(nn.Module):
@@ -51,9 +52,9 @@ class Sam(nn.Module):
         enc, dec = image_encoder.config, decoder.config
         if enc.out_chans != dec.embed_dim or enc.grid_size != dec.image_embedding_size or \
                 enc.img_size != dec.input_image_size:
-            raise ValueError(f"encoder ({enc.out_chans} channels, {enc.grid_size}x{enc.grid_size} grid, input "
-                             f"{enc.img_size}) does not fit the decoder ({dec.embed_dim} channels, "
-                             f"{dec.image_embedding_size} grid, input {dec.input_image_size})")
+            raise ParameterError(f"encoder ({enc.out_chans} channels, {enc.grid_size}x{enc.grid_size} grid, input "
+                                 f"{enc.img_size}) does not fit the decoder ({dec.embed_dim} channels, "
+                                 f"{dec.image_embedding_size} grid, input {dec.input_image_size})")
         self.image_encoder = image_encoder
         self.prompt_encoder = decoder.prompt_encoder
         self.mask_decoder = decoder.mask_decoder
@@ -85,14 +86,14 @@ class Sam(nn.Module):
         """
         if session is not None:
             if (images is None) == (image_embeddings is None):
-                raise ValueError("Sam.forward(session=...): give images or image_embeddings")
+                raise ParameterError("Sam.forward(session=...): give images or image_embeddings")
             return session(self.image_encoder(images) if images is not None else image_embeddings, self.decode)
         if images is not None:
             if image_embeddings is not None or points is not None or boxes is not None or mask_inputs is not None:
-                raise ValueError("Sam.forward: give images alone (to embed them) or image_embeddings with prompts")
+                raise ParameterError("Sam.forward: give images alone (to embed them) or image_embeddings with prompts")
             return self.image_encoder(images)
         if image_embeddings is None:
-            raise ValueError("Sam.forward: give images or image_embeddings")
+            raise ParameterError("Sam.forward: give images or image_embeddings")
         return self.decode(image_embeddings, points, boxes, mask_inputs)
 
     def decode(self, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import MLPBlock
+from ..errors import ParameterError
 
 
 class DecoderAttention(nn.Module):
@@ -18,7 +19,7 @@ class DecoderAttention(nn.Module):
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
-            raise ValueError(f"num_heads {num_heads} does not divide the attention width {self.internal_dim}")
+            raise ParameterError(f"num_heads {num_heads} does not divide the attention width {self.internal_dim}")
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)

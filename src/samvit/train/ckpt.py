@@ -58,15 +58,47 @@ def list_checkpoints(run_dir: str) -> List[str]:
     return [p for _, p in sorted(found)]
 
 
+class _Writes:
+    """A file for torch.save that keeps the OSError of a failed write (torch reports a full disk as a RuntimeError
+    'unexpected pos' that does not say why)."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_checkpoint(state: Dict, run_dir: str, step: int, keep_last: int = 3) -> str:
     """Write state to RUN_DIR/ckpt_<step>.pt atomically (temporary file, fsync, rename), then delete all but the
-    newest keep_last checkpoints and any temporary file a killed save left behind."""
+    newest keep_last checkpoints and any temporary file a killed save left behind. A failed write (a full disk)
+    removes the temporary file and raises OSError naming the checkpoint; the older checkpoints stay."""
     path = checkpoint_path(run_dir, step)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(dict(state, format=FORMAT, step=step), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    sink = None
+    try:
+        with open(tmp, "wb") as fh:
+            sink = _Writes(fh)
+            torch.save(dict(state, format=FORMAT, step=step), sink)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        err = e if isinstance(e, OSError) else getattr(sink, "error", None)
+        if err is not None:
+            raise OSError(err.errno, f"cannot write the checkpoint ({err.strerror or err}); the temporary file was "
+                          "removed, the older checkpoints are kept", path) from None
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(run_dir, os.O_RDONLY)
     try:
@@ -84,11 +116,53 @@ def save_checkpoint(state: Dict, run_dir: str, step: int, keep_last: int = 3) ->
     return path
 
 
+LOCK_FILE = "train.lock"
+
+
+def lock_run_dir(run_dir: str) -> int:
+    """Take RUN_DIR/train.lock (an exclusive fcntl lock held until unlock_run_dir or the process ends) and write
+    who holds it; RunLockedError naming the holder when another process trains in the folder. Returns the fd."""
+    import fcntl
+    import json
+    import socket
+    import time
+
+    from ..errors import RunLockedError
+
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}"
+               if isinstance(holder, dict) else "unknown")
+        raise RunLockedError(f"--out {run_dir}: another process is training in this run folder ({who}; lock "
+                             f"{path}); wait for it to end, or stop it, before --resume") from None
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    return fd
+
+
+def unlock_run_dir(fd: Optional[int]) -> None:
+    """Release what lock_run_dir took (the file stays; an unlocked one holds no run)."""
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
 def load_checkpoint(path: str) -> Dict:
     """Read a checkpoint written by save_checkpoint (weights_only=True, on the CPU)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a samvit training checkpoint")
+        from ..errors import InputError
+
+        raise InputError(f"{path}: not a samvit training checkpoint")
     return state
 
 

@@ -102,8 +102,8 @@ def evaluate_image(predictor, rgb: np.ndarray, masks: np.ndarray, clicks: Sequen
 def summarise(rows: List[Dict[str, float]], clicks: Sequence[int] = DEFAULT_CLICKS) -> Dict[str, float]:
     """Mean IoUs of per-object rows: point1_miou, box_miou, clicks<k>_miou, n_objects."""
     keys = ["point1", "box"] + [f"clicks{c}" for c in clicks]
-    out: Dict[str, float] = {f"{k}_miou": (float(np.mean([r[k] for r in rows])) if rows else float("nan"))
-                             for k in keys}
+    out: Dict[str, Optional[float]] = {f"{k}_miou": (float(np.mean([r[k] for r in rows])) if rows else None)
+                                       for k in keys}  # None (JSON null): no object to measure
     out["n_objects"] = len(rows)
     return out
 
@@ -112,18 +112,21 @@ def evaluate(predictor, datasets: Dict[str, object], clicks: Sequence[int] = DEF
              limit: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> Dict:
     """Evaluate a predictor on mask sources (name -> MaskFolder / CocoMasks / ShapeMasks). Returns the summary
     over everything ({'point1_miou', 'box_miou', 'clicks<k>_miou', 'n_objects'}) with 'per_dataset',
-    'per_size' and 'skipped' (reason -> count: images or annotations that could not be used)."""
+    'per_size', 'skipped' (reason -> count: images or annotations that could not be used) and 'skipped_items'
+    ([{'dataset', 'item', 'reason'}], each one). A mean over no object is None (JSON null), never NaN."""
     from ..data.images import ImageError
     from .masks_data import MaskError
 
     clicks = tuple(sorted(set(int(c) for c in clicks)))
     all_rows: List[Dict[str, float]] = []
     per_dataset, skipped = {}, {}
+    items: List[Dict[str, str]] = []
     total = sum(min(len(s), limit) if limit else len(s) for s in datasets.values())
     done = 0
     for name, source in datasets.items():
         for reason, count in getattr(source, "problems", {}).items():
             skipped[reason] = skipped.get(reason, 0) + count
+        items += [{"dataset": name, "item": str(what), "reason": str(why)} for what, why in getattr(source, "missing", [])]
         rows: List[Dict[str, float]] = []
         n_images = 0
         for i in range(min(len(source), limit) if limit else len(source)):
@@ -131,13 +134,19 @@ def evaluate(predictor, datasets: Dict[str, object], clicks: Sequence[int] = DEF
                 rgb, masks, problems = source.load(i)
             except (ImageError, MaskError) as e:
                 skipped[type(e).__name__] = skipped.get(type(e).__name__, 0) + 1
+                items.append({"dataset": name, "item": source.name(i), "reason": str(e)})
                 problems, masks = [], None
-            for _, reason in problems:
+            for what, reason in problems:
                 key = reason.split(" (")[0]
                 skipped[key] = skipped.get(key, 0) + 1
+                items.append({"dataset": name, "item": f"{source.name(i)}: {what}", "reason": reason})
             if masks is not None and len(masks):
                 rows.extend(evaluate_image(predictor, rgb, masks, clicks))
                 n_images += 1
+            elif masks is not None and not problems:
+                skipped["no object in the mask"] = skipped.get("no object in the mask", 0) + 1
+                items.append({"dataset": name, "item": source.name(i), "reason": "no object in the mask (all "
+                              "background)"})
             done += 1
             if progress:
                 progress(done, total)
@@ -149,6 +158,7 @@ def evaluate(predictor, datasets: Dict[str, object], clicks: Sequence[int] = DEF
     out["per_size"] = {b: summarise([r for r in all_rows if size_bin(r["area"]) == b], clicks)
                        for b, _, _ in SIZE_BINS}
     out["skipped"] = skipped
+    out["skipped_items"] = items
     out["clicks"] = list(clicks)
     return out
 
@@ -163,7 +173,7 @@ def markdown_table(results: Dict[str, Dict]) -> str:
                                                               for c in first["clicks"]}}
 
     def fmt(v) -> str:
-        return "-" if v != v else f"{v:.4f}"  # NaN: no object of that kind
+        return "-" if v is None or v != v else f"{v:.4f}"  # None: no object of that kind
 
     lines = ["| subset | objects | prompt | " + " | ".join(labels) + " |",
              "|---|---:|---|" + "---:|" * len(labels)]

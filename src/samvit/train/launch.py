@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..runtime import init_distributed
+from ..errors import ParameterError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,17 +66,17 @@ def check_precision(precision: str, model_config=None, fsdp: bool = False) -> No
     activations overflow float16, segment-anything issue 540) and with FSDP (whose sharded gradients the plain
     GradScaler cannot check)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        raise ParameterError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision != "fp16":
         return
     cfg = model_config
     width = getattr(cfg, "embed_dim", 0)
     if width >= 1280:
-        raise ValueError(f"--precision fp16 is refused for {getattr(cfg, 'name', 'this model')!r} (width {width}): "
-                         "ViT-H activations overflow float16 (segment-anything issue 540); use --precision bf16")
+        raise ParameterError(f"--precision fp16 is refused for {getattr(cfg, 'name', 'this model')!r} (width {width}): "
+                             "ViT-H activations overflow float16 (segment-anything issue 540); use --precision bf16")
     if fsdp:
-        raise ValueError("--precision fp16 is not supported with --fsdp (the gradient scaler would see only this "
-                         "process's shard); use --precision bf16")
+        raise ParameterError("--precision fp16 is not supported with --fsdp (the gradient scaler would see only this "
+                             "process's shard); use --precision bf16")
 
 
 def autocast(device: torch.device, precision: str):
@@ -99,8 +100,8 @@ def fsdp_units(model: nn.Module) -> List[nn.Module]:
 
 def check_fsdp(procs: Processes, fsdp: bool) -> None:
     if fsdp and not procs.distributed:
-        raise ValueError("--fsdp shards the model over processes: run under torchrun with --nproc_per_node 2 or "
-                         "more (one process trains without it)")
+        raise ParameterError("--fsdp shards the model over processes: run under torchrun with --nproc_per_node 2 or "
+                             "more (one process trains without it)")
 
 
 def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
@@ -113,8 +114,8 @@ def wrap(model: nn.Module, procs: Processes, fsdp: bool = False) -> nn.Module:
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:
-            raise ValueError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this is "
-                             f"torch {torch.__version__}") from None
+            raise ParameterError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this is "
+                                 f"torch {torch.__version__}") from None
 
         # the model returns views (pred[:, 1:]) that nothing modifies in place: FSDP2's warning does not apply
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .ckpt import latest_checkpoint, list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from ..errors import TrainingDivergedError
+from .ckpt import (LOCK_FILE, latest_checkpoint, list_checkpoints, lock_run_dir, rng_state, save_checkpoint,
+                   set_rng_state, unlock_run_dir)
 from .data import Batches, to_device
 from .launch import (Processes, all_gather, autocast, barrier, check_fsdp, check_precision, gradient_sync,
                      mean_over_processes, seed_everything, setup, teardown, unwrap, wrap)
@@ -117,7 +119,7 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         if diff:
             raise ValueError(f"--resume: {cfg.out} was started with a different config: {'; '.join(diff)}")
         return
-    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE, *cfg.inputs}:  # never took a step: anew
+    if os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) - {CONFIG_FILE, LOCK_FILE, *cfg.inputs}:  # no step: anew
         raise ValueError(f"--out {cfg.out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another "
                          "--out")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -143,11 +145,16 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
     # -- processes and the run directory
     procs = setup(cfg.device)
     device = procs.device
+    lock = None  # RUN_DIR/train.lock, held by the main process while it trains: a second one is refused
     try:
         batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers,
                           pin_memory=device.type == "cuda")
         check_fsdp(procs, cfg.fsdp)
+        if procs.main and os.path.isfile(os.path.join(cfg.out, CONFIG_FILE)):  # a run: lock before looking at it
+            lock = lock_run_dir(cfg.out)
         prepare_run_dir(cfg, procs)
+        if procs.main and lock is None:
+            lock = lock_run_dir(cfg.out)
 
         # -- the model: the same initial weights on every process (FSDP2 does not broadcast them)
         seed_everything(cfg.seed)
@@ -215,6 +222,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
                     with autocast(device, cfg.precision):
                         out = loss_fn(model, batch)
                     out = out if isinstance(out, dict) else {"loss": out}
+                    stop_if_not_finite(out["loss"], step + 1, cfg.out, procs)
                     scaler.scale(out["loss"] / cfg.accum).backward()
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum
@@ -243,6 +251,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
             if step % cfg.ckpt_every == 0 or step == total:
                 msd, osd = get_state_dict(model, optimizer,
                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                stop_if_weights_not_finite(msd if procs.main else {}, step, cfg.out, procs)
                 rngs = all_gather(rng_state(), procs)
                 if procs.main:
                     save_checkpoint({"model": msd, "optimizer": osd, "schedule": schedule.state_dict(),
@@ -256,4 +265,42 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
             print(f"samvit train: step {step}, loss {values['loss']:.4f}; checkpoint {cfg.out} (step {saved_at})")
         return {"step": step, "loss": values.get("loss"), "run_dir": cfg.out}
     finally:
+        unlock_run_dir(lock)
         teardown(procs)
+
+
+def _any_process(flag: bool, procs: Processes) -> bool:
+    """Whether `flag` is true on any process (every process calls it)."""
+    if not procs.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=procs.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _diverged(step: int, what: str, run_dir: str) -> TrainingDivergedError:
+    kept = list_checkpoints(run_dir)
+    where = (f"the checkpoints before it are kept (newest: {os.path.basename(kept[-1])})" if kept else
+             "no checkpoint was written before it")
+    return TrainingDivergedError(f"step {step}: {what}; the run stopped at this step, {where} in {run_dir}. "
+                                 "Lower --lr / --blr, add --clip-grad, or train in --precision fp32, then --resume")
+
+
+def stop_if_not_finite(loss: torch.Tensor, step: int, run_dir: str, procs: Processes) -> None:
+    """Stop the run (TrainingDivergedError, exit 1) at `step` when the loss is NaN or infinite on any process:
+    before backward, so the weights and the checkpoints stay finite."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if _any_process(bad, procs):
+        value = loss.detach().float().flatten()[0].item() if bad else float("nan")
+        raise _diverged(step, f"the loss is {value} (not finite)" if bad else "the loss is not finite on "
+                        "another process", run_dir)
+
+
+def stop_if_weights_not_finite(state: Dict[str, torch.Tensor], step: int, run_dir: str, procs: Processes) -> None:
+    """Stop the run before a checkpoint is written from weights holding NaN or infinite values (the loss was
+    finite, the update was not). `state`: the full model state dict on the main process ({} elsewhere)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if _any_process(bool(bad), procs):
+        raise _diverged(step, f"the update made the weights non-finite ({', '.join(bad[:3]) or 'on the main process'}"
+                        f"{', ...' if len(bad) > 3 else ''}); this step was not saved", run_dir)

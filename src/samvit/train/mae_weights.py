@@ -44,6 +44,7 @@ import torch
 from ..config import MAE_PRESETS, MAEConfig, mae_preset
 from ..modeling.mae import MaskedAutoencoder
 from ..checkpoints.files import CheckpointError, check_keys, read_checkpoint
+from ..errors import ParameterError
 
 StateDict = Dict[str, torch.Tensor]
 MAE_FORMATS = ("samvit", "official", "transformers")
@@ -139,7 +140,7 @@ def to_mae_state(sd: StateDict, fmt: Optional[str] = None) -> Tuple[StateDict, s
         return mae_state_from_transformers(sd), fmt
     if fmt == "samvit":
         return sd, fmt
-    raise ValueError(f"unknown MAE checkpoint format {fmt!r}; expected one of {MAE_FORMATS}")
+    raise ParameterError(f"unknown MAE checkpoint format {fmt!r}; expected one of {MAE_FORMATS}")
 
 
 def _heads_for(width: int, decoder: bool) -> int:

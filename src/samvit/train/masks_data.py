@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from ..data.preprocess import get_preprocess_shape, prepare
+from ..errors import InputError, ParameterError
 from .data import sample_generator
 from .shapes import SyntheticShapes
 
@@ -40,8 +41,8 @@ BOX_NOISE_FRACTION = 0.1  # std of the box noise: 10% of the box's side (SAM pap
 BOX_NOISE_MAX = 20.0  # the noise is clipped to 20 pixels of a 1024 input (scaled with the input size)
 
 
-class MaskError(ValueError):
-    """A mask file or annotation that cannot be used."""
+class MaskError(InputError):
+    """A mask file, annotation or annotations file that cannot be used."""
 
 
 def labels_to_masks(labels: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ class MaskFolder:
                 self.problems["image without mask"] += 1
                 self.missing.append((os.path.join(images, f), f"no mask file {mask}"))
         if not self.items:
-            raise ValueError(f"--data {root}: no image in images/ has a mask masks/NAME.png")
+            raise ParameterError(f"--data {root}: no image in images/ has a mask masks/NAME.png")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -133,10 +134,10 @@ class CocoMasks:
             with open(annotations, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--data {annotations}: cannot read a COCO annotations JSON ({e})") from None
+            raise MaskError(f"--data {annotations}: cannot read a COCO annotations JSON ({e})") from None
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) or \
                 not isinstance(data.get("annotations"), list):
-            raise ValueError(f"--data {annotations}: not a COCO annotations file (expected 'images' and "
+            raise MaskError(f"--data {annotations}: not a COCO annotations file (expected 'images' and "
                              "'annotations' lists)")
         self.root, self.problems, self.missing = images, Counter(), []
         by_image: Dict[object, list] = {}
@@ -162,7 +163,7 @@ class CocoMasks:
                 continue
             self.items.append((rec["file_name"], rec, anns))
         if not self.items:
-            raise ValueError(f"--data {annotations}: no image with a usable annotation and an existing file in "
+            raise MaskError(f"--data {annotations}: no image with a usable annotation and an existing file in "
                              f"{images} ({dict(self.problems)})")
 
     def __len__(self) -> int:
@@ -264,12 +265,13 @@ def open_masks(data: str, images: Optional[str] = None, synthetic_size: int = 25
         return ShapeMasks(synthetic_size, synthetic_px, seed)
     if data.lower().endswith(".json"):
         if images is None:
-            raise ValueError(f"--data {data}: a COCO annotations file needs --images DIR (the folder of its images)")
+            raise ParameterError(f"--data {data}: a COCO annotations file needs --images DIR (the folder of its "
+                                 "images)")
         if not os.path.isfile(data):
             raise FileNotFoundError(f"--data {data}: no such file")
         return CocoMasks(data, images)
     if images is not None:
-        raise ValueError("--images only applies to a COCO annotations .json given as --data")
+        raise ParameterError("--images only applies to a COCO annotations .json given as --data")
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data}: no such directory (expected DIR with images/ and masks/, a COCO "
                                 ".json with --images, or 'synthetic')")
@@ -301,7 +303,7 @@ def low_res_targets(masks: np.ndarray, img_size: int, low_res: int) -> np.ndarra
     to img_size, Pillow bilinear), zero-padded bottom/right to img_size, averaged over (img_size/L)^2 blocks and
     thresholded at one half."""
     if img_size % low_res:
-        raise ValueError(f"the input size {img_size} is not a multiple of the low-res size {low_res}")
+        raise ParameterError(f"the input size {img_size} is not a multiple of the low-res size {low_res}")
     n, h, w = masks.shape
     nh, nw = get_preprocess_shape(h, w, img_size)
     s = img_size // low_res
@@ -357,7 +359,7 @@ class MaskSamples(Dataset):
     def __init__(self, source: MaskSource, img_size: int, low_res: int, masks_per_image: int, seed: int = 0,
                  store=None, report: Optional[str] = None) -> None:
         if masks_per_image < 1:
-            raise ValueError(f"--masks-per-image must be at least 1, got {masks_per_image}")
+            raise ParameterError(f"--masks-per-image must be at least 1, got {masks_per_image}")
         self.source, self.img_size, self.low_res, self.k = source, img_size, low_res, masks_per_image
         self.seed, self.store, self.report = seed, store, report
         self._bad: set = set()
@@ -423,7 +425,7 @@ class MaskSamples(Dataset):
                 self._skip(i, "no usable instance")
                 continue
             return i, rgb, masks
-        raise ValueError(f"none of the {n} images of the training data has a usable mask")
+        raise ParameterError(f"none of the {n} images of the training data has a usable mask")
 
     def _skip(self, i: int, reason: str) -> None:
         self._bad.add(i)

@@ -10,6 +10,7 @@ from typing import List
 
 import numpy as np
 from PIL import Image, ImageDraw
+from ..errors import ParameterError
 
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle")
 
@@ -37,10 +38,10 @@ def render_shapes(index: int, seed: int = 0, size: int = 224, min_shapes: int = 
     """Draw picture `index` of the set `seed`: 1-4 shapes of random kind, colour, size, position and rotation
     over a noisy colour gradient."""
     if size < 8:
-        raise ValueError(f"synthetic shapes: size must be at least 8 pixels, got {size}")
+        raise ParameterError(f"synthetic shapes: size must be at least 8 pixels, got {size}")
     if not 1 <= min_shapes <= max_shapes or max_shapes > 255:
-        raise ValueError(f"synthetic shapes: expected 1 <= min_shapes <= max_shapes <= 255, got {min_shapes}, "
-                         f"{max_shapes}")
+        raise ParameterError(f"synthetic shapes: expected 1 <= min_shapes <= max_shapes <= 255, got {min_shapes}, "
+                             f"{max_shapes}")
     rng = np.random.default_rng([seed, index])
     # background: a linear gradient between two colours in a random direction, plus Gaussian noise
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
@@ -84,7 +85,7 @@ class SyntheticShapes:
 
     def __init__(self, n: int, size: int = 224, seed: int = 0, cache: int = 4096) -> None:
         if n < 1:
-            raise ValueError(f"synthetic shapes: the set needs at least 1 image, got {n}")
+            raise ParameterError(f"synthetic shapes: the set needs at least 1 image, got {n}")
         self.n, self.size, self.seed = n, size, seed
         self._cache: dict = {} if cache >= n else None  # rendered once when the whole set fits (224 px: 150 kB each)
 

@@ -17,6 +17,7 @@ from ..modeling.encoder import ImageEncoder, resize_pos_embed
 from ..modeling.mae import MaskedAutoencoder
 from ..checkpoints.files import CheckpointError
 from .mae_weights import read_mae_file, to_mae_state
+from ..errors import ParameterError
 
 StateDict = Dict[str, torch.Tensor]
 MAESource = Union[MaskedAutoencoder, StateDict, str, os.PathLike]
@@ -49,7 +50,7 @@ def mae_to_sam_encoder(src: MAESource, encoder: Union[str, EncoderConfig] = "vit
     if not cfg.qkv_bias:
         problems.append("qkv bias: MAE has one, the encoder config has qkv_bias=False")
     if problems:
-        raise ValueError(f"{where} does not fit encoder {cfg.name!r}: " + "; ".join(problems))
+        raise ParameterError(f"{where} does not fit encoder {cfg.name!r}: " + "; ".join(problems))
 
     with torch.random.fork_rng(devices=[]):  # the new parts (the neck) initialised the same way every time
         torch.manual_seed(0)
