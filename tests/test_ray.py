@@ -79,6 +79,7 @@ def assert_same_store(a: str, b: str) -> None:
     assert sb.verify().ok
 
 
+@pytest.mark.slow
 def test_cli_engine_ray_equals_one_process(tmp_path, cluster, images, ckpt, reference, capsys):
     out = str(tmp_path / "ray.zarr")
     code = main(["embed", images, "--checkpoint", ckpt, "--store", out, "--engine", "ray", "--actors", "2"])
@@ -94,7 +95,8 @@ def test_cli_engine_ray_equals_one_process(tmp_path, cluster, images, ckpt, refe
 
 
 class KillOnce(samvit.ray.Embedder):
-    """An encoder actor that SIGKILLs its own process on its first batch (once per test, by a marker file)."""
+    """An encoder actor that SIGKILLs its own process on its first batch (once per test, by a marker file):
+    Ray restarts the actor and retries the batch."""
 
     def __init__(self, marker: str, **kw) -> None:
         super().__init__(**kw)
@@ -130,6 +132,7 @@ def test_worker_killed_mid_job_is_retried_and_the_store_has_every_image_once(tmp
     assert_same_store(reference, out)
 
 
+@pytest.mark.slow
 def test_parquet_output_holds_the_same_embeddings(tmp_path, cluster, images, ckpt, reference, capsys):
     out = str(tmp_path / "pq")
     assert main(["embed", images, "--checkpoint", ckpt, "--parquet", out, "--engine", "ray", "--quiet"]) == 1

@@ -20,6 +20,10 @@ session has its own array and its own log file, created fresh and never reopened
 ranks, or independent runs) write into one store without locks; the store itself is created in a temporary
 directory and renamed into place, so concurrent creators agree on one identity. When a key is committed more than
 once (its file changed), the latest commit wins.
+
+On object storage (a URL such as s3://bucket/embeddings.zarr: ObjectEmbeddingStore, ObjectStoreWriter) there is
+no fsync, rename or append: rows are objects, and each commit is a new immutable log segment created
+conditionally; see embeddings.objstore for that layout and its crash-safety argument.
 """
 from __future__ import annotations
 
@@ -143,8 +147,6 @@ class EmbeddingStore:
         sha256 its index line records (StoreCorruptError naming the key otherwise); verify=False skips that.
         An object-storage URL (s3://bucket/embeddings.zarr) opens the store there (embeddings.objstore)."""
         if _is_url(path):
-            from .objstore import ObjectEmbeddingStore
-
             return ObjectEmbeddingStore(os.fspath(path), verify=verify)
         return cls(path, verify=verify)
 
@@ -159,8 +161,6 @@ class EmbeddingStore:
         creates the store there (embeddings.objstore: conditional writes instead of renames).
         """
         if _is_url(path) and cls is EmbeddingStore:
-            from .objstore import ObjectEmbeddingStore
-
             return ObjectEmbeddingStore.create(
                 os.fspath(path), model=model, config=config, embedding_shape=embedding_shape,
                 checkpoint_sha256=checkpoint_sha256, dtype=dtype, tile=tile, exist_ok=exist_ok)
@@ -588,6 +588,137 @@ class StoreWriter:
 
 
 EmbeddingStore._writer_class = StoreWriter
+
+
+class ObjectEmbeddingStore(EmbeddingStore):
+    """An EmbeddingStore at an object-storage URL (s3://...; embeddings.objstore describes the layout and why it
+    is crash-safe without rename): EmbeddingStore.open / create give one for a URL."""
+
+    def __init__(self, url: str, verify: bool = True) -> None:
+        from .objstore import Bucket
+
+        self.bucket = Bucket(url)
+        self.path = self.bucket.url
+        self.verify_reads = verify
+        data = self.bucket.read("zarr.json")
+        if data is None and not self.bucket.find():
+            raise FileNotFoundError(f"{self.path}: no such embedding store")
+        self.identity = _parse_identity(data or b"", self.path, self.path + "/zarr.json")
+        self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
+        self.shape = tuple(self.identity["embedding_shape"])
+        self._arrays: Dict[str, Any] = {}
+        self.refresh()
+
+    @classmethod
+    def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
+               checkpoint_sha256: str, dtype: Optional[str] = None, tile: Optional[Dict[str, int]] = None,
+               exist_ok: bool = True) -> "ObjectEmbeddingStore":
+        """EmbeddingStore.create at a URL: the group objects first, the identity last by a conditional create; a
+        store another process created first is opened and checked like an existing one."""
+        import tempfile
+
+        import zarr
+
+        from .._version import __version__
+        from .objstore import Bucket
+
+        bucket = Bucket(os.fspath(path))
+        want = {"model": model, "config": config, "embedding_shape": [int(s) for s in embedding_shape],
+                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile}
+        if dtype is not None and dtype not in STORE_DTYPES:
+            raise StoreError(f"unknown store dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
+        if bucket.exists("zarr.json"):
+            if not exist_ok:
+                raise StoreError(f"{bucket.url}: a store already exists here")
+        else:
+            if any(not rel.startswith("data/") for rel in bucket.find()):
+                raise StoreError(f"{bucket.url}: holds objects and is not an embedding store (expected a new "
+                                 "prefix or a store made by `samvit embed --store`)")
+            ident = dict(want, dtype=dtype or "float16", format=FORMAT, version=FORMAT_VERSION, created=utc_now(),
+                         samvit_version=__version__)
+            docs = {}
+            with tempfile.TemporaryDirectory() as tmp:  # zarr writes the group documents, uploaded as they are
+                for name, attrs in (("root", {"samvit": ident}), ("data", {})):
+                    zarr.create_group(store=os.path.join(tmp, name), zarr_format=3, attributes=attrs)
+                    with open(os.path.join(tmp, name, "zarr.json"), "rb") as f:
+                        docs[name] = f.read()
+            bucket.put("data/zarr.json", docs["data"])  # the same bytes from every creator
+            try:
+                bucket.create("zarr.json", docs["root"])
+            except FileExistsError:
+                pass  # another process created the store first: opened and checked below
+        store = cls(bucket.url)
+        store.check_compatible(**want)
+        return store
+
+    def _array_location(self, name: str) -> Any:
+        return self.bucket.zarr_store(f"data/{name}", read_only=True)
+
+    def _chunk_key(self, array: str, row: int) -> str:
+        return f"data/{array}/c." + ".".join(["%d" % row] + ["0"] * len(self.shape))
+
+    def _row_exists(self, array: str, row: int) -> bool:
+        return self.bucket.exists(self._chunk_key(array, row))
+
+    def _scan_logs(self) -> List[Tuple[str, Any]]:
+        return [(label, _parse_log(log) if isinstance(log, bytes) else
+                 StoreError(str(log)) if isinstance(log, Exception) else log) for label, log in self.bucket.logs()]
+
+    def _data_files(self) -> Dict[str, Optional[List[str]]]:
+        return self.bucket.data_files()
+
+    def _bytes_on_disk(self) -> int:
+        return self.bucket.nbytes()
+
+
+class ObjectStoreWriter(StoreWriter):
+    """A writer session on object storage: rows as objects, commits as new immutable log segments (see
+    embeddings.objstore). commit() writes a segment once commit_every items are pending or commit_seconds have
+    passed (2 s, or SAMVIT_OBJSTORE_COMMIT_SECONDS; 0: every time, as on POSIX); close() always does."""
+
+    commit_every = 32
+    commit_seconds = float(os.environ.get("SAMVIT_OBJSTORE_COMMIT_SECONDS", "2.0"))
+    _seq = 0
+    _last_commit = 0.0
+
+    def _open(self) -> None:
+        import time
+
+        import zarr
+
+        st = self.store
+        self._array = zarr.create_array(
+            store=st.bucket.zarr_store(f"data/{self.name}", read_only=False), shape=(ROW_CAPACITY,) + st.shape,
+            chunks=(1,) + st.shape, dtype=st.dtype, compressors=None, fill_value=0,
+            chunk_key_encoding={"name": "default", "separator": "."}, config={"write_empty_chunks": True},
+            attributes={"samvit_writer": self.header})
+        self._last_commit = time.monotonic()
+        self._append_log(encode_line({"header": self.header}))
+
+    def _write_rows(self, row: int, rows: np.ndarray) -> None:
+        self._array[row:row + rows.shape[0]] = rows  # one PUT per row, answered once stored
+
+    def _append_log(self, lines: bytes) -> None:
+        import time
+
+        self.store.bucket.create(f"index/{self.name}/{self._seq:010d}.jsonl", lines)
+        self._seq += 1
+        self._last_commit = time.monotonic()
+
+    def commit(self, force: bool = False) -> int:
+        """Commit the pending items as one new segment (when enough are pending, enough time passed, or force)."""
+        import time
+
+        if not force and len(self._pending) < self.commit_every \
+                and time.monotonic() - self._last_commit < self.commit_seconds:
+            return 0
+        return super().commit()
+
+    def close(self) -> None:
+        self.commit(force=True)
+
+
+ObjectEmbeddingStore._writer_class = ObjectStoreWriter
 
 
 def _is_url(path: object) -> bool:
