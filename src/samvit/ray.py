@@ -62,16 +62,18 @@ class Embedder:
 
     Args: checkpoint, model, device, dtype, img_size: as load_encoder's (device None: the GPU Ray gave this actor,
     else the CPU); batch_size: images (tiles) per forward pass; out_dtype: "float16" (the store's default) or
-    "float32"."""
+    "float32"; threads: torch threads (None: Ray's setting, the actor's num_cpus)."""
 
     def __init__(self, checkpoint: Any, model: Optional[str] = None, *, device: Optional[str] = None,
                  dtype: str = "auto", img_size: Optional[int] = None, batch_size: int = 1,
-                 out_dtype: str = "float16") -> None:
+                 out_dtype: str = "float16", threads: Optional[int] = None) -> None:
         import torch
 
         from .checkpoints.load import load_encoder
         from .runtime import resolve_device
 
+        if threads:
+            torch.set_num_threads(int(threads))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = load_encoder(model, checkpoint, device=resolve_device(device), dtype=dtype,
@@ -214,11 +216,14 @@ def embed_ray(checkpoint: str, items: Sequence[Tuple[str, str]], store: str, *, 
               dtype: str = "auto", device: Optional[str] = None, img_size: Optional[int] = None,
               batch_size: int = 1, store_dtype: Optional[str] = None, tile: Optional[int] = None, halo: int = 0,
               max_pixels: int = DEFAULT_MAX_PIXELS, actors: int = 1, gpus_per_actor: float = 0.0,
-              decode_batch: int = 4, report_path: Optional[str] = None, parquet: Optional[str] = None,
-              protected: Sequence[str] = ()):
+              cpus_per_actor: Optional[float] = None, threads_per_actor: Optional[int] = None,
+              decode_cpus: float = 1.0, decode_batch: int = 4, report_path: Optional[str] = None,
+              parquet: Optional[str] = None, protected: Sequence[str] = ()):
     """`samvit embed --engine ray`: embed (path, key) items on the Ray cluster this process is connected to
     (ray.init first) into the store at `store` (or, with parquet=DIR, Embedder rows as Parquet files).
-    Returns the pipeline's EmbedReport (seconds: wall time of the Ray job)."""
+    actors: encoder actors (each gpus_per_actor GPUs, cpus_per_actor CPUs (Ray's default 1), threads_per_actor
+    torch threads); decode_cpus: CPUs each decode task reserves. Returns the pipeline's EmbedReport (seconds: wall
+    time of the Ray job, the driver's checks included)."""
     import time
 
     import ray
@@ -245,12 +250,13 @@ def embed_ray(checkpoint: str, items: Sequence[Tuple[str, str]], store: str, *, 
         out_dtype = store_dtype or "float16"
     ds = ray.data.from_items([{"path": p, "key": k} for p, k in items],
                              override_num_blocks=max(1, min(len(items), 4 * max(1, actors))))
-    ds = ds.map_batches(decode, batch_size=decode_batch, fn_kwargs={
+    ds = ds.map_batches(decode, batch_size=decode_batch, num_cpus=decode_cpus, fn_kwargs={
         "img_size": cfg.img_size, "done": done, "tile": tile, "halo": halo, "max_pixels": max_pixels})
-    ds = ds.map_batches(Embedder, batch_size=batch_size, concurrency=actors, num_gpus=gpus_per_actor or None,
+    resources = {k: v for k, v in (("num_gpus", gpus_per_actor), ("num_cpus", cpus_per_actor)) if v}
+    ds = ds.map_batches(Embedder, batch_size=batch_size, concurrency=actors, **resources,
                         fn_constructor_kwargs={"checkpoint": checkpoint, "model": model, "device": device,
                                                "dtype": dtype, "img_size": img_size, "batch_size": batch_size,
-                                               "out_dtype": out_dtype})
+                                               "out_dtype": out_dtype, "threads": threads_per_actor})
     report = EmbedReport(total=len(items))
     if parquet is not None:
         ds.write_parquet(parquet)
