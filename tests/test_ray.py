@@ -95,20 +95,23 @@ def test_cli_engine_ray_equals_one_process(tmp_path, cluster, images, ckpt, refe
 
 
 class KillOnce(samvit.ray.Embedder):
-    """An encoder actor that SIGKILLs its own process on its first batch (once per test, by a marker file):
-    Ray restarts the actor and retries the batch."""
+    """An encoder actor that SIGKILLs its own process on the 4th batch of the job (once, by marker files in
+    `marks`): Ray restarts the actor and retries the batch; the batches before it went on to be written."""
 
-    def __init__(self, marker: str, **kw) -> None:
+    def __init__(self, marks: str, **kw) -> None:
         super().__init__(**kw)
-        self.marker = marker
+        self.marks = marks
 
     def __call__(self, batch):
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return super().__call__(batch)
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
+        calls = len([n for n in os.listdir(self.marks) if n.startswith("call")])
+        open(os.path.join(self.marks, f"call{calls}-{os.getpid()}-{id(batch)}"), "w").close()
+        if calls >= 3:
+            try:
+                os.close(os.open(os.path.join(self.marks, "killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return super().__call__(batch)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(batch)
 
 
 def test_worker_killed_mid_job_is_retried_and_the_store_has_every_image_once(tmp_path, cluster, images, ckpt,
@@ -119,15 +122,16 @@ def test_worker_killed_mid_job_is_retried_and_the_store_has_every_image_once(tmp
     out = str(tmp_path / "killed.zarr")
     sink = StoreSink(out, sha)
     done = sink.open(load_encoder(None, ckpt), None, 0, 0, 1)
-    marker = str(tmp_path / "killed-once")
+    marks = tmp_path / "marks"
+    marks.mkdir()
     items = collect_inputs([images])
     ds = ray.data.from_items([{"path": p, "key": k} for p, k in items], override_num_blocks=4)
     ds = ds.map_batches(samvit.ray.decode, batch_size=2, fn_kwargs={"img_size": cfg.img_size, "done": done})
-    ds = ds.map_batches(KillOnce, batch_size=1, concurrency=2,
-                        fn_constructor_kwargs={"marker": marker, "checkpoint": ckpt, "out_dtype": "float16"})
+    ds = ds.map_batches(KillOnce, batch_size=1, concurrency=1,
+                        fn_constructor_kwargs={"marks": str(marks), "checkpoint": ckpt, "out_dtype": "float16"})
     datasink = samvit.ray.StoreDatasink(out, sha, cfg)
     ds.write_datasink(datasink)
-    assert os.path.exists(marker)  # an actor was killed
+    assert (marks / "killed").exists()  # the actor was killed mid-job, and its batch retried
     assert datasink.result["embedded"] == 8 and len(datasink.result["failed"]) == 1
     assert_same_store(reference, out)
 
@@ -144,3 +148,15 @@ def test_parquet_output_holds_the_same_embeddings(tmp_path, cluster, images, ckp
     for k, r in ok.items():
         emb = samvit.ray.embedding(r, ref.shape)
         assert np.abs(emb[0].astype(np.float32) - ref.get(k).float().numpy()).max() == 0, k
+
+
+def test_ray_options_are_checked_before_any_work(tmp_path, images, ckpt, capsys):
+    for args, msg in ((["--ray-address", "auto", "--store", str(tmp_path / "s")], "--engine ray"),
+                      (["--engine", "ray"], "--store PATH or --parquet DIR"),
+                      (["--engine", "ray", "--store", str(tmp_path / "s"), "--parquet", str(tmp_path / "p")],
+                       "one of them"),
+                      (["--engine", "ray", "--parquet", str(tmp_path / "p"), "--tile", "64"], "apply with --store")):
+        assert main(["embed", images, "--checkpoint", ckpt, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "p")

@@ -234,3 +234,8 @@ def test_commit_segments_are_never_overwritten(s3):
     with pytest.raises(FileExistsError):
         create_object(fs, path, b"two")
     assert fs.cat_file(path) == b"one"
+
+
+def test_per_file_outputs_stay_local(tmp_path, s3, ckpt, capsys):
+    assert main(["embed", f"s3://{BUCKET}/photos/", "--checkpoint", ckpt, "--out", f"s3://{BUCKET}/out/"]) == 2
+    assert "--store URL" in capsys.readouterr().err
