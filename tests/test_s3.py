@@ -136,9 +136,9 @@ def test_sigkill_mid_run_then_resume_equals_clean_run(tmp_path, s3, ckpt):
     src = tmp_path / "in"
     src.mkdir()
     rng = np.random.default_rng(0)
-    n = 24
+    n = 16
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(src / f"img{i:02d}.jpg")
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(src / f"img{i:02d}.jpg")
     fs.put(str(src) + "/", f"{BUCKET}/kill/in/", recursive=True)
     ref = str(tmp_path / "ref")
     encoder = load_encoder(None, ckpt)
