@@ -117,6 +117,15 @@ def test_embed_from_and_to_s3_equals_local(tmp_path, images, ckpt, capsys):
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     assert b"broken.png" in fs.cat_file(f"{BUCKET}/runs/a.zarr/failures.jsonl")
+    # per-file outputs from S3 inputs go to a local folder, the same values as the store's (float32 vs float16)
+    out = tmp_path / "files"
+    assert main(["embed", f"s3://{BUCKET}/photos/", "--checkpoint", ckpt, "--out", str(out), "--workers", "0",
+                 "--quiet"]) == 1
+    capsys.readouterr()
+    from samvit.embeddings.files import load_embedding
+
+    emb, meta = load_embedding(str(out / "sub" / "coffee.safetensors"))
+    assert torch.equal(emb.to(torch.float16), s.get("sub/coffee.jpg"))
 
 
 def _committed(url: str) -> int:

@@ -4,7 +4,9 @@ Every rank (under torchrun) takes a disjoint shard of the inputs; its DataLoader
 its bytes), skip what the sink already holds under the same key and content, decode and preprocess the rest (whole
 images, or tiles: samvit.data.tiles); the main thread runs the encoder on batches while a writer thread hands the
 finished items to the sink (which writes, fsyncs and commits), so decoding and writing hide behind compute.
-Progress goes to a callback, so a CLI, a service or a notebook can drive it.
+Progress goes to a callback, so a CLI, a service or a notebook can drive it. Inputs and the store may be on
+object storage (s3://...; data.remote, embeddings.store.ObjectEmbeddingStore); samvit.ray runs the same stages
+(prepare_units, load_encoder, StoreSink) as a Ray Data job.
 """
 from __future__ import annotations
 
