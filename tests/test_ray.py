@@ -160,3 +160,39 @@ def test_ray_options_are_checked_before_any_work(tmp_path, images, ckpt, capsys)
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "p")
+
+
+@pytest.mark.slow
+def test_ray_from_and_to_s3_equals_one_process(tmp_path, cluster, images, ckpt, reference, capsys):
+    """--engine ray with inputs and store on moto's S3 server (on loopback; Ray's workers get its endpoint and
+    credentials through the environment they inherit)."""
+    pytest.importorskip("s3fs")
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.shutdown()  # a cluster whose workers inherit the endpoint
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+                 log_to_driver=False)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("samvit-ray")
+        fs.put(images + "/", "samvit-ray/in/", recursive=True)
+        url = "s3://samvit-ray/out.zarr"
+        assert main(["embed", "s3://samvit-ray/in/", "--checkpoint", ckpt, "--store", url, "--engine", "ray",
+                     "--quiet"]) == 1
+        assert "broken.png" in capsys.readouterr().err
+        assert_same_store(reference, url)
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
