@@ -145,7 +145,10 @@ def embedding(row: Dict[str, Any], shape: Sequence[int] = (256, 64, 64), dtype: 
     return np.frombuffer(row["embedding"], dtype=dtype).reshape(int(row["n_tiles"]), *shape)
 
 
-def _make_datasink():
+def _datasink_class():
+    """StoreDatasink, a ray.data.Datasink subclass: made on first use, so that importing this module is fast."""
+    if "StoreDatasink" in globals():
+        return globals()["StoreDatasink"]
     from ray.data import Datasink
 
     class StoreDatasink(Datasink):
@@ -160,15 +163,13 @@ def _make_datasink():
             self.result: Dict[str, Any] = {}
 
         def write(self, blocks, ctx) -> Dict[str, Any]:
-            import torch
-
             from ray.data.block import BlockAccessor
 
             from .embeddings.pipeline import StoreSink
             from .embeddings.store import embedding_shape
 
             sink = StoreSink(self.path, self.checkpoint_sha256)
-            fake = SimpleNamespace(config=self.config, dtype=getattr(torch, self.compute_dtype))
+            fake = SimpleNamespace(config=self.config, dtype=self.compute_dtype)  # what StoreSink.open reads
             sink.open(fake, self.tile, self.halo, rank=int(getattr(ctx, "task_idx", 0)), world=2)
             shape = embedding_shape(self.config)
             dtype = sink.store.dtype
@@ -201,14 +202,13 @@ def _make_datasink():
                 total["failed"] += r["failed"]
             self.result = total
 
+    globals()["StoreDatasink"] = StoreDatasink
     return StoreDatasink
 
 
 def __getattr__(name: str) -> Any:
-    if name == "StoreDatasink":  # a ray.data.Datasink subclass: made on first use, so this module imports fast
-        cls = _make_datasink()
-        globals()[name] = cls
-        return cls
+    if name == "StoreDatasink":
+        return _datasink_class()
     raise AttributeError(f"module 'samvit.ray' has no attribute {name!r}")
 
 
@@ -232,18 +232,22 @@ def embed_ray(checkpoint: str, items: Sequence[Tuple[str, str]], store: str, *, 
     from .checkpoints.load import load_encoder
     from .checkpoints.registry import checkpoint_sha256
     from .embeddings.pipeline import EmbedReport, StoreSink
+    from .runtime import resolve_dtype
 
     start = time.perf_counter()
-    encoder = load_encoder(model, checkpoint, device="cpu", dtype=dtype if device in (None, "cpu") else None,
-                           img_size=img_size)  # on the driver: the config and a clear error before any job
-    cfg, compute = encoder.config, str(encoder.dtype).replace("torch.", "")
+    encoder = load_encoder(model, checkpoint, device="cpu", dtype=None, img_size=img_size)  # on the driver: the
+    cfg = encoder.config  # config, and a clear error about the checkpoint before any job starts
     del encoder
+    try:  # the dtype the actors compute in, recorded with every item
+        compute = str(resolve_dtype(dtype, torch.device(device or "cpu"))).replace("torch.", "")
+    except Exception:  # e.g. "auto" for a GPU this driver does not have
+        compute = str(dtype)
     sha = checkpoint_sha256(checkpoint)
     done: Dict[str, str] = {}
     sink = None
     if parquet is None:
         sink = StoreSink(store, sha, dtype=store_dtype, report_path=report_path, protected=protected)
-        done = sink.open(SimpleNamespace(config=cfg, dtype=getattr(torch, compute)), tile, halo, 0, 1, items=items)
+        done = sink.open(SimpleNamespace(config=cfg, dtype=compute), tile, halo, 0, 1, items=items)  # dtype: its name
         sink.writer.close()  # the driver's session writes nothing; write tasks have their own
         out_dtype = sink.store.identity["dtype"]
     else:
@@ -265,9 +269,7 @@ def embed_ray(checkpoint: str, items: Sequence[Tuple[str, str]], store: str, *, 
         report.failed = [{"key": r.key, "path": r.path, "reason": r.reason}
                          for r in stats.itertuples() if r.status == "failed"]
     else:
-        from . import ray as this
-
-        datasink = this.StoreDatasink(store, sha, cfg, compute, tile, halo)
+        datasink = _datasink_class()(store, sha, cfg, compute, tile, halo)
         ds.write_datasink(datasink)
         res = datasink.result
         report.embedded, report.skipped, report.reused, report.failed = (
