@@ -266,13 +266,14 @@ class EmbeddingStore:
             arr = self._arrays[name] = zarr.open_array(store=self._array_location(name), mode="r")
         return arr
 
-    # ---- where things are: the POSIX layout (embeddings.objstore overrides these for object storage) ------------
+    # ---- where things are: the POSIX layout (ObjectEmbeddingStore, below, overrides these for object storage) --
     def _array_location(self, name: str) -> Any:
         """What zarr opens for the data array of writer session `name`."""
         return os.path.join(self.path, "data", name)
 
     def _scan_logs(self) -> List[Tuple[str, Any]]:
-        """(label, (header, records, bad lines) or a str: why it is not read) of every entry of index/, sorted."""
+        """(label, (header, records, bad lines) | a str: why it is ignored | a StoreError: why it cannot be read)
+        of every entry of index/, sorted."""
         index_dir = os.path.join(self.path, "index")
         out: List[Tuple[str, Any]] = []
         for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
