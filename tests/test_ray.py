@@ -196,3 +196,12 @@ def test_ray_from_and_to_s3_equals_one_process(tmp_path, cluster, images, ckpt, 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_import_samvit_does_not_import_ray():
+    import subprocess
+
+    code = ("import sys, samvit, samvit.ray; assert samvit.ray.Embedder and samvit.ray.decode; "
+            "print('ray' in sys.modules, 'ray.data' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr[-2000:]
