@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
 
 
 # subpackages reachable as attributes of `samvit` (samvit.inspect.attention(...)) without an explicit import
-_SUBPACKAGES = ("inspect",)
+_SUBPACKAGES = ("inspect", "ray")  # samvit.ray: the Ray Data adapters (imports ray on first use)
 
 
 def __getattr__(name: str) -> Any:

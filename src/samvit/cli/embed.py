@@ -54,6 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "embeddings computed in bfloat16 and float32 differ by up to a few 1e-2)")
     g.add_argument("--report", default=None, metavar="PATH",
                    help="where to list failed inputs as JSON lines (default: STORE/failures.jsonl)")
+    r = p.add_argument_group("cluster (Ray Data; see docs/scale.md)")
+    r.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (and its DataLoader workers, or torchrun ranks); ray: a Ray Data job, "
+                   "decoding on CPU tasks and encoding in an actor pool (needs samvit[ray])")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to join (e.g. ray://head:10001 or auto); default: RAY_ADDRESS, else a "
+                   "local cluster started for this run")
+    r.add_argument("--actors", type=int, default=None, metavar="N",
+                   help="--engine ray: encoder actors (default 1); each takes one GPU when --device cuda")
+    r.add_argument("--parquet", default=None, metavar="DIR",
+                   help="--engine ray: write the embeddings as Parquet files into DIR instead of a store")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints.load import load_encoder
     from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
     from ..data.images import DEFAULT_MAX_PIXELS
+    from ..data.remote import is_url
     from ..data.sources import collect_inputs
     from ..embeddings.pipeline import FileSink, StoreSink, embed
     from ..runtime import TqdmProgress, describe_dtype, init_distributed, local_rank_zero_first, resolve_dtype
@@ -73,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no checkpoint: pass --checkpoint PATH or set SAMVIT_CHECKPOINT")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.engine == "ray":
+        return _run_ray(args)
+    for opt in ("ray_address", "actors", "parquet"):
+        if getattr(args, opt) is not None:
+            raise UserError(f"--{opt.replace('_', '-')} applies with --engine ray")
     if args.store is None:
         given = ["--" + k.replace("_", "-") for k in STORE_ONLY if getattr(args, k) is not None]
         if given:
@@ -90,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "openvino" and (args.dtype not in (None, "float32") or args.device not in (None, "cpu")):
         raise UserError("--backend openvino runs float32 on the CPU: leave out --dtype and --device (or give "
                         "float32 and cpu)")
+    if args.store is None and is_url(args.out):
+        raise UserError(f"--out {args.out}: per-file outputs are written to a local folder; write to object "
+                        "storage with --store URL")
     items = collect_inputs(args.inputs)
     if not items:
         raise UserError(f"no images found in {args.inputs}")
@@ -131,10 +151,71 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet and args.store is None:
             print(f"{report.embedded} embedded into {args.out}, {len(report.failed)} failed", file=sys.stderr)
         elif not args.quiet:
-            report_path = args.report or os.path.join(args.store, "failures.jsonl")
+            report_path = args.report or args.store.rstrip("/") + "/failures.jsonl"
             print(f"{report.total} inputs: {report.embedded} embedded, {report.skipped} already in the store, "
                   f"{report.reused} reused (same content as a stored key), {len(report.failed)} failed; "
                   f"{report.seconds:.1f} s, {report.images_per_second:.2f} images/s"
                   + (f" on {env[1]} processes" if env else "") + f"; store {args.store}"
                   + (f"; failures listed in {report_path}" if report.failed else ""), file=sys.stderr)
     return 2 if report_error else 1 if report.failed else 0
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    """`samvit embed --engine ray`: the same inputs, checks and store, as a Ray Data job (samvit.ray.embed_ray)."""
+    import sys
+
+    from ..checkpoints.registry import resolve_checkpoint
+    from ..data.images import DEFAULT_MAX_PIXELS
+    from ..data.sources import collect_inputs
+    from ..runtime import distributed_env
+    from . import UserError
+
+    if not args.checkpoint:
+        raise UserError("no checkpoint: pass --checkpoint PATH or set SAMVIT_CHECKPOINT")
+    if distributed_env() is not None:
+        raise UserError("--engine ray runs from one driver process, not under torchrun")
+    if (args.store is None) == (args.parquet is None):
+        raise UserError("--engine ray writes into --store PATH or --parquet DIR (one of them)")
+    if args.parquet is not None and any(getattr(args, k) is not None for k in STORE_ONLY):
+        raise UserError("--store-dtype, --tile, --halo and --report apply with --store")
+    if args.backend != "torch" or args.force:
+        raise UserError("--engine ray runs the torch backend and resumes (no --backend openvino, no --force)")
+    if args.batch_size < 1 or (args.actors is not None and args.actors < 1):
+        raise UserError("--batch-size and --actors must be at least 1")
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile must be at least 1 pixel, got {args.tile}")
+    if args.halo is not None and (args.halo < 0 or args.tile is None):
+        raise UserError("--halo needs --tile and must be 0 or more pixels")
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--engine ray needs Ray Data: pip install 'samvit[ray]'") from None
+    from ..ray import embed_ray
+
+    items = collect_inputs(args.inputs)
+    if not items:
+        raise UserError(f"no images found in {args.inputs}")
+    checkpoint = resolve_checkpoint(args.checkpoint, progress=False if args.quiet else None)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=not args.quiet,
+                 logging_level="ERROR")
+    try:
+        gpu = (args.device or "").startswith("cuda")
+        report = embed_ray(str(checkpoint), items, args.store, model=args.model, dtype=args.dtype,
+                           device=args.device, img_size=args.img_size, batch_size=args.batch_size,
+                           store_dtype=args.store_dtype, tile=args.tile, halo=args.halo or 0,
+                           max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, actors=args.actors or 1,
+                           gpus_per_actor=1.0 if gpu else 0.0, report_path=args.report, parquet=args.parquet,
+                           protected=[str(checkpoint)] + [a for a in args.inputs if os.path.isfile(a)])
+    finally:
+        if started:
+            ray.shutdown()
+    for f in report.failed:
+        print(f"failed: {f['reason']}", file=sys.stderr)
+    if not args.quiet:
+        print(f"{report.total} inputs: {report.embedded} embedded, {report.skipped} already in the store, "
+              f"{report.reused} reused, {len(report.failed)} failed; {report.seconds:.1f} s, "
+              f"{report.images_per_second:.2f} images/s on Ray; " + (f"store {args.store}" if args.store else
+                                                                      f"Parquet in {args.parquet}"), file=sys.stderr)
+    return 1 if report.failed else 0

@@ -12,7 +12,7 @@ HELP = "info, ls or verify an embedding store written by `samvit embed --store`"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["info", "ls", "verify"],
                    help="info: identity, counts, size; ls: one line per item; verify: check every item's data")
-    p.add_argument("path", metavar="PATH", help="the store directory")
+    p.add_argument("path", metavar="PATH", help="the store directory, or its URL (s3://bucket/store.zarr)")
     p.add_argument("--json", action="store_true", help="machine-readable output (info: one object; ls: one a line)")
     add_quiet(p, "verify: print errors only")
 

@@ -8,6 +8,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from ..errors import InputError, open_regular
 from .images import IMAGE_EXTENSIONS
+from .remote import is_url, list_objects
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
@@ -69,13 +70,15 @@ def collect_inputs(inputs: Iterable[str]) -> List[Tuple[str, str]]:
     The same file reached twice is kept once. A named input that does not exist raises FileNotFoundError; two
     different files with the same key raise InputError listing every such group (before any work is done).
     Nothing is opened but list files: special files (FIFOs, devices) among the images are reported by the reader.
+    An object-storage URL (s3://bucket/prefix/, a glob, or one object; see samvit.data.remote) gives the image
+    objects under it, keyed relative to the prefix, and list files may list such URLs (keyed without the scheme).
     """
     found: List[Tuple[str, str]] = []
     seen = set()
     by_key: Dict[str, List[str]] = {}
 
     def add(path: str, key: str) -> None:
-        real = os.path.realpath(path)
+        real = path if is_url(path) else os.path.realpath(path)
         if real not in seen:
             seen.add(real)
             key = safe_key(key)
@@ -86,7 +89,10 @@ def collect_inputs(inputs: Iterable[str]) -> List[Tuple[str, str]]:
         item = os.fspath(item)
         if "\0" in item:
             raise InputError(f"input {item!r}: holds a NUL character")
-        if os.path.isdir(item):
+        if is_url(item):
+            for url, key in list_objects(item, IMAGE_EXTENSIONS):
+                add(url, key)
+        elif os.path.isdir(item):
             for root, dirs, files in os.walk(item):
                 dirs.sort()
                 for f in sorted(files):
@@ -96,7 +102,10 @@ def collect_inputs(inputs: Iterable[str]) -> List[Tuple[str, str]]:
         elif item.lower().endswith(LIST_EXTENSIONS) and os.path.exists(item):
             base = os.path.dirname(os.path.abspath(item))
             for line in read_list_file(item):
-                add(line if os.path.isabs(line) else os.path.join(base, line), line)
+                if is_url(line):
+                    add(line, line.split("://", 1)[1])
+                else:
+                    add(line if os.path.isabs(line) else os.path.join(base, line), line)
         elif os.path.lexists(item):
             add(item, os.path.basename(item))
         elif glob.has_magic(item):

@@ -4,10 +4,14 @@ Every rank (under torchrun) takes a disjoint shard of the inputs; its DataLoader
 its bytes), skip what the sink already holds under the same key and content, decode and preprocess the rest (whole
 images, or tiles: samvit.data.tiles); the main thread runs the encoder on batches while a writer thread hands the
 finished items to the sink (which writes, fsyncs and commits), so decoding and writing hide behind compute.
-Progress goes to a callback, so a CLI, a service or a notebook can drive it.
+Progress goes to a callback, so a CLI, a service or a notebook can drive it. Inputs and the store may be on
+object storage (s3://...; data.remote, embeddings.store.ObjectEmbeddingStore); samvit.ray runs the same stages
+(prepare_units, load_encoder, StoreSink) as a Ray Data job.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import queue
@@ -23,6 +27,7 @@ from .._version import __version__
 from ..checkpoints.files import atomic_write, sha256_file
 from ..data.images import DEFAULT_MAX_PIXELS, load_image
 from ..data.preprocess import PreparedImage, collate, prepare
+from ..data.remote import filesystem, is_url, read_bytes
 from ..data.tiles import tile_grid
 from ..errors import OutputError, SamvitError
 from ..modeling.encoder import ImageEncoder
@@ -45,38 +50,64 @@ class _Units(IterableDataset):
         info = get_worker_info()
         items = self.items if info is None else self.items[info.id::info.num_workers]
         for path, key in items:
-            yield from self._units(path, key)
+            yield from prepare_units(path, key, self.img_size, self.done, self.by_sha, self.tile, self.halo,
+                                     self.max_pixels)
 
-    def _units(self, path: str, key: str) -> Iterator[Dict[str, Any]]:
-        base = {"key": key, "path": path}
-        try:
+
+def _read_object(url: str) -> Tuple[str, bytes]:
+    """(sha256, bytes) of an object-storage input."""
+    data = read_bytes(url)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _decode_object(url: str, data: bytes, max_pixels: int):
+    from ..data.images import ImageError, _decode
+
+    if not data:
+        raise ImageError(f"{url}: empty object (0 bytes)")
+    return _decode(io.BytesIO(data), url, max_pixels)
+
+
+def prepare_units(path: str, key: str, img_size: int, done: Dict[str, str], by_sha: Dict[str, str],
+                  tile: Optional[int], halo: int, max_pixels: int) -> Iterator[Dict[str, Any]]:
+    """One input -> its status ('done', 'reuse', 'failed') or its prepared tensors, one unit per tile. A local
+    path or an object-storage URL (read once: hashed and decoded from the same bytes). Shared by the DataLoader
+    workers here and the Ray Data decode stage (samvit.ray)."""
+    base = {"key": key, "path": path}
+    data = None
+    try:
+        if is_url(path):
+            sha, data = _read_object(path)
+        else:
             sha = sha256_file(path)  # only a regular file is opened: a FIFO or a device is reported, never read
-        except (OSError, SamvitError) as e:
-            reason = str(e) if isinstance(e, SamvitError) else \
-                f"{path}: cannot read file ({type(e).__name__}: {e.strerror or e})"
-            yield dict(base, status="failed", reason=reason)
-            return
-        if self.done.get(key) == sha:
-            yield dict(base, status="done")
-            return
-        if sha in self.by_sha:
-            yield dict(base, status="reuse", source=self.by_sha[sha])
-            return
-        try:
-            rgb = load_image(path, max_pixels=self.max_pixels)
-            h, w = rgb.shape[:2]
-            grid = [(None, None)] if self.tile is None else tile_grid(h, w, self.tile, self.halo)
-            for i, (core, box) in enumerate(grid):  # one tile at a time: a huge image never sits in memory twice
-                crop = rgb if box is None else rgb[box[1]:box[3], box[0]:box[2]]
-                prepared = prepare(crop, self.img_size)
-                x, input_size = prepared.tensor, list(prepared.input_size)
-                tile = None if box is None else {"box": list(box), "core": list(core), "input_size": input_size}
-                yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=tile,
-                           tile_index=i, n_tiles=len(grid), tensor=x)
-        except Exception as e:  # ImageError carries the reason; anything else is reported by type
-            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            reason = reason if path in reason else f"{path}: {reason}"
-            yield dict(base, status="failed", reason=reason)  # after any tiles already sent: the item is dropped
+    except (OSError, SamvitError) as e:
+        reason = str(e) if isinstance(e, SamvitError) else \
+            f"{path}: cannot read file ({type(e).__name__}: {e.strerror or e})"
+        yield dict(base, status="failed", reason=reason)
+        return
+    if done.get(key) == sha:
+        yield dict(base, status="done")
+        return
+    if sha in by_sha:
+        yield dict(base, status="reuse", source=by_sha[sha])
+        return
+    try:
+        rgb = load_image(path, max_pixels=max_pixels) if data is None else \
+            _decode_object(path, data, max_pixels)
+        del data
+        h, w = rgb.shape[:2]
+        grid = [(None, None)] if tile is None else tile_grid(h, w, tile, halo)
+        for i, (core, box) in enumerate(grid):  # one tile at a time: a huge image never sits in memory twice
+            crop = rgb if box is None else rgb[box[1]:box[3], box[0]:box[2]]
+            prepared = prepare(crop, img_size)
+            x, input_size = prepared.tensor, list(prepared.input_size)
+            meta = None if box is None else {"box": list(box), "core": list(core), "input_size": input_size}
+            yield dict(base, status="ok", sha256=sha, original_size=[h, w], input_size=input_size, tile=meta,
+                       tile_index=i, n_tiles=len(grid), tensor=x)
+    except Exception as e:  # ImageError carries the reason; anything else is reported by type
+        reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        reason = reason if path in reason else f"{path}: {reason}"
+        yield dict(base, status="failed", reason=reason)  # after any tiles already sent: the item is dropped
 
 
 @dataclass
@@ -166,7 +197,7 @@ class StoreSink:
         """Create or open the store (refusing another model, checkpoint, dtype or tiling) and a writer session;
         returns what it holds (key -> content sha256). Refuses, before any work, two items with one key and a
         store or report path that is one of the inputs."""
-        protected = self.protected | {os.path.realpath(p) for p, _ in items}
+        protected = self.protected | {p if is_url(p) else os.path.realpath(p) for p, _ in items}
         keys: Dict[str, List[str]] = {}
         for p, k in items:
             keys.setdefault(k, []).append(p)
@@ -175,9 +206,14 @@ class StoreSink:
             from ..data.sources import key_clash_message
 
             raise OutputError(key_clash_message(clashes, "store key", "give each input a distinct key"))
-        check_not_an_input(self.report_path or os.path.join(self.path, "failures.jsonl"), protected,
-                           "failure report")
-        if os.path.realpath(self.path) in protected:
+        report_path = self.report_path or _join(self.path, "failures.jsonl")
+        if is_url(report_path):
+            if report_path in protected:
+                raise OutputError(f"{report_path}: failure report would replace one of this run's inputs")
+        else:
+            check_not_an_input(report_path, protected, "failure report")
+        if (self.path.rstrip("/") if is_url(self.path) else os.path.realpath(self.path)) in protected \
+                or (is_url(self.path) and any(p.startswith(self.path.rstrip("/") + "/") for p in protected)):
             raise OutputError(f"{self.path}: the store would replace one of this run's inputs")
         cfg = encoder.config
         self.store = EmbeddingStore.create(
@@ -197,13 +233,21 @@ class StoreSink:
     def finish(self, report: "EmbedReport", rank: int) -> None:
         """Rank 0 lists the run's failures, one JSON object a line."""
         if rank == 0:
-            path = self.report_path or os.path.join(self.store.path, "failures.jsonl")
+            path = self.report_path or _join(self.store.path, "failures.jsonl")
+            text = "".join(json.dumps(item) + "\n" for item in sorted(report.failed, key=lambda d: d["key"]))
             try:
-                with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                    for item in sorted(report.failed, key=lambda d: d["key"]):
-                        f.write(json.dumps(item) + "\n")
+                if is_url(path):  # an object PUT is atomic
+                    fs, obj = filesystem(path)
+                    fs.pipe_file(obj, text.encode())
+                else:
+                    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                        f.write(text)
             except OSError as e:  # the failures are still in the report (the CLI prints them): say why not here
                 self.report_error = f"{path}: cannot write the failure report ({e.strerror or e})"
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if is_url(base) else os.path.join(base, name)
 
 
 Sink = Any  # FileSink, StoreSink, or any object with their methods

@@ -20,6 +20,10 @@ session has its own array and its own log file, created fresh and never reopened
 ranks, or independent runs) write into one store without locks; the store itself is created in a temporary
 directory and renamed into place, so concurrent creators agree on one identity. When a key is committed more than
 once (its file changed), the latest commit wins.
+
+On object storage (a URL such as s3://bucket/embeddings.zarr: ObjectEmbeddingStore, ObjectStoreWriter) there is
+no fsync, rename or append: rows are objects, and each commit is a new immutable log segment created
+conditionally; see embeddings.objstore for that layout and its crash-safety argument.
 """
 from __future__ import annotations
 
@@ -140,7 +144,10 @@ class EmbeddingStore:
     @classmethod
     def open(cls, path: PathLike, verify: bool = True) -> "EmbeddingStore":
         """Open an existing store for reading (and for `writer()`). Every read checks the item's data against the
-        sha256 its index line records (StoreCorruptError naming the key otherwise); verify=False skips that."""
+        sha256 its index line records (StoreCorruptError naming the key otherwise); verify=False skips that.
+        An object-storage URL (s3://bucket/embeddings.zarr) opens the store there (embeddings.objstore)."""
+        if _is_url(path):
+            return ObjectEmbeddingStore(os.fspath(path), verify=verify)
         return cls(path, verify=verify)
 
     @classmethod
@@ -150,8 +157,13 @@ class EmbeddingStore:
         """Create a store, or open the existing one after checking it was made with the same model and settings.
 
         dtype None means float16 for a new store and whatever an existing store holds. Raises StoreMismatchError
-        when an existing store differs in model, config, checkpoint, dtype or tiling.
+        when an existing store differs in model, config, checkpoint, dtype or tiling. An object-storage URL
+        creates the store there (embeddings.objstore: conditional writes instead of renames).
         """
+        if _is_url(path) and cls is EmbeddingStore:
+            return ObjectEmbeddingStore.create(
+                os.fspath(path), model=model, config=config, embedding_shape=embedding_shape,
+                checkpoint_sha256=checkpoint_sha256, dtype=dtype, tile=tile, exist_ok=exist_ok)
         path = os.path.abspath(os.fspath(path))
         want = {"model": model, "config": config, "embedding_shape": [int(s) for s in embedding_shape],
                 "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile}
@@ -192,14 +204,10 @@ class EmbeddingStore:
         """Re-read the commit logs (to see items committed by other writers since opening)."""
         records: Dict[str, Dict[str, Any]] = {}
         headers: Dict[str, Dict[str, Any]] = {}
-        index_dir = os.path.join(self.path, "index")
-        for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
-            if not name.endswith(".jsonl"):
+        for _label, log in self._scan_logs():
+            if not isinstance(log, tuple):  # not a log, or not readable: `verify` reports it
                 continue
-            try:
-                header, recs, _bad = _read_log(os.path.join(index_dir, name))
-            except StoreError:  # not a regular file: `verify` reports it
-                continue
+            header, recs, _bad = log
             if header is None:
                 continue
             headers[header["writer"]] = header
@@ -255,8 +263,46 @@ class EmbeddingStore:
         if arr is None:
             import zarr
 
-            arr = self._arrays[name] = zarr.open_array(store=os.path.join(self.path, "data", name), mode="r")
+            arr = self._arrays[name] = zarr.open_array(store=self._array_location(name), mode="r")
         return arr
+
+    # ---- where things are: the POSIX layout (ObjectEmbeddingStore, below, overrides these for object storage) --
+    def _array_location(self, name: str) -> Any:
+        """What zarr opens for the data array of writer session `name`."""
+        return os.path.join(self.path, "data", name)
+
+    def _scan_logs(self) -> List[Tuple[str, Any]]:
+        """(label, (header, records, bad lines) | a str: why it is ignored | a StoreError: why it cannot be read)
+        of every entry of index/, sorted."""
+        index_dir = os.path.join(self.path, "index")
+        out: List[Tuple[str, Any]] = []
+        for name in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+            if not name.endswith(".jsonl"):
+                out.append((f"index/{name}", "not a commit log (stray file; ignored)"))
+                continue
+            try:
+                out.append((f"index/{name}", _read_log(os.path.join(index_dir, name))))
+            except StoreError as e:
+                out.append((f"index/{name}", e))
+        return out
+
+    def _row_exists(self, array: str, row: int) -> bool:
+        return os.path.isfile(self._chunk_path(array, row))
+
+    def _data_files(self) -> Dict[str, Optional[List[str]]]:
+        """data/ entries: array name -> its file names, or None for a file directly in data/."""
+        data_dir = os.path.join(self.path, "data")
+        out: Dict[str, Optional[List[str]]] = {}
+        for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+            sub = os.path.join(data_dir, name)
+            out[name] = os.listdir(sub) if os.path.isdir(sub) else None
+        return out
+
+    def _bytes_on_disk(self) -> int:
+        nbytes = 0
+        for root, _dirs, files in os.walk(self.path):
+            nbytes += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+        return nbytes
 
     def _rows(self, rec: Dict[str, Any]) -> np.ndarray:
         arr = self._array(rec["array"])
@@ -276,7 +322,7 @@ class EmbeddingStore:
             return None, f"data shape {rows.shape}, expected {(rec['rows'],) + self.shape}"
         if data_sha256(rows) != rec["data_sha256"]:
             missing = [r for r in range(rec["row"], rec["row"] + rec["rows"])  # zarr reads a missing chunk as zeros
-                       if not os.path.isfile(self._chunk_path(rec["array"], r))]
+                       if not self._row_exists(rec["array"], r)]
             if missing:
                 return None, f"data rows {missing[:8]} of data/{rec['array']} are missing"
             return None, f"data checksum mismatch (corrupted data in data/{rec['array']})"
@@ -358,33 +404,32 @@ class EmbeddingStore:
         holds items computed in another compute_dtype, unless allow_mixed_dtypes."""
         if not allow_mixed_dtypes:
             check_compute_dtype(self, compute_dtype)
-        return StoreWriter(self, model=model, checkpoint_sha256=checkpoint_sha256, samvit_version=samvit_version,
-                           compute_dtype=compute_dtype, name=name, durable=durable)
+        return self._writer_class(self, model=model, checkpoint_sha256=checkpoint_sha256,
+                                  samvit_version=samvit_version, compute_dtype=compute_dtype, name=name,
+                                  durable=durable)
 
     # ---- checking -----------------------------------------------------------------------------------------------
     def verify(self, check_data: bool = True) -> VerifyReport:
         """Check every committed item: its log line, its rows' shape and sha256; list leftovers of killed runs.
         Stray files (in index/ or data/) are noted and never stop the check of the rest."""
         rep = VerifyReport()
-        index_dir = os.path.join(self.path, "index")
         referenced: Dict[str, set] = {}
-        for name in sorted(os.listdir(index_dir)):
-            if not name.endswith(".jsonl"):
-                rep.notes.append(f"index/{name}: not a commit log (stray file; ignored)")
+        for name, log in self._scan_logs():
+            if isinstance(log, str):
+                rep.notes.append(f"{name}: {log}")
                 continue
-            try:
-                header, recs, bad = _read_log(os.path.join(index_dir, name))
-            except StoreError as e:
-                rep.errors.append(f"index/{name}: {e}")
+            if isinstance(log, StoreError):
+                rep.errors.append(f"{name}: {log}")
                 continue
+            header, recs, bad = log
             if header is None:
-                rep.notes.append(f"index/{name}: no complete header line (a session killed at its start); ignored")
+                rep.notes.append(f"{name}: no complete header line (a session killed at its start); ignored")
                 continue
             for lineno, torn, why in bad:
                 if torn:
-                    rep.notes.append(f"index/{name}: line {lineno} is incomplete (a killed write); ignored")
+                    rep.notes.append(f"{name}: line {lineno} is incomplete (a killed write); ignored")
                 else:
-                    rep.errors.append(f"index/{name}: line {lineno} is corrupt ({why})")
+                    rep.errors.append(f"{name}: line {lineno} is corrupt ({why})")
             for rec in recs:
                 referenced.setdefault(rec["array"], set()).update(range(rec["row"], rec["row"] + rec["rows"]))
         for key in self.keys():
@@ -396,15 +441,12 @@ class EmbeddingStore:
                     problem = nonfinite_problem(_rows)
                 if problem:
                     rep.errors.append(f"{key}: {problem}")
-        data_dir = os.path.join(self.path, "data")
         chunk = re.compile(r"^c\.(\d+)(\.0)*$")
-        for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
-            sub = os.path.join(data_dir, name)
-            if not os.path.isdir(sub):
+        for name, files in self._data_files().items():
+            if files is None:
                 if name != "zarr.json":
                     rep.notes.append(f"data/{name}: stray file (not written by samvit; ignored)")
                 continue
-            files = os.listdir(sub)
             partial = sum(f.endswith(".partial") for f in files)
             rows = {int(m.group(1)) for m in map(chunk.match, files) if m}
             stray = [f for f in files if not chunk.match(f) and not f.endswith(".partial") and f != "zarr.json"]
@@ -421,9 +463,7 @@ class EmbeddingStore:
 
     def info(self) -> Dict[str, Any]:
         """The store's identity plus counts and bytes on disk."""
-        nbytes = 0
-        for root, _dirs, files in os.walk(self.path):
-            nbytes += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+        nbytes = self._bytes_on_disk()
         rows = sum(r["rows"] for r in self._records.values())
         return dict(self.identity, path=self.path, items=len(self), rows=rows, writers=len(self._headers),
                     bytes_on_disk=nbytes)
@@ -467,6 +507,22 @@ class StoreWriter:
             _fsync(os.path.join(st.path, "data"), directory=True)
             _fsync(os.path.join(st.path, "index"), directory=True)
 
+    def _write_rows(self, row: int, rows: np.ndarray) -> None:
+        """Write rows from `row` on, durably (fsynced) when the session is durable."""
+        self._array[row:row + rows.shape[0]] = rows
+        if self.durable:
+            for r in range(row, row + rows.shape[0]):
+                p = self.store._chunk_path(self.name, r)
+                if os.path.exists(p):  # an all-zero row is not written (zarr's empty-chunk rule)
+                    _fsync(p)
+
+    def _append_log(self, lines: bytes) -> None:
+        """Commit: the rows' folder is synced first, then the log lines are appended and synced."""
+        if self.durable:
+            _fsync(os.path.join(self.store.path, "data", self.name), directory=True)
+        self._log.write(lines)
+        self._sync_log()
+
     def _sync_log(self) -> None:
         self._log.flush()
         if self.durable:
@@ -498,12 +554,7 @@ class StoreWriter:
                 self._open()
             row = self._next_row
             self._next_row += rows.shape[0]
-            self._array[row:row + rows.shape[0]] = rows
-            if self.durable:
-                for r in range(row, row + rows.shape[0]):
-                    p = st._chunk_path(self.name, r)
-                    if os.path.exists(p):  # an all-zero row is not written (zarr's empty-chunk rule)
-                        _fsync(p)
+            self._write_rows(row, rows)
             self._pending.append({
                 "key": key, "sha256": sha256, "original_size": [int(v) for v in original_size],
                 "input_size": None if input_size is None else [int(v) for v in input_size],
@@ -525,10 +576,7 @@ class StoreWriter:
         with self._lock:
             if not self._pending:
                 return 0
-            if self.durable:
-                _fsync(os.path.join(self.store.path, "data", self.name), directory=True)
-            self._log.write(b"".join(encode_line(r) for r in self._pending))
-            self._sync_log()
+            self._append_log(b"".join(encode_line(r) for r in self._pending))
             n = len(self._pending)
             self.committed += n
             self._pending.clear()
@@ -565,6 +613,146 @@ def check_compute_dtype(store: "EmbeddingStore", compute_dtype: str) -> None:
             f"give the same dtype (dtype={held[0]}), or allow_mixed_dtypes=True to add them anyway")
 
 
+EmbeddingStore._writer_class = StoreWriter
+
+
+class ObjectEmbeddingStore(EmbeddingStore):
+    """An EmbeddingStore at an object-storage URL (s3://...; embeddings.objstore describes the layout and why it
+    is crash-safe without rename): EmbeddingStore.open / create give one for a URL."""
+
+    def __init__(self, url: str, verify: bool = True) -> None:
+        from .objstore import Bucket
+
+        self.bucket = Bucket(url)
+        self.path = self.bucket.url
+        self.verify_reads = verify
+        data = self.bucket.read("zarr.json")
+        if data is None and not self.bucket.find():
+            raise FileNotFoundError(f"{self.path}: no such embedding store")
+        self.identity = _parse_identity(data or b"", self.path, self.path + "/zarr.json")
+        self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
+        self.shape = tuple(self.identity["embedding_shape"])
+        self._arrays: Dict[str, Any] = {}
+        self.refresh()
+
+    @classmethod
+    def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
+               checkpoint_sha256: str, dtype: Optional[str] = None, tile: Optional[Dict[str, int]] = None,
+               exist_ok: bool = True) -> "ObjectEmbeddingStore":
+        """EmbeddingStore.create at a URL: the group objects first, the identity last by a conditional create; a
+        store another process created first is opened and checked like an existing one."""
+        import tempfile
+
+        import zarr
+
+        from .._version import __version__
+        from .objstore import Bucket
+
+        bucket = Bucket(os.fspath(path))
+        want = {"model": model, "config": config, "embedding_shape": [int(s) for s in embedding_shape],
+                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile}
+        if dtype is not None and dtype not in STORE_DTYPES:
+            raise StoreError(f"unknown store dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
+        if bucket.exists("zarr.json"):
+            if not exist_ok:
+                raise StoreError(f"{bucket.url}: a store already exists here")
+        else:
+            if any(not rel.startswith("data/") for rel in bucket.find()):
+                raise StoreError(f"{bucket.url}: holds objects and is not an embedding store (expected a new "
+                                 "prefix or a store made by `samvit embed --store`)")
+            ident = dict(want, dtype=dtype or "float16", format=FORMAT, version=FORMAT_VERSION, created=utc_now(),
+                         samvit_version=__version__)
+            docs = {}
+            with tempfile.TemporaryDirectory() as tmp:  # zarr writes the group documents, uploaded as they are
+                for name, attrs in (("root", {"samvit": ident}), ("data", {})):
+                    zarr.create_group(store=os.path.join(tmp, name), zarr_format=3, attributes=attrs)
+                    with open(os.path.join(tmp, name, "zarr.json"), "rb") as f:
+                        docs[name] = f.read()
+            bucket.put("data/zarr.json", docs["data"])  # the same bytes from every creator
+            try:
+                bucket.create("zarr.json", docs["root"])
+            except FileExistsError:
+                pass  # another process created the store first: opened and checked below
+        store = cls(bucket.url)
+        store.check_compatible(**want)
+        return store
+
+    def _array_location(self, name: str) -> Any:
+        return self.bucket.zarr_store(f"data/{name}", read_only=True)
+
+    def _chunk_key(self, array: str, row: int) -> str:
+        return f"data/{array}/c." + ".".join(["%d" % row] + ["0"] * len(self.shape))
+
+    def _row_exists(self, array: str, row: int) -> bool:
+        return self.bucket.exists(self._chunk_key(array, row))
+
+    def _scan_logs(self) -> List[Tuple[str, Any]]:
+        return [(label, _parse_log(log) if isinstance(log, bytes) else
+                 StoreError(str(log)) if isinstance(log, Exception) else log) for label, log in self.bucket.logs()]
+
+    def _data_files(self) -> Dict[str, Optional[List[str]]]:
+        return self.bucket.data_files()
+
+    def _bytes_on_disk(self) -> int:
+        return self.bucket.nbytes()
+
+
+class ObjectStoreWriter(StoreWriter):
+    """A writer session on object storage: rows as objects, commits as new immutable log segments (see
+    embeddings.objstore). commit() writes a segment once commit_every items are pending or commit_seconds have
+    passed (2 s, or SAMVIT_OBJSTORE_COMMIT_SECONDS; 0: every time, as on POSIX); close() always does."""
+
+    commit_every = 32
+    commit_seconds = float(os.environ.get("SAMVIT_OBJSTORE_COMMIT_SECONDS", "2.0"))
+    _seq = 0
+    _last_commit = 0.0
+
+    def _open(self) -> None:
+        import time
+
+        import zarr
+
+        st = self.store
+        self._array = zarr.create_array(
+            store=st.bucket.zarr_store(f"data/{self.name}", read_only=False), shape=(ROW_CAPACITY,) + st.shape,
+            chunks=(1,) + st.shape, dtype=st.dtype, compressors=None, fill_value=0,
+            chunk_key_encoding={"name": "default", "separator": "."}, config={"write_empty_chunks": True},
+            attributes={"samvit_writer": self.header})
+        self._last_commit = time.monotonic()
+        self._append_log(encode_line({"header": self.header}))
+
+    def _write_rows(self, row: int, rows: np.ndarray) -> None:
+        self._array[row:row + rows.shape[0]] = rows  # one PUT per row, answered once stored
+
+    def _append_log(self, lines: bytes) -> None:
+        import time
+
+        self.store.bucket.create(f"index/{self.name}/{self._seq:010d}.jsonl", lines)
+        self._seq += 1
+        self._last_commit = time.monotonic()
+
+    def commit(self, force: bool = False) -> int:
+        """Commit the pending items as one new segment (when enough are pending, enough time passed, or force)."""
+        import time
+
+        if not force and len(self._pending) < self.commit_every \
+                and time.monotonic() - self._last_commit < self.commit_seconds:
+            return 0
+        return super().commit()
+
+    def close(self) -> None:
+        self.commit(force=True)
+
+
+ObjectEmbeddingStore._writer_class = ObjectStoreWriter
+
+
+def _is_url(path: object) -> bool:
+    from ..data.remote import is_url
+
+    return is_url(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else False
+
+
 def _tile_str(tile: Optional[Dict[str, int]]) -> str:
     return "none" if not tile else f"tile {tile['size']} halo {tile['halo']}"
 
@@ -579,7 +767,16 @@ def _read_identity(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such embedding store")
     try:
         with open_regular(meta_path, "store metadata", StoreError) as f:
-            meta = json.loads(f.read(1 << 24))
+            data = f.read(1 << 24)
+    except (OSError, ValueError):  # not a regular file: reported as not a store, below
+        data = b""
+    return _parse_identity(data, path, meta_path)
+
+
+def _parse_identity(data: bytes, path: str, meta_path: str) -> Dict[str, Any]:
+    """The store identity in the bytes of a root zarr.json; StoreError naming the path otherwise."""
+    try:
+        meta = json.loads(data)
         ident = meta["attributes"]["samvit"]
         if ident.get("format") != FORMAT:
             raise KeyError("format")
@@ -701,7 +898,12 @@ def _read_log(path: str) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]
     """(header, valid complete records, [(line number, torn?, why)] of the lines that are not) of one commit log.
     Raises StoreError when the path is not a regular file."""
     with open_regular(path, "commit log", StoreError) as f:
-        lines = f.read().splitlines(keepends=True)
+        return _parse_log(f.read())
+
+
+def _parse_log(data: bytes) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]], List[Tuple[int, bool, str]]]:
+    """(header, valid complete records, [(line number, torn?, why)] of the lines that are not) of a log's bytes."""
+    lines = data.splitlines(keepends=True)
     header, recs, bad = None, [], []
     for i, line in enumerate(lines):
         rec = decode_line(line)
