@@ -259,3 +259,15 @@ def test_vit_b_1024_from_official_pth(tmp_path, coffee):
             close(l1, l0, "low-res logits")
             close(i1, i0, "IoU")
     print(json.dumps({"ok": True}))
+
+
+def test_registry_names_hq_checkpoints_without_downloading(tmp_path, monkeypatch):
+    """No sha256 is published for the HQ-SAM files: a name is resolved from the cache only, never fetched."""
+    from samvit.checkpoints.registry import resolve_checkpoint
+
+    monkeypatch.setenv("SAMVIT_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"no sha256 is published.*sam_hq_vit_b\.pth"):
+        resolve_checkpoint("sam_hq_vit_b")
+    (tmp_path / "sam_hq_vit_l.pth").write_bytes(b"x")
+    assert resolve_checkpoint("sam_hq_vit_l") == str(tmp_path / "sam_hq_vit_l.pth")
+    assert resolve_checkpoint("sam_hq_vit_l.pth") == str(tmp_path / "sam_hq_vit_l.pth")
