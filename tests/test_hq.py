@@ -271,3 +271,30 @@ def test_registry_names_hq_checkpoints_without_downloading(tmp_path, monkeypatch
     (tmp_path / "sam_hq_vit_l.pth").write_bytes(b"x")
     assert resolve_checkpoint("sam_hq_vit_l") == str(tmp_path / "sam_hq_vit_l.pth")
     assert resolve_checkpoint("sam_hq_vit_l.pth") == str(tmp_path / "sam_hq_vit_l.pth")
+
+
+def test_embed_then_segment_with_the_embedding_file(small, tmp_path, coffee):
+    """`samvit embed` on the HQ checkpoint writes the early features beside the embedding (metadata names the
+    block); `samvit segment --embedding` then gives the official HQ mask; a store is refused in one line."""
+    from samvit.cli import main
+    from samvit.embeddings.files import load_embedding_hq
+
+    official, ours, path = small
+    image = str(tmp_path / "coffee.png")
+    Image.fromarray(coffee).save(image)
+    out = tmp_path / "emb"
+    assert main(["embed", image, "--checkpoint", path, "--out", str(out), "--quiet", "--dtype", "float32",
+                 "--workers", "0"]) == 0
+    (f,) = list(out.glob("*.safetensors"))
+    emb, early, meta = load_embedding_hq(str(f))
+    assert meta["hq_early_block"] == "2" and early.shape == (768, 16, 16)
+    close(early.numpy(), official.interm_features[0][0].permute(2, 0, 1).numpy(), "early features in the file")
+    mask = str(tmp_path / "mask.png")
+    assert main(["segment", image, "--checkpoint", path, "--embedding", str(f), "--box", "60,40,420,350",
+                 "--out", mask, "--quiet", "--hq-token-only"]) == 0
+    m0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=True)
+    f0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=True, return_logits=True)
+    got = np.asarray(Image.open(mask)) > 0
+    assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
+    assert main(["embed", image, "--checkpoint", path, "--store", str(tmp_path / "store"), "--quiet",
+                 "--workers", "0"]) == 2

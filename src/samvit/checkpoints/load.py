@@ -237,6 +237,24 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
     return _finish(encoder, device, dtype)
 
 
+def load_encoder_hq(model: ModelSpec, checkpoint: PathLike, device: Device = None, dtype: DtypeArg = "auto",
+                    kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None, img_size: Optional[int] = None
+                    ) -> Tuple[ImageEncoder, Optional[int]]:
+    """load_encoder (same arguments), plus, for an HQ-SAM checkpoint, the encoder block whose output its decoder
+    also takes (hq_early_block; None for any other checkpoint), from one read of the file."""
+    dev = None if device is None else torch.device(device)
+    dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
+    sd, metadata, source = read_official(checkpoint, progress)
+    hq = hq_vit_dim(sd)
+    sd = _encoder_part(sd)
+    cfg = encoder_config(model, metadata, sd, source)
+    early = None
+    if hq:
+        check_hq_fits(cfg, DecoderConfig(hq_vit_dim=hq), source)
+        early = hq_early_block(cfg)
+    return _finish(_build_encoder(sd, cfg, source, kernel, img_size), device, dtype), early
+
+
 def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] = None, device: Device = None,
                  dtype: Optional[torch.dtype] = None, progress: Optional[bool] = None) -> SamDecoder:
     """Build a SamDecoder (prompt encoder + mask decoder) from a full SAM checkpoint.
