@@ -301,3 +301,34 @@ def test_embed_then_segment_with_the_embedding_file(small, tmp_path, coffee):
     assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
     assert main(["embed", image, "--checkpoint", path, "--store", str(tmp_path / "store"), "--quiet",
                  "--workers", "0"]) == 2
+
+
+def test_serve_segment_matches_official(small, coffee):
+    """`samvit serve` on the HQ checkpoint: /v1/segment gives the official HQ-SAM logits and IoU, hq_token_only both
+    ways; a store is refused for HQ-SAM."""
+    import base64
+    import io
+
+    import httpx
+    from _serve_utils import running
+
+    from samvit.serve import ServeConfig, create_app
+
+    official, _, path = small
+    predictor = Predictor.from_checkpoint(path, dtype=torch.float32, kernel="reference")
+    buf = io.BytesIO()
+    Image.fromarray(coffee).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    app = create_app(predictor, ServeConfig(model_name="vit_b"))
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        for hq_only in (False, True):
+            r = client.post("/v1/segment", json={"image": image, "box": [60, 40, 420, 350], "multimask": True,
+                                                 "hq_token_only": hq_only})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            _, i0, l0 = official.predict(**CASES["box"], multimask_output=True, hq_token_only=hq_only)
+            low = np.frombuffer(base64.b64decode(got["low_res_logits"]["data"]), np.float32).reshape(1, 64, 64)
+            close(low, l0, "service low-res logits")
+            close([m["score"] for m in got["masks"]], i0, "service IoU")
+    with pytest.raises(ValueError, match="store"):
+        create_app(predictor, ServeConfig(model_name="vit_b"), store=object())

@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype)
     predictor = Predictor.from_checkpoint(checkpoint, args.model, device=resolve_device(args.device), dtype=dtype)
     cfg = predictor.encoder.config
+    if args.store and predictor.is_hq:
+        from . import UserError
+
+        raise UserError(f"{args.checkpoint} is HQ-SAM: an embedding store does not keep its early encoder features; "
+                        "serve it without --store")
     store = writer = None
     if args.store:
         from ..serve.cache import open_store

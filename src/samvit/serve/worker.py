@@ -189,8 +189,12 @@ class ModelWorker:
         try:
             p = next(encoder.parameters())
             x = torch.stack([j.prepared.tensor for j in live]).to(device=p.device, dtype=encoder.dtype)
+            early = None
             with torch.inference_mode():
-                out = encoder(x).float().cpu()
+                if self.predictor.is_hq:  # HQ-SAM: the decoder also takes an early block's output
+                    out, (early,) = encoder.forward_intermediates(x, blocks=[self.predictor.early_block])
+                    early = early.permute(0, 3, 1, 2).float().cpu()
+                out = out.float().cpu() if early is not None else encoder(x).float().cpu()
         except BaseException as e:  # noqa: BLE001 - e.g. out of memory: the requests get the error
             log.exception("encoder batch of %d failed", len(live))
             with self._cond:
@@ -206,8 +210,9 @@ class ModelWorker:
         self.batches += 1
         if self.metrics is not None:
             self.metrics.encoder_batch(len(live), seconds)
-        for j, emb in zip(live, out):
-            item = Embedded(emb.clone(), tuple(j.prepared.original_size), tuple(j.prepared.input_size))
+        for i, (j, emb) in enumerate(zip(live, out)):
+            item = Embedded(emb.clone(), tuple(j.prepared.original_size), tuple(j.prepared.input_size),
+                            None if early is None else early[i].clone())
             self.cache.put(j.key, item)  # before the waiters wake: a request that follows finds it cached
             with self._cond:
                 self._jobs.pop(j.key, None)
