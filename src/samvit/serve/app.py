@@ -103,7 +103,7 @@ class Service:
     def __init__(self, predictor, config: ServeConfig, store=None, store_writer=None) -> None:
         if predictor.encoder is None:
             raise ValueError("the service needs a Predictor with its image encoder")
-        if predictor.is_hq and (store is not None or store_writer is not None):
+        if getattr(predictor, "is_hq", False) and (store is not None or store_writer is not None):
             raise ValueError("an embedding store does not keep HQ-SAM's early encoder features: serve an HQ-SAM "
                              "checkpoint without --store")
         self.config = config

@@ -191,7 +191,7 @@ class ModelWorker:
             x = torch.stack([j.prepared.tensor for j in live]).to(device=p.device, dtype=encoder.dtype)
             early = None
             with torch.inference_mode():
-                if self.predictor.is_hq:  # HQ-SAM: the decoder also takes an early block's output
+                if getattr(self.predictor, "is_hq", False):  # HQ-SAM: the decoder also takes an early block's output
                     out, (early,) = encoder.forward_intermediates(x, blocks=[self.predictor.early_block])
                     early = early.permute(0, 3, 1, 2).float().cpu()
                 out = out.float().cpu() if early is not None else encoder(x).float().cpu()
