@@ -214,30 +214,20 @@ def test_hq_checkpoint_refusals(small, tmp_path):
         load_sam(bad, model=SMALL, dtype=torch.float32)
 
 
-def test_segment_cli(small, tmp_path, coffee):
-    """`samvit segment` on the HQ checkpoint: the official HQ mask, hq_token_only by --hq-token-only."""
-    from samvit.cli import main
-
-    official, _, path = small
-    image = str(tmp_path / "coffee.png")
-    Image.fromarray(coffee).save(image)
-    for flag in (["--hq-token-only"],):
-        out = str(tmp_path / f"mask{len(flag)}.png")
-        assert main(["segment", image, "--checkpoint", path, "--box", "60,40,420,350", "--out", out, "--quiet",
-                     "--dtype", "float32"] + flag) == 0
-        m0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=bool(flag))
-        got = np.asarray(Image.open(out)) > 0
-        f0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=bool(flag),
-                                    return_logits=True)
-        assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
-    # a plain SAM flag on a plain checkpoint is refused in one line
+def test_segment_cli_refuses_hq_token_only_on_plain_sam(tmp_path, coffee):
+    """--hq-token-only on a plain SAM checkpoint: exit 2, one line (the HQ path: test_embed_then_segment...)."""
     from conftest import TINY, official_tiny_sam
 
+    from samvit.cli import main
+
+    image = str(tmp_path / "coffee.png")
+    Image.fromarray(coffee).save(image)
     ckpt = str(tmp_path / "tiny.safetensors")
     save_file({k: v.contiguous() for k, v in official_tiny_sam().state_dict().items()}, ckpt,
               metadata={"samvit_config": TINY.to_json()})
     assert main(["segment", image, "--checkpoint", ckpt, "--box", "60,40,420,350", "--out",
                  str(tmp_path / "x.png"), "--quiet", "--hq-token-only"]) == 2
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.slow
@@ -299,6 +289,17 @@ def test_embed_then_segment_with_the_embedding_file(small, tmp_path, coffee):
     f0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=True, return_logits=True)
     got = np.asarray(Image.open(mask)) > 0
     assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
+    # from the image itself (the encoder runs in the command), without --hq-token-only
+    for flag in ([],):
+        mask = str(tmp_path / f"mask_image{len(flag)}.png")
+        assert main(["segment", image, "--checkpoint", path, "--box", "60,40,420,350", "--out", mask, "--quiet",
+                     "--dtype", "float32"] + flag) == 0
+        m0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=bool(flag))
+        f0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=bool(flag),
+                                    return_logits=True)
+        got = np.asarray(Image.open(mask)) > 0
+        assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
+        assert got.any() and not got.all()
     assert main(["embed", image, "--checkpoint", path, "--store", str(tmp_path / "store"), "--quiet",
                  "--workers", "0"]) == 2
 
