@@ -333,3 +333,13 @@ def test_serve_segment_matches_official(small, coffee):
             close([m["score"] for m in got["masks"]], i0, "service IoU")
     with pytest.raises(ValueError, match="store"):
         create_app(predictor, ServeConfig(model_name="vit_b"), store=object())
+
+
+def test_download_refuses_hq_names_in_one_line(tmp_path, monkeypatch, capsys):
+    from samvit.cli import main
+
+    monkeypatch.setenv("SAMVIT_CACHE", str(tmp_path))
+    assert main(["download", "sam_hq_vit_h"]) == 2
+    err = capsys.readouterr().err
+    assert "no sha256 is published for sam_hq_vit_h.pth" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -91,6 +91,11 @@ def _entry(name: str) -> CheckpointEntry:
     for e in REGISTRY.values():
         if name == e.filename:
             return e
+    for u in UNVERIFIED.values():
+        if name in (u.name, u.filename):
+            raise DownloadError(f"{name}: no sha256 is published for {u.filename}, so samvit does not download it "
+                                f"unverified; fetch {u.url} yourself and pass its path, or place it in the cache "
+                                f"folder ({cache_dir()})")
     raise DownloadError(f"unknown checkpoint {name!r}; known: {', '.join(REGISTRY)}")
 
 
