@@ -26,6 +26,7 @@ from ..data.preprocess import PreparedImage, collate, prepare
 from ..data.tiles import tile_grid
 from ..errors import OutputError, SamvitError
 from ..modeling.encoder import ImageEncoder
+from ..modeling.mask_decoder_hq import encode_hq
 from ..runtime import ProgressArg, progress_callback
 from .files import check_not_an_input, output_path, plan_outputs, save_embedding
 from .store import EmbeddingStore, embedding_shape
@@ -322,9 +323,8 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
                 if early_block is None:
                     out = encoder(x).to(sink.out_dtype).cpu()
                 else:
-                    out, (early,) = encoder.forward_intermediates(x, blocks=[early_block])
-                    out = out.to(sink.out_dtype).cpu()
-                    early = early.permute(0, 3, 1, 2).to(sink.out_dtype).cpu()
+                    out, early = encode_hq(encoder, x, early_block)
+                    out, early = out.to(sink.out_dtype).cpu(), early.to(sink.out_dtype).cpu()
             report.encoded_rows += len(units)
             finite = torch.isfinite(out).flatten(1).all(1).tolist()  # NaN weights, or overflow in float16
             if early is not None:

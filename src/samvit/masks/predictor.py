@@ -18,6 +18,7 @@ from ..data.images import ImageInput, load_image
 from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, to_input_frame
 from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
+from ..modeling.mask_decoder_hq import encode_hq
 from ..modeling.sam import SamDecoder
 from ..runtime import DtypeArg
 from .prompts import ArrayLike, PromptError, as_tensor, check_boxes, check_points
@@ -138,9 +139,8 @@ class Predictor:
         prepared = prepare(rgb, self.img_size)
         x = prepared.tensor[None].to(device=self.encoder.device, dtype=self.encoder.dtype)
         if self.is_hq:
-            emb, (early,) = self.encoder.forward_intermediates(x, blocks=[self.early_block])
-            self.set_embedding(emb[0], prepared.original_size, prepared.input_size,
-                               early_features=early.permute(0, 3, 1, 2))
+            emb, early = encode_hq(self.encoder, x, self.early_block)
+            self.set_embedding(emb[0], prepared.original_size, prepared.input_size, early_features=early)
         else:
             self.set_embedding(self.encoder(x)[0], prepared.original_size, prepared.input_size)
 

@@ -75,6 +75,13 @@ class MaskDecoderHQ(MaskDecoder):
         return masks, self.iou_prediction_head(hs[:, 0])
 
 
+def encode_hq(encoder: nn.Module, x: Tensor, early_block: int) -> Tuple[Tensor, Tensor]:
+    """Images (B,3,S,S) -> (embeddings (B,C,h,w), early features (B,C_vit,h,w)): the encoder's output and, for
+    HQ-SAM's decoder, the residual stream after block early_block (ImageEncoder.forward_intermediates)."""
+    out, (early,) = encoder.forward_intermediates(x, blocks=[early_block])
+    return out, early.permute(0, 3, 1, 2)
+
+
 def select_hq(masks: Tensor, iou: Tensor, multimask_output: bool, hq_token_only: bool) -> Tuple[Tensor, Tensor]:
     """All masks (B,M+1,H,W) (the HQ mask last) and IoU (B,M) -> the official HQ-SAM output (B,1,H,W), (B,1)."""
     m = iou.shape[1]

@@ -192,8 +192,10 @@ class ModelWorker:
             early = None
             with torch.inference_mode():
                 if getattr(self.predictor, "is_hq", False):  # HQ-SAM: the decoder also takes an early block's output
-                    out, (early,) = encoder.forward_intermediates(x, blocks=[self.predictor.early_block])
-                    early = early.permute(0, 3, 1, 2).float().cpu()
+                    from ..modeling.mask_decoder_hq import encode_hq
+
+                    out, early = encode_hq(encoder, x, self.predictor.early_block)
+                    early = early.float().cpu()
                 out = out.float().cpu() if early is not None else encoder(x).float().cpu()
         except BaseException as e:  # noqa: BLE001 - e.g. out of memory: the requests get the error
             log.exception("encoder batch of %d failed", len(live))
