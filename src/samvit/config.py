@@ -169,12 +169,14 @@ class DecoderConfig(JsonFields):
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    hq_vit_dim: int = 0  # HQ-SAM: width of the encoder's early features its mask decoder fuses; 0 = plain SAM
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # configs also come from files: every field a sane positive integer
             v = getattr(self, f.name)
-            if not _is_int(v) or not 1 <= v <= 65536:
-                raise ParameterError(f"decoder {f.name} {v!r}: expected an integer from 1 to 65536")
+            lo = 0 if f.name == "hq_vit_dim" else 1
+            if not _is_int(v) or not lo <= v <= 65536:
+                raise ParameterError(f"decoder {f.name} {v!r}: expected an integer from {lo} to 65536")
         if self.embed_dim % self.num_heads:
             raise ParameterError(f"decoder embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
 

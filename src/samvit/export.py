@@ -202,6 +202,9 @@ def export_decoder_onnx(decoder: SamDecoder, path: Union[str, os.PathLike], opse
     if not isinstance(decoder, SamDecoder):
         raise TypeError(f"export_decoder_onnx expects a samvit SamDecoder (samvit.load_decoder), got "
                         f"{type(decoder).__name__}")
+    if decoder.is_hq:
+        raise ValueError("export_decoder_onnx exports SAM's mask decoder; HQ-SAM's (which also takes the encoder's "
+                         "early features) is not supported")
     dtypes = {p.dtype for p in decoder.parameters()}
     if dtypes != {torch.float32}:
         raise ParameterError("export_decoder_onnx exports float32 weights; the decoder holds "

@@ -168,6 +168,7 @@ def from_official(sd: StateDict, fmt: str) -> StateDict:
         return {**out, **rest}
     if fmt != "transformers":
         raise ParameterError(f"unknown checkpoint layout {fmt!r}; expected one of {', '.join(FORMATS)}")
+    check_not_hq(sd, "the transformers SamModel layout")
     src = sd if full else {"image_encoder." + k: v for k, v in sd.items()}
     out, rest = _rename(src, _HF_ENCODER + _HF_PROMPT_DECODER, reverse=False)
     if rest:
@@ -176,6 +177,20 @@ def from_official(sd: StateDict, fmt: str) -> StateDict:
     if _HF_TIED[1] in out:
         out[_HF_TIED[0]] = out[_HF_TIED[1]].clone()
     return out
+
+
+# HQ-SAM's mask decoder tensors beyond SAM's (official segment-anything-hq names)
+HQ_DECODER_PREFIXES = tuple(f"mask_decoder.{n}." for n in ("hf_token", "hf_mlp", "compress_vit_feat",
+                                                             "embedding_encoder", "embedding_maskfeature"))
+
+
+def check_not_hq(sd: StateDict, layout: str) -> None:
+    """CheckpointError when an official-layout state dict is HQ-SAM's (its extra decoder tensors have no place in
+    `layout`)."""
+    hq = sorted(k for k in sd if k.startswith(HQ_DECODER_PREFIXES))
+    if hq:
+        raise CheckpointError(f"an HQ-SAM checkpoint ({hq[0]}, ...) cannot be written in {layout}: its mask decoder "
+                              "is not SAM's; keep the official layout")
 
 
 def encoder_state_dict(sd: StateDict) -> StateDict:

@@ -118,6 +118,7 @@ def infer_decoder_config(sd: StateDict, base: DecoderConfig = DecoderConfig(), s
             num_multimask_outputs=sd["mask_decoder.mask_tokens.weight"].shape[0] - 1,
             iou_head_depth=_count(sd, "mask_decoder.iou_prediction_head.layers."),
             iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+            hq_vit_dim=hq_vit_dim(sd),
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: not a full SAM checkpoint: no {e.args[0]!r} tensor (the prompt_encoder.* "
@@ -127,6 +128,30 @@ def infer_decoder_config(sd: StateDict, base: DecoderConfig = DecoderConfig(), s
     if pos is not None and patch is not None:
         cfg = cfg.replace(image_embedding_size=pos.shape[1], input_image_size=pos.shape[1] * patch.shape[-1])
     return cfg
+
+
+def hq_vit_dim(sd: StateDict) -> int:
+    """HQ-SAM: the width of the encoder features its mask decoder fuses (from `compress_vit_feat`), 0 for SAM."""
+    w = sd.get("mask_decoder.compress_vit_feat.0.weight")  # ConvTranspose2d: (in, out, k, k)
+    return 0 if w is None else int(w.shape[0])
+
+
+def hq_early_block(cfg: EncoderConfig) -> int:
+    """The encoder block whose output HQ-SAM's decoder fuses: the first global-attention block (as the official
+    code, which keeps every global block's output and uses the first)."""
+    if not cfg.global_attn_indexes:
+        raise CheckpointError(f"model {cfg.name!r} has no global-attention block, whose output HQ-SAM's decoder "
+                              "takes")
+    return min(cfg.global_attn_indexes)
+
+
+def check_hq_fits(cfg: Optional[EncoderConfig], dec: DecoderConfig, source: str = "checkpoint") -> None:
+    """CheckpointError unless an HQ-SAM decoder's early-feature width is the encoder's width."""
+    if dec.hq_vit_dim and cfg is not None:
+        hq_early_block(cfg)
+        if cfg.embed_dim != dec.hq_vit_dim:
+            raise CheckpointError(f"{source}: HQ-SAM's decoder takes {dec.hq_vit_dim}-wide encoder features, but "
+                                  f"the encoder ({cfg.name}) is {cfg.embed_dim} wide")
 
 
 def check_decoder_state_dict(sd: StateDict, cfg: DecoderConfig, source: str = "checkpoint") -> None:
@@ -215,6 +240,24 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
     return _finish(encoder, device, dtype)
 
 
+def load_encoder_hq(model: ModelSpec, checkpoint: PathLike, device: Device = None, dtype: DtypeArg = "auto",
+                    kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None, img_size: Optional[int] = None
+                    ) -> Tuple[ImageEncoder, Optional[int]]:
+    """load_encoder (same arguments), plus, for an HQ-SAM checkpoint, the encoder block whose output its decoder
+    also takes (hq_early_block; None for any other checkpoint), from one read of the file."""
+    dev = None if device is None else torch.device(device)
+    dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
+    sd, metadata, source = read_official(checkpoint, progress)
+    hq = hq_vit_dim(sd)
+    sd = _encoder_part(sd)
+    cfg = encoder_config(model, metadata, sd, source)
+    early = None
+    if hq:
+        check_hq_fits(cfg, DecoderConfig(hq_vit_dim=hq), source)
+        early = hq_early_block(cfg)
+    return _finish(_build_encoder(sd, cfg, source, kernel, img_size), device, dtype), early
+
+
 def load_decoder(checkpoint: CheckpointSource, config: Optional[DecoderConfig] = None, device: Device = None,
                  dtype: Optional[torch.dtype] = None, progress: Optional[bool] = None) -> SamDecoder:
     """Build a SamDecoder (prompt encoder + mask decoder) from a full SAM checkpoint.
@@ -293,6 +336,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
         if img_size % patch:
             raise ParameterError(f"img_size must be a multiple of the patch size {patch}, got {img_size}")
         base = base.replace(image_embedding_size=img_size // patch, input_image_size=img_size)
+    check_hq_fits(cfg, base, source)
     return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source
 
 

@@ -46,6 +46,36 @@ REGISTRY = {
 }
 
 
+@dataclass(frozen=True)
+class UnverifiedEntry:
+    """A released checkpoint whose sha256 is not published: samvit names it but does not download it."""
+
+    name: str
+    filename: str
+    url: str
+    model: str
+
+
+# HQ-SAM (segment-anything-hq): the files its README links to. No sha256 (nor byte size) is published for them, so
+# they are not fetched unverified: a copy placed in the cache by hand is used as is.
+HQ_BASE_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main"
+UNVERIFIED = {f"sam_hq_{m}": UnverifiedEntry(f"sam_hq_{m}", f"sam_hq_{m}.pth", f"{HQ_BASE_URL}/sam_hq_{m}.pth", m)
+              for m in ("vit_b", "vit_l", "vit_h")}
+
+
+def resolve_unverified(name: str, cache: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """The cached file of an UNVERIFIED name (or file name); None when `name` is not one. CheckpointError, saying
+    where to put it, when it is not in the cache."""
+    entry = next((e for e in UNVERIFIED.values() if name in (e.name, e.filename)), None)
+    if entry is None:
+        return None
+    dest = cache_dir(cache) / entry.filename
+    if dest.is_file():
+        return os.fspath(dest)
+    raise CheckpointError(f"{entry.name}: no sha256 is published for {entry.filename}, so samvit does not download "
+                          f"it unverified; fetch {entry.url} yourself and pass its path, or place it at {dest}")
+
+
 class DownloadError(CheckpointError):
     """A registry checkpoint that could not be fetched, or whose bytes do not match the registry."""
 
@@ -61,6 +91,11 @@ def _entry(name: str) -> CheckpointEntry:
     for e in REGISTRY.values():
         if name == e.filename:
             return e
+    for u in UNVERIFIED.values():
+        if name in (u.name, u.filename):
+            raise DownloadError(f"{name}: no sha256 is published for {u.filename}, so samvit does not download it "
+                                f"unverified; fetch {u.url} yourself and pass its path, or place it in the cache "
+                                f"folder ({cache_dir()})")
     raise DownloadError(f"unknown checkpoint {name!r}; known: {', '.join(REGISTRY)}")
 
 
@@ -258,8 +293,11 @@ def resolve_checkpoint(name_or_path: PathLike, cache: Union[str, os.PathLike, No
         return path
     if path in REGISTRY or any(path == e.filename for e in REGISTRY.values()):
         return os.fspath(download_checkpoint(path, cache=cache, base_url=base_url, progress=progress))
+    found = resolve_unverified(path, cache)
+    if found is not None:
+        return found
     raise CheckpointError(f"{path}: no such checkpoint file, and not a known checkpoint name "
-                          f"({', '.join(REGISTRY)})")
+                          f"({', '.join(list(REGISTRY) + list(UNVERIFIED))})")
 
 
 def known_sha256(path: PathLike) -> Optional[str]:

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints.registry import REGISTRY, is_verified, cache_dir, download_checkpoint
+    from ..checkpoints.registry import REGISTRY, UNVERIFIED, is_verified, cache_dir, download_checkpoint, \
+        resolve_unverified
     from . import UserError
 
     folder = cache_dir(args.cache_dir)
@@ -29,10 +30,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{e.name:6s} {e.size / 2**20:8.1f} MiB  {state:25s} {path}")
         return 0
     names = list(REGISTRY) if "all" in args.names else args.names
-    unknown = [n for n in names if n not in REGISTRY]
+    unknown = [n for n in names if n not in REGISTRY and n not in UNVERIFIED]
     if unknown:
         raise UserError(f"unknown checkpoint {', '.join(unknown)}; known: {', '.join(REGISTRY)}, all")
     for name in names:
+        if name in UNVERIFIED:  # no published sha256: never fetched; a copy placed in the cache by hand is shown
+            print(resolve_unverified(name, folder))
+            continue
         path = download_checkpoint(name, cache=folder, base_url=args.base_url, force=args.force,
                                    progress=False if args.quiet else None)
         print(path)

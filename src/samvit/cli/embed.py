@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoints.load import load_encoder
+    from ..checkpoints.load import load_encoder_hq
     from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
     from ..data.images import DEFAULT_MAX_PIXELS
     from ..data.remote import is_url
@@ -125,20 +125,27 @@ def run(args: argparse.Namespace) -> int:
             print(f"samvit embed: {describe_dtype(dtype, asked, device)}"
                   + ("; backend openvino (exporting the model first)" if args.backend == "openvino" else ""),
                   file=sys.stderr)
-        encoder = load_encoder(args.model, checkpoint, device=device, dtype=dtype, img_size=args.img_size)
+        encoder, early_block = load_encoder_hq(args.model, checkpoint, device=device, dtype=dtype,
+                                               img_size=args.img_size)
+        if early_block is not None and (args.store is not None or args.backend != "torch"):
+            raise UserError(f"{args.checkpoint} is HQ-SAM, whose decoder also needs the encoder's early features: "
+                            "they are written to embedding files (--out) by the torch backend only; an "
+                            "embedding store and --backend openvino do not keep them yet")
         if args.backend == "openvino":
             from ..export import OpenVINOEncoder
 
             encoder = OpenVINOEncoder(encoder)
         sha = checkpoint_sha256(checkpoint)
         protected = [checkpoint] + [a for a in args.inputs if os.path.isfile(a)]  # list files too
-        sink = FileSink(args.out, sha, force=args.force, protected=protected) if args.store is None else \
+        hq_meta = {} if early_block is None else {"hq_early_block": str(early_block)}
+        sink = FileSink(args.out, sha, hq_meta, force=args.force, protected=protected) if args.store is None else \
             StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report, protected=protected,
                       allow_mixed_dtypes=bool(args.allow_mixed_dtypes))
         with TqdmProgress("embed" + (f" (rank 0 of {env[1]})" if env else ""), "img",
                           enabled=False if quiet else None) as bar:
             report = embed(encoder, items, sink, batch_size=args.batch_size, workers=args.workers, tile=args.tile,
-                           halo=args.halo or 0, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=bar)
+                           halo=args.halo or 0, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=bar,
+                           early_block=early_block)
     finally:
         if env is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

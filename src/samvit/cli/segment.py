@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multimask", action="store_true",
                    help="predict 3 candidate masks and keep the one with the highest predicted IoU "
                    "(better for a single ambiguous click)")
+    p.add_argument("--hq-token-only", action="store_true",
+                   help="HQ-SAM checkpoints: the HQ output token's mask alone (default: SAM's mask plus the HQ mask, "
+                   "as the official predictor)")
     p.add_argument("--auto", action="store_true", help="automatic masks for the whole image (grid of points)")
     p.add_argument("--out", required=True, help="output: mask PNG (prompts) or JSON (--auto)")
     p.add_argument("--overlay", default=None, metavar="PNG", help="also write the image with the mask(s) drawn over it")
@@ -116,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, args.model, device=device, dtype=dtype,
                                           with_encoder=not precomputed, progress=False if args.quiet else None,
                                           img_size=img_size)
+    if args.hq_token_only and not predictor.is_hq:
+        raise UserError(f"--hq-token-only applies to HQ-SAM checkpoints; {args.checkpoint} is plain SAM")
+    if args.hq_token_only and args.auto:
+        raise UserError("--hq-token-only applies to prompts (--point / --box), not to --auto")
     if precomputed:
         if args.embedding:
             predictor.set_embedding(args.embedding, allow_mismatch=args.allow_mismatch)
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     coords = np.array([pt[:2] for pt in points]) if points else None
     labels = np.array([int(pt[2]) if len(pt) == 3 else 1 for pt in points]) if points else None
     masks, scores, _ = predictor.predict(coords, labels, np.array(box) if box else None,
-                                         multimask_output=args.multimask)
+                                         multimask_output=args.multimask, hq_token_only=args.hq_token_only)
     best = int(np.argmax(scores))
     mask = masks[best]
     _save_png(args.out, mask.astype(np.uint8) * 255)

@@ -102,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
           f"({'asked for' if args.dtype else 'the default'}; the prompt decoder runs in float32)", file=sys.stderr)
     predictor = Predictor.from_checkpoint(checkpoint, args.model, device=resolve_device(args.device), dtype=dtype)
     cfg = predictor.encoder.config
+    if args.store and predictor.is_hq:
+        from . import UserError
+
+        raise UserError(f"{args.checkpoint} is HQ-SAM: an embedding store does not keep its early encoder features; "
+                        "serve it without --store")
     store = writer = None
     if args.store:
         from ..serve.cache import open_store

@@ -104,14 +104,20 @@ def _metadata_or_none(path: str) -> Optional[Dict[str, str]]:
 
 
 def save_embedding(path: str, embedding: torch.Tensor, original_size: Tuple[int, int],
-                   input_size: Tuple[int, int], metadata: Dict[str, str]) -> None:
-    """Write one embedding (C,h,w) and its metadata, atomically; NonFiniteError (nothing written) when it holds
-    NaN or infinite values."""
-    if embedding.is_floating_point() and not bool(torch.isfinite(embedding).all()):
-        raise NonFiniteError(f"{path}: the embedding holds NaN or infinite values; not written")
+                   input_size: Tuple[int, int], metadata: Dict[str, str],
+                   early_features: Optional[torch.Tensor] = None) -> None:
+    """Write one embedding (C,h,w) and its metadata, atomically; for HQ-SAM also the early encoder features
+    (C_vit,h,w) as the `early_features` tensor (the metadata's `hq_early_block` names the block). NonFiniteError
+    (nothing written) when either holds NaN or infinite values."""
+    for t in (embedding, early_features):
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{path}: the embedding holds NaN or infinite values; not written")
     meta = dict(metadata, original_size=f"{original_size[0]},{original_size[1]}",
                 input_size=f"{input_size[0]},{input_size[1]}")
-    write_tensors(path, {"embedding": embedding}, meta)
+    tensors = {"embedding": embedding}
+    if early_features is not None:
+        tensors["early_features"] = early_features
+    write_tensors(path, tensors, meta)
 
 
 def parse_size(text: object, field: str, source: str) -> Tuple[int, int]:
@@ -156,6 +162,12 @@ def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
     Raises InputError / MetadataError naming the file when it is not a regular file, not safetensors, has no
     float `embedding` tensor of 3 dimensions, or has sizes in its metadata that are not two positive integers.
     """
+    emb, _, meta = load_embedding_hq(path)
+    return emb, meta
+
+
+def load_embedding_hq(path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, object]]:
+    """As load_embedding, plus HQ-SAM's early encoder features (C_vit,h,w) when the file holds them, else None."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -169,6 +181,7 @@ def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
                 raise MetadataError(f"{path}: no 'embedding' tensor (it holds {names[:5]}); expected a file "
                                     "written by `samvit embed`")
             emb = f.get_tensor("embedding")
+            early = f.get_tensor("early_features") if "early_features" in names else None
     except (InputError, MetadataError):
         raise
     except Exception as e:  # safetensors raises its own type, OSError, ValueError... for a damaged file
@@ -176,9 +189,12 @@ def load_embedding(path: str) -> Tuple[torch.Tensor, Dict[str, object]]:
     if emb.dtype not in EMBEDDING_DTYPES or emb.ndim != 3:
         raise MetadataError(f"{path}: 'embedding' is {emb.dtype} of shape {tuple(emb.shape)}; expected a float "
                             "tensor (C, h, w)")
+    if early is not None and (early.dtype not in EMBEDDING_DTYPES or early.ndim != 3):
+        raise MetadataError(f"{path}: 'early_features' is {early.dtype} of shape {tuple(early.shape)}; expected a "
+                            "float tensor (C, h, w)")
     for k in ("original_size", "input_size"):
         if k in meta:
             meta[k] = parse_size(meta[k], k, path)
     if "img_size" in meta:
         meta["img_size"] = parse_img_size(meta["img_size"], path)
-    return emb, meta
+    return emb, early, meta

@@ -31,6 +31,7 @@ from ..data.remote import filesystem, is_url, read_bytes
 from ..data.tiles import tile_grid
 from ..errors import OutputError, SamvitError
 from ..modeling.encoder import ImageEncoder
+from ..modeling.mask_decoder_hq import encode_hq
 from ..runtime import ProgressArg, progress_callback
 from .files import check_not_an_input, output_path, plan_outputs, save_embedding
 from .store import EmbeddingStore, embedding_shape
@@ -160,10 +161,12 @@ class FileSink:
         return plan_outputs(self.out_dir, items, model=encoder.config.name, checkpoint_sha256=self.checkpoint_sha256,
                             img_size=encoder.config.img_size, protected=self.protected, force=self.force)
 
-    def put(self, key: str, embedding: torch.Tensor, *, sha256: str, original_size, input_size, tiles=None) -> None:
+    def put(self, key: str, embedding: torch.Tensor, *, sha256: str, original_size, input_size, tiles=None,
+            early_features: Optional[torch.Tensor] = None) -> None:
         dest = output_path(self.out_dir, key)
         save_embedding(dest, embedding, original_size, input_size, dict(self.metadata, source=key,
-                                                                        source_sha256=sha256))
+                                                                        source_sha256=sha256),
+                       early_features=early_features)
         self.written.append(dest)
 
     def put_alias(self, key: str, source_key: str) -> None:
@@ -309,7 +312,8 @@ def encode_batch(encoder: ImageEncoder, items: Sequence[PreparedImage]) -> torch
 
 def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_size: int = 1,
           workers: Optional[int] = None, tile: Optional[int] = None, halo: int = 0,
-          max_pixels: int = DEFAULT_MAX_PIXELS, progress: ProgressArg = None) -> EmbedReport:
+          max_pixels: int = DEFAULT_MAX_PIXELS, progress: ProgressArg = None,
+          early_block: Optional[int] = None) -> EmbedReport:
     """Embed (path, key) items into a sink; a bad input is reported and skipped, the rest go on.
 
     Args:
@@ -322,6 +326,8 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
         max_pixels: larger images are refused (decompression bombs).
         progress: a callback progress(done, total, failed=n), or None/True/False for a tqdm bar by the rule of
             samvit.runtime.progress_enabled; shown on rank 0 only.
+        early_block: HQ-SAM: also keep the output of this encoder block (checkpoints.load.hq_early_block) as each
+            file's `early_features` (FileSink only, no tiles).
     Returns:
         the report of all ranks together. Under torch.distributed (initialised by the caller, see
         samvit.runtime.init_distributed) each rank takes items[rank::world_size].
@@ -330,6 +336,8 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if halo and tile is None:
         raise ValueError("halo needs tile: pass a tile size as well")
+    if early_block is not None and (tile is not None or not isinstance(sink, FileSink)):
+        raise ValueError("HQ-SAM's early encoder features are written to embedding files only (no store, no tiles)")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
@@ -357,11 +365,18 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
 
         def forward(units: List[Tuple[Dict[str, Any], torch.Tensor]]) -> None:
             x = torch.stack([t for _, t in units]).to(device=device, dtype=compute_dtype, non_blocking=True)
+            early = None
             with torch.inference_mode():
-                out = encoder(x).to(sink.out_dtype).cpu()
+                if early_block is None:
+                    out = encoder(x).to(sink.out_dtype).cpu()
+                else:
+                    out, early = encode_hq(encoder, x, early_block)
+                    out, early = out.to(sink.out_dtype).cpu(), early.to(sink.out_dtype).cpu()
             report.encoded_rows += len(units)
             finite = torch.isfinite(out).flatten(1).all(1).tolist()  # NaN weights, or overflow in float16
-            for (u, _), emb, ok in zip(units, out, finite):
+            if early is not None:
+                finite = [a and b for a, b in zip(finite, torch.isfinite(early).flatten(1).all(1).tolist())]
+            for i, ((u, _), emb, ok) in enumerate(zip(units, out, finite)):
                 if not ok or u["key"] in failed_keys:
                     if u["key"] not in failed_keys:
                         failed_keys.add(u["key"])
@@ -380,7 +395,8 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
                 tiled = tile is not None
                 behind.submit("put", u["key"], torch.stack(state["outputs"]) if tiled else emb, sha256=u["sha256"],
                               original_size=u["original_size"], input_size=None if tiled else u["input_size"],
-                              tiles=[v["tile"] for v in state["units"]] if tiled else None)
+                              tiles=[v["tile"] for v in state["units"]] if tiled else None,
+                              **({} if early is None else {"early_features": early[i].clone()}))
                 report.embedded += 1
                 advance()
 

@@ -11,13 +11,14 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..checkpoints.load import _load_sam
+from ..checkpoints.load import _load_sam, check_hq_fits, hq_early_block
 from ..config import EncoderConfig
 from ..errors import NonFiniteError, ProvenanceError
 from ..data.images import ImageInput, load_image
 from ..data.preprocess import get_preprocess_shape, postprocess_masks, prepare, to_input_frame
 from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder
+from ..modeling.mask_decoder_hq import encode_hq
 from ..modeling.sam import SamDecoder
 from ..runtime import DtypeArg
 from .prompts import ArrayLike, PromptError, as_tensor, check_boxes, check_points
@@ -36,7 +37,12 @@ class Predictor:
                 raise ValueError(f"encoder ({ec.out_chans} channels, {ec.grid_size}x{ec.grid_size} grid, input "
                                  f"{ec.img_size}) does not fit the decoder ({dc.embed_dim} channels, "
                                  f"{dc.image_embedding_size} grid, input {dc.input_image_size})")
+            check_hq_fits(ec, dc, "the encoder")
         self.encoder = encoder
+        # HQ-SAM: the encoder block whose output the decoder also takes (None: plain SAM, or not known without an
+        # encoder); embeddings for it carry that block's output as `early_features`
+        self.early_block: Optional[int] = hq_early_block(encoder.config) if encoder is not None and decoder.is_hq \
+            else None
         self.decoder = decoder.eval()
         self.img_size = dc.input_image_size
         self.model_name: Optional[str] = encoder.config.name if encoder is not None else None
@@ -67,6 +73,8 @@ class Predictor:
                                                   progress, img_size)
         predictor = cls(encoder, decoder)
         predictor.model_name = cfg.name if cfg is not None else None
+        if cfg is not None and decoder.is_hq:
+            predictor.early_block = hq_early_block(cfg)
         predictor.checkpoint_path = source if isinstance(checkpoint, (str, os.PathLike)) else None
         return predictor
 
@@ -101,9 +109,16 @@ class Predictor:
     def device(self) -> torch.device:
         return self.decoder.mask_decoder.iou_token.weight.device
 
+    @property
+    def is_hq(self) -> bool:
+        """True for an HQ-SAM checkpoint: its decoder also takes the encoder's early features (see set_embedding)
+        and predict's hq_token_only applies."""
+        return self.decoder.is_hq
+
     def reset_image(self) -> None:
         """Forget the current image."""
         self.features: Optional[torch.Tensor] = None
+        self.early_features: Optional[torch.Tensor] = None  # HQ-SAM: (1,C_vit,h,w) output of encoder block early_block
         self.original_size: Optional[Tuple[int, int]] = None
         self.input_size: Optional[Tuple[int, int]] = None
 
@@ -123,11 +138,16 @@ class Predictor:
             rgb = np.ascontiguousarray(rgb[..., ::-1])
         prepared = prepare(rgb, self.img_size)
         x = prepared.tensor[None].to(device=self.encoder.device, dtype=self.encoder.dtype)
-        self.set_embedding(self.encoder(x)[0], prepared.original_size, prepared.input_size)
+        if self.is_hq:
+            emb, early = encode_hq(self.encoder, x, self.early_block)
+            self.set_embedding(emb[0], prepared.original_size, prepared.input_size, early_features=early)
+        else:
+            self.set_embedding(self.encoder(x)[0], prepared.original_size, prepared.input_size)
 
     def set_embedding(self, embedding: Union[torch.Tensor, str, os.PathLike], original_size: Optional[Tuple[int, int]] = None,
                       input_size: Optional[Tuple[int, int]] = None, metadata: Optional[dict] = None,
-                      allow_mismatch: bool = False, source: str = "embedding") -> None:
+                      allow_mismatch: bool = False, source: str = "embedding",
+                      early_features: Optional[torch.Tensor] = None) -> None:
         """Use a precomputed embedding (C,h,w) or (1,C,h,w), or a file written by samvit.embed.save_embedding.
 
         original_size is the (H, W) of the image it came from (read from the file when a path is given);
@@ -135,12 +155,15 @@ class Predictor:
         `metadata` given, e.g. EmbeddingStore.metadata(key)) must name this predictor's model and checkpoint
         (ProvenanceError otherwise, unless allow_mismatch) and its input size, img_size, when it records one
         (ProvenanceError otherwise, always); NaN or infinite values raise NonFiniteError.
+        HQ-SAM also needs `early_features` (C_vit,h,w) or (1,C_vit,h,w), the output of encoder block early_block
+        (read from the file when a path is given); a plain SAM predictor refuses them (ProvenanceError).
         """
         if isinstance(embedding, (str, os.PathLike)):
-            from ..embeddings.files import load_embedding
+            from ..embeddings.files import load_embedding_hq
 
             source = os.fspath(embedding)
-            embedding, meta = load_embedding(source)
+            embedding, early, meta = load_embedding_hq(source)
+            early_features = early if early_features is None else early_features
             original_size = original_size or meta.get("original_size")
             input_size = input_size or meta.get("input_size")
             metadata = meta if metadata is None else metadata
@@ -163,6 +186,7 @@ class Predictor:
                                   f"{tuple(embedding.shape)}")
         if not torch.isfinite(emb).all():
             raise NonFiniteError(f"{source}: the embedding holds NaN or infinite values")
+        early = self._check_early(early_features, metadata, source)
         if original_size is None:
             raise ValueError("original_size (H, W) of the embedded image is needed")
         original_size = (int(original_size[0]), int(original_size[1]))
@@ -176,7 +200,37 @@ class Predictor:
                                   "for another input size")
         w = self.decoder.mask_decoder.iou_token.weight
         self.features = emb.detach().to(device=w.device, dtype=w.dtype)
+        self.early_features = None if early is None else early.detach().to(device=w.device, dtype=w.dtype)
         self.original_size, self.input_size = original_size, input_size
+
+    def _check_early(self, early: Optional[torch.Tensor], metadata: Optional[dict], source: str
+                     ) -> Optional[torch.Tensor]:
+        """The early features as (1,C_vit,h,w) for HQ-SAM, None for SAM; ProvenanceError when an embedding was made
+        for the other kind of decoder."""
+        block = (metadata or {}).get("hq_early_block")
+        if not self.is_hq:
+            if early is not None or block is not None:
+                raise ProvenanceError(f"{source} was made for HQ-SAM (it holds the encoder's early features); this "
+                                      "predictor is plain SAM: use the HQ-SAM checkpoint it was made with")
+            return None
+        if early is None:
+            raise ProvenanceError(f"{source} holds no early encoder features: it was made for plain SAM, but this "
+                                  "predictor is HQ-SAM, whose decoder also needs the output of the encoder's first "
+                                  "global-attention block; embed the image again with the HQ-SAM checkpoint")
+        if block is not None and self.early_block is not None and str(block) != str(self.early_block):
+            raise ProvenanceError(f"{source}: its early features are the output of encoder block {block}; this "
+                                  f"HQ-SAM model takes block {self.early_block}")
+        if not isinstance(early, torch.Tensor):
+            raise TypeError(f"early_features: expected a torch.Tensor, got {type(early).__name__}")
+        c = self.decoder.config
+        e = early[None] if early.ndim == 3 else early
+        want = (1, c.hq_vit_dim, c.image_embedding_size, c.image_embedding_size)
+        if tuple(e.shape) != want:
+            raise ProvenanceError(f"{source}: early features of shape {tuple(early.shape)}; this HQ-SAM model "
+                                  f"expects {want[1:]} (or with a leading 1)")
+        if not torch.isfinite(e).all():
+            raise NonFiniteError(f"{source}: the early encoder features hold NaN or infinite values")
+        return e
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, (1,C,h,w)."""
@@ -259,10 +313,16 @@ class Predictor:
 
     @torch.inference_mode()
     def decode(self, points: Optional[Tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor],
-               masks: Optional[torch.Tensor], multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+               masks: Optional[torch.Tensor], multimask_output: bool, hq_token_only: bool = False
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts already in the input frame (see to_input_frame), unchecked -> (low-res logits float32
-        (B,M,4h,4w), IoU predictions (B,M)) for the current image."""
-        low, iou = self.decoder(self.features, points, boxes, masks, multimask_output)
+        (B,M,4h,4w), IoU predictions (B,M)) for the current image (HQ-SAM: M = 1, see MaskDecoderHQ)."""
+        self._check_hq_token_only(hq_token_only)
+        if self.is_hq:
+            low, iou = self.decoder(self.features, points, boxes, masks, multimask_output,
+                                    early_features=self.early_features, hq_token_only=hq_token_only)
+        else:
+            low, iou = self.decoder(self.features, points, boxes, masks, multimask_output)
         if not (torch.isfinite(low).all() and torch.isfinite(iou).all()):
             raise NonFiniteError("the mask decoder gave NaN or infinite values (damaged decoder weights?)")
         return low.float(), iou.float()
@@ -274,23 +334,34 @@ class Predictor:
 
     def predict(self, point_coords: Optional[ArrayLike] = None, point_labels: Optional[ArrayLike] = None,
                 box: Optional[ArrayLike] = None, mask_input: Optional[ArrayLike] = None, multimask_output: bool = True,
-                return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                return_logits: bool = False, hq_token_only: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One prompt: N points (N,2) with labels (N,), a box (4,), a low-res mask (1,256,256) -> numpy
-        (masks (M,H,W) bool or logits, IoU predictions (M,), low-res logits (M,256,256)); M = 3 or 1."""
+        (masks (M,H,W) bool or logits, IoU predictions (M,), low-res logits (M,256,256)); M = 3 or 1.
+
+        HQ-SAM (as the official SamPredictor of segment-anything-hq): M = 1, the HQ token's mask alone with
+        hq_token_only, else the SAM mask (the best of 3 with multimask_output) plus the HQ mask.
+        """
+        self._check_hq_token_only(hq_token_only)
         points, boxes, masks = self._prepare(point_coords, point_labels, box, mask_input, batched=False)
-        out = self._predict(points, boxes, masks, multimask_output, return_logits)
+        out = self._predict(points, boxes, masks, multimask_output, return_logits, hq_token_only)
         return tuple(t[0].cpu().numpy() for t in out)
 
     def predict_torch(self, point_coords: Optional[ArrayLike] = None, point_labels: Optional[ArrayLike] = None,
                       boxes: Optional[ArrayLike] = None, mask_input: Optional[ArrayLike] = None,
-                      multimask_output: bool = True, return_logits: bool = False
+                      multimask_output: bool = True, return_logits: bool = False, hq_token_only: bool = False
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B prompts at once: points (B,N,2) with labels (B,N) (-1 = padding), boxes (B,4), masks (B,1,256,256) ->
-        (masks (B,M,H,W), IoU (B,M), low-res logits (B,M,256,256)) as tensors on the predictor's device."""
+        (masks (B,M,H,W), IoU (B,M), low-res logits (B,M,256,256)) as tensors on the predictor's device
+        (hq_token_only: as predict)."""
+        self._check_hq_token_only(hq_token_only)
         points, box_t, mask_t = self._prepare(point_coords, point_labels, boxes, mask_input, batched=True)
-        return self._predict(points, box_t, mask_t, multimask_output, return_logits)
+        return self._predict(points, box_t, mask_t, multimask_output, return_logits, hq_token_only)
 
-    def _predict(self, points, boxes, masks, multimask_output, return_logits):
-        low, iou = self.decode(points, boxes, masks, multimask_output)
+    def _check_hq_token_only(self, hq_token_only: bool) -> None:
+        if hq_token_only and not self.is_hq:
+            raise PromptError("hq_token_only applies to HQ-SAM checkpoints only; this predictor is plain SAM")
+
+    def _predict(self, points, boxes, masks, multimask_output, return_logits, hq_token_only=False):
+        low, iou = self.decode(points, boxes, masks, multimask_output, hq_token_only)
         full = self.postprocess_masks(low)
         return (full if return_logits else full > self.mask_threshold), iou, low

@@ -60,17 +60,27 @@ class MaskDecoder(nn.Module):
     def predict_masks(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                       dense_prompt_embeddings: Tensor) -> Tuple[Tensor, Tensor]:
         """All num_mask_tokens masks and IoU predictions."""
-        b = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        hs, up = self.run_transformer(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                                      out_tokens)
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+                               dim=1)
+        return masks_from(hyper_in, up), self.iou_prediction_head(hs[:, 0])
+
+    def run_transformer(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
+                        dense_prompt_embeddings: Tensor, out_tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        """Output tokens (T,C) + B prompts through the two-way transformer -> (tokens out (B,T+N,C), upscaled
+        image embedding (B,C/8,4h,4w))."""
+        b = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
         src = (image_embeddings + dense_prompt_embeddings).expand(b, -1, -1, -1)  # one image, b prompts
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
-        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-                               dim=1)
-        _, c2, h2, w2 = up.shape
-        masks = (hyper_in @ up.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return hs, self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+
+
+def masks_from(hyper_in: Tensor, upscaled: Tensor) -> Tensor:
+    """(B,M,C) hypernetwork weights x (B,C,H,W) upscaled embedding -> (B,M,H,W) mask logits."""
+    b, c, h, w = upscaled.shape
+    return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)

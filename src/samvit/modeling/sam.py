@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..config import DecoderConfig, EncoderConfig
 from .encoder import ImageEncoder
 from .mask_decoder import MaskDecoder
+from .mask_decoder_hq import MaskDecoderHQ
 from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
 from ..errors import ParameterError
@@ -24,8 +25,18 @@ class SamDecoder(nn.Module):
         self.config = c
         self.prompt_encoder = PromptEncoder(c.embed_dim, (c.image_embedding_size,) * 2, (c.input_image_size,) * 2,
                                             c.mask_in_chans)
-        self.mask_decoder = MaskDecoder(c.embed_dim, TwoWayTransformer(c.depth, c.embed_dim, c.num_heads, c.mlp_dim),
-                                        c.num_multimask_outputs, c.iou_head_depth, c.iou_head_hidden_dim)
+        transformer = TwoWayTransformer(c.depth, c.embed_dim, c.num_heads, c.mlp_dim)
+        if c.hq_vit_dim:  # HQ-SAM
+            self.mask_decoder = MaskDecoderHQ(c.embed_dim, transformer, c.num_multimask_outputs, c.iou_head_depth,
+                                              c.iou_head_hidden_dim, c.hq_vit_dim)
+        else:
+            self.mask_decoder = MaskDecoder(c.embed_dim, transformer, c.num_multimask_outputs, c.iou_head_depth,
+                                            c.iou_head_hidden_dim)
+
+    @property
+    def is_hq(self) -> bool:
+        """True for HQ-SAM's mask decoder (it also takes the encoder's early features)."""
+        return self.config.hq_vit_dim > 0
 
     def dense_pe(self) -> Tensor:
         """The image embedding's position encoding (1,C,h,w) in the module's dtype."""
@@ -33,10 +44,19 @@ class SamDecoder(nn.Module):
 
     def forward(self, image_embeddings: Tensor, points: Optional[Tuple[Tensor, Tensor]] = None,
                 boxes: Optional[Tensor] = None, masks: Optional[Tensor] = None,
-                multimask_output: bool = True) -> Tuple[Tensor, Tensor]:
-        """One image's embedding (1,C,h,w) and B prompts in the input frame -> (B,M,4h,4w) logits, (B,M) IoU."""
+                multimask_output: bool = True, early_features: Optional[Tensor] = None,
+                hq_token_only: bool = False) -> Tuple[Tensor, Tensor]:
+        """One image's embedding (1,C,h,w) and B prompts in the input frame -> (B,M,4h,4w) logits, (B,M) IoU.
+
+        HQ-SAM also takes the early encoder features (1,hq_vit_dim,h,w) and gives M = 1 (see MaskDecoderHQ).
+        """
         w = self.mask_decoder.iou_token.weight
         sparse, dense = self.prompt_encoder(points, boxes, masks)
+        if self.is_hq:
+            if early_features is None:
+                raise ValueError("HQ-SAM's decoder needs the encoder's early features (early_features=...)")
+            return self.mask_decoder(image_embeddings.to(w.dtype), self.dense_pe(), sparse, dense, multimask_output,
+                                     hq_token_only, early_features.to(w.dtype))
         return self.mask_decoder(image_embeddings.to(w.dtype), self.dense_pe(), sparse, dense, multimask_output)
 
 
@@ -50,6 +70,9 @@ class Sam(nn.Module):
     def __init__(self, image_encoder: ImageEncoder, decoder: SamDecoder) -> None:
         super().__init__()
         enc, dec = image_encoder.config, decoder.config
+        if decoder.is_hq:
+            raise ValueError("Sam (the trainable model) takes SAM's mask decoder; HQ-SAM's is for inference only "
+                             "(samvit.Predictor)")
         if enc.out_chans != dec.embed_dim or enc.grid_size != dec.image_embedding_size or \
                 enc.img_size != dec.input_image_size:
             raise ParameterError(f"encoder ({enc.out_chans} channels, {enc.grid_size}x{enc.grid_size} grid, input "

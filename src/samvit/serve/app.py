@@ -123,6 +123,9 @@ class Service:
     def __init__(self, predictor, config: ServeConfig, store=None, store_writer=None) -> None:
         if predictor.encoder is None:
             raise ValueError("the service needs a Predictor with its image encoder")
+        if getattr(predictor, "is_hq", False) and (store is not None or store_writer is not None):
+            raise ValueError("an embedding store does not keep HQ-SAM's early encoder features: serve an HQ-SAM "
+                             "checkpoint without --store")
         self.config = config
         self.predictor = predictor
         self.img_size = predictor.encoder.config.img_size
@@ -498,11 +501,12 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
 
         def run(predictor):
             t0 = time.perf_counter()
-            predictor.set_embedding(item.embedding, item.original_size, item.input_size)
+            predictor.set_embedding(item.embedding, item.original_size, item.input_size,
+                                    early_features=item.early_features)
             out = predictor.predict(None if req.points is None else np.asarray(req.points, np.float64),
                                     None if req.labels is None else np.asarray(req.labels),
                                     None if req.box is None else np.asarray(req.box, np.float64),
-                                    mask_input, multimask_output=req.multimask)
+                                    mask_input, multimask_output=req.multimask, hq_token_only=req.hq_token_only)
             return out, time.perf_counter() - t0
 
         (masks, scores, low), seconds = await service.wait(request, service.worker.call(run))
@@ -528,7 +532,8 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), store=None, store
                              f"(the timeout of {service.config.timeout_s:g} s, or the client left)")
 
         def run(predictor):
-            predictor.set_embedding(item.embedding, item.original_size, item.input_size)
+            predictor.set_embedding(item.embedding, item.original_size, item.input_size,
+                                    early_features=item.early_features)
             gen = samvit.AutomaticMaskGenerator(
                 predictor, points_per_side=req.points_per_side, points_per_batch=batch,
                 pred_iou_thresh=req.pred_iou_thresh, stability_score_thresh=req.stability_score_thresh,

@@ -22,10 +22,12 @@ class Embedded:
     original_size: Tuple[int, int]
     input_size: Tuple[int, int]
     compute_dtype: str = "float32"
+    early_features: Optional[torch.Tensor] = None  # HQ-SAM: the encoder's early features (C_vit,h,w)
 
     @property
     def nbytes(self) -> int:
-        return self.embedding.numel() * self.embedding.element_size()
+        early = 0 if self.early_features is None else self.early_features.numel() * self.early_features.element_size()
+        return self.embedding.numel() * self.embedding.element_size() + early
 
 
 class EmbeddingCache:

@@ -77,6 +77,8 @@ class SegmentRequest(ImageRef):
     mask_input: Optional[Array] = Field(None, description="low-res logits (1, 256, 256) from an earlier answer's "
                                         "low_res_logits (one mask of it)")
     multimask: bool = Field(False, description="three candidate masks (best for one ambiguous click) instead of one")
+    hq_token_only: bool = Field(False, description="HQ-SAM checkpoints: the HQ token's mask alone (default: SAM's "
+                                "mask plus the HQ mask, as the official predictor)")
     format: Literal["png", "rle"] = Field("png", description="masks as PNG (base64, 0/255 grey) or COCO RLE")
     return_low_res: bool = Field(True, description="include the low-res logits (M, 256, 256) for the next click")
 

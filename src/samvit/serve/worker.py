@@ -190,8 +190,14 @@ class ModelWorker:
         try:
             p = next(encoder.parameters())
             x = torch.stack([j.prepared.tensor for j in live]).to(device=p.device, dtype=encoder.dtype)
+            early = None
             with torch.inference_mode():
-                out = encoder(x).float().cpu()
+                if getattr(self.predictor, "is_hq", False):  # HQ-SAM: the decoder also takes an early block's output
+                    from ..modeling.mask_decoder_hq import encode_hq
+
+                    out, early = encode_hq(encoder, x, self.predictor.early_block)
+                    early = early.float().cpu()
+                out = out.float().cpu() if early is not None else encoder(x).float().cpu()
         except BaseException as e:  # noqa: BLE001 - e.g. out of memory: the requests get the error
             log.exception("encoder batch of %d failed", len(live))
             with self._cond:
@@ -208,10 +214,11 @@ class ModelWorker:
         if self.metrics is not None:
             self.metrics.encoder_batch(len(live), seconds)
         compute_dtype = str(encoder.dtype).replace("torch.", "")
-        for j, emb in zip(live, out):
-            item = Embedded(emb.clone(), tuple(j.prepared.original_size), tuple(j.prepared.input_size), compute_dtype)
+        for i, (j, emb) in enumerate(zip(live, out)):
+            item = Embedded(emb.clone(), tuple(j.prepared.original_size), tuple(j.prepared.input_size), compute_dtype,
+                            None if early is None else early[i].clone())
             error = None
-            if torch.isfinite(emb).all():
+            if torch.isfinite(emb).all() and (early is None or torch.isfinite(early[i]).all()):
                 self.cache.put(j.key, item)  # before the waiters wake: a request that follows finds it cached
             else:  # damaged weights, or overflow in a low-precision dtype: an error, never cached nor returned
                 log.error("the encoder gave NaN or infinite values for image %s", j.key[:16])
