@@ -4,17 +4,16 @@ decoder; HQ-SAM's `vit_tiny`), the Predictor against the official SamPredictor, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from _masks_utils import liven_decoder_
 from conftest import TINY, official_tiny_sam, randomize_
+from samvit.bench.weights import randomize_tinyvit_
 from samvit import Predictor, load_encoder
 from samvit.checkpoints.files import CONFIG_METADATA_KEY, CheckpointError, write_tensors
 from samvit.checkpoints.load import build_encoder, checkpoint_info, load_sam, save_encoder
@@ -44,31 +43,6 @@ def official_tinyvit(cls=OfficialTinyViT):
     return cls(img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
                num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
                drop_path_rate=0.0, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8)
-
-
-@torch.no_grad()
-def randomize_tinyvit_(enc: nn.Module, seed: int) -> nn.Module:
-    """Every tensor random at a scale where each layer passes its input on (weights ~ 1/sqrt(fan_in), BatchNorm
-    statistics with a positive variance, attention biases of a few tenths), so the embedding depends on the image
-    through every layer."""
-    g = torch.Generator().manual_seed(seed)
-    for m in enc.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
-            if m.bias is not None:
-                m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-            m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-        elif isinstance(m, nn.LayerNorm) or type(m).__name__ == "LayerNorm2d":
-            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-            m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
-    for name, p in enc.named_parameters():
-        if name.endswith("attention_biases"):
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return enc
 
 
 def official_mobile_sam(seed: int = 0):
@@ -229,6 +203,16 @@ def test_small_config_json_metadata_dtype_and_errors(tmp_path):
         assert yb.dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(yb.flatten(1), y.flatten(1)).min().item()
         assert cos > 0.99
+    # trains after an inference_mode forward (the attention's cached offset index is no inference tensor)
+    from samvit.modeling.tinyvit import bias_index
+
+    bias_index.cache_clear()
+    with torch.inference_mode():
+        enc(x[:1])
+    enc.train()
+    enc(x[:1]).square().mean().backward()
+    assert enc.layers[1].blocks[0].attn.attention_biases.grad.abs().sum() > 0
+    enc.eval()
     sd = dict(enc.state_dict())
     del sd["layers.1.blocks.0.attn.qkv.weight"]
     bad = str(tmp_path / "bad.safetensors")
@@ -303,3 +287,35 @@ def test_distill_offers_tinyvit_student(tmp_path):
     p = Predictor.from_checkpoint(os.path.join(run, "sam_student.pth"), dtype=torch.float32, img_size=256)
     assert p.encoder.config == SMALL and p.encoder.config.name == "tinyvit"
     assert torch.equal(p.encoder.state_dict()["neck.0.weight"], student.state_dict()["neck.0.weight"])
+
+
+def test_bench_rows(tmp_path):
+    """`samvit bench` takes a TinyViT: samvit's row runs against the yardstick (at a size the official code cannot
+    run, the samvit reference path), peers without a TinyViT are skipped with the reason, the official row's model
+    builds from the same weights; no timing is asserted."""
+    from samvit.bench import report, runner
+    from samvit.bench.peers import build, official_tinyvit
+    from samvit.bench.weights import random_weights
+
+    rec = runner.run_benchmark(SMALL, impls=["samvit", "official", "timm"], dtypes=["float32"], batch_sizes=[1],
+                               allocators=["tuned"], threads=1, warmup=0, repeats=1, timeout=600, peak_size=None,
+                               progress=False, label="test")
+    rows = {r["impl"]: r for r in rec["runs"]}
+    assert rec["reference_impl"] == "samvit-reference" and rec["flops_per_image"] > 0
+    assert "error" not in rows["samvit"] and rows["samvit"]["out_shape"] == [1, 32, 16, 16]
+    assert rows["samvit"]["max_abs"] <= 1e-5
+    skipped = {s["impl"]: s["reason"] for s in rec["skipped"]}
+    assert set(rows) == {"samvit"} and set(skipped) == {"official", "timm"}
+    assert "1024" in skipped["official"] and "no TinyViT" in skipped["timm"]  # the official's fixed 64x64 grid
+    assert "samvit fast path" in report.markdown(rec)
+    cfg = preset("tinyvit_5m")
+    sd = random_weights(cfg)
+    fwd, in_dtype, autocast = build("official", cfg, sd, torch.float32)
+    assert type(fwd).__name__ == "MobileSAMTinyViT" and not fwd.training and in_dtype == torch.float32
+    attn = fwd.layers[1].blocks[0].attn
+    assert torch.equal(attn.attention_biases, sd["layers.1.blocks.0.attn.attention_biases"])
+    assert torch.equal(attn.ab, attn.attention_biases[:, attn.attention_bias_idxs])  # its eval() cache: the loaded
+    with pytest.raises(ValueError, match="1024"):
+        official_tinyvit(SMALL)
+    with pytest.raises(ValueError, match="no TinyViT"):
+        build("transformers", cfg, sd, torch.float32)

@@ -79,13 +79,15 @@ class PatchMerging(nn.Module):
 def bias_index(window: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """(N,N) index of each query/key pair's offset (|dy|,|dx|) in a window of N = window**2 tokens, offsets
     numbered in order of first appearance (the official order: attention_biases' columns). Cached per device (not
-    a buffer: a model built on the meta device and loaded with assign=True would keep a meta one)."""
-    if device.type != "cpu":
-        return bias_index(window).to(device)
-    points = list(itertools.product(range(window), range(window)))
-    offsets: dict = {}
-    idx = [offsets.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(offsets)) for a in points for b in points]
-    return torch.tensor(idx, dtype=torch.long).view(len(points), len(points))
+    a buffer: a model built on the meta device and loaded with assign=True would keep a meta one); made outside
+    inference mode, so that a first call under inference_mode does not cache a tensor training cannot use."""
+    with torch.inference_mode(False):
+        if device.type != "cpu":
+            return bias_index(window).to(device)
+        points = list(itertools.product(range(window), range(window)))
+        offsets: dict = {}
+        idx = [offsets.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(offsets)) for a in points for b in points]
+        return torch.tensor(idx, dtype=torch.long).view(len(points), len(points))
 
 
 class Attention(nn.Module):
