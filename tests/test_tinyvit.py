@@ -319,3 +319,39 @@ def test_bench_rows(tmp_path):
         official_tinyvit(SMALL)
     with pytest.raises(ValueError, match="no TinyViT"):
         build("transformers", cfg, sd, torch.float32)
+
+
+def test_serve_runs_a_tinyvit(tmp_path):
+    """`samvit serve`'s app on a (small) TinyViT SAM: an embedding request and a click give the Predictor's masks."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    import base64
+    import io
+
+    from PIL import Image
+
+    from _serve_utils import object_image, png_bytes, running
+    from samvit.serve import ServeConfig, create_app
+
+    sam = liven_decoder_(official_tiny_sam(TINY, seed=4))
+    sd = {k: v for k, v in sam.state_dict().items() if not k.startswith(("image_encoder.", "pixel_"))}
+    sd.update({"image_encoder." + k: v for k, v in randomize_tinyvit_(build_encoder(SMALL), 4).state_dict().items()})
+    path = str(tmp_path / "small_sam.safetensors")
+    write_tensors(path, sd, {CONFIG_METADATA_KEY: SMALL.to_json()})
+    rgb = object_image()
+    reference = Predictor.from_checkpoint(path, dtype=torch.float32)
+    reference.set_image(rgb)
+    app = create_app(Predictor.from_checkpoint(path, dtype=torch.float32), ServeConfig(model_name="small"))
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/embeddings", files={"image": ("x.png", png_bytes(rgb), "image/png")})
+        assert r.status_code == 200, r.text
+        click = [160.0, 120.0]
+        r = client.post("/v1/segment", json={"image_id": r.json()["id"], "points": [click], "labels": [1],
+                                             "multimask": True})
+        assert r.status_code == 200, r.text
+    masks, scores, _ = reference.predict(np.array([click]), np.array([1]), multimask_output=True)
+    got = r.json()
+    assert len(got["masks"]) == 3 and got["best"] == int(np.argmax(scores)) and 0 < masks.sum() < masks.size
+    for m, ref_mask in zip(got["masks"], masks):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(m["png"])))) > 127, ref_mask)
