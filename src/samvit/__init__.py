@@ -27,6 +27,7 @@ _EXPORTS = {
     "export_onnx": "export", "export_decoder_onnx": "export",
     "MAEConfig": "config", "MAE_PRESETS": "config", "mae_preset": "config", "MaskedAutoencoder": "modeling.mae",
     "Sam": "modeling.sam",
+    "TinyViTConfig": "config", "TinyViT": "modeling.tinyvit",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -36,7 +37,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .checkpoints.files import CheckpointError
     from .checkpoints.load import load_decoder, load_encoder, load_sam, save_encoder
     from .checkpoints.registry import download_checkpoint, resolve_checkpoint
-    from .config import MAE_PRESETS, PRESETS, DecoderConfig, EncoderConfig, MAEConfig, mae_preset, preset
+    from .config import (MAE_PRESETS, PRESETS, DecoderConfig, EncoderConfig, MAEConfig, TinyViTConfig, mae_preset,
+                         preset)
     from .data.images import ImageError, load_image
     from .data.preprocess import PreparedImage, preprocess
     from .embeddings.pipeline import embed
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .modeling.encoder import ImageEncoder
     from .modeling.mae import MaskedAutoencoder
     from .modeling.sam import SamDecoder
+    from .modeling.tinyvit import TinyViT
     from .runtime import tune_allocator
 
 

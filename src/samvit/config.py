@@ -5,7 +5,7 @@ import dataclasses
 import json
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Type, TypeVar
+from typing import Optional, Tuple, Type, TypeVar, Union
 
 from .errors import ParameterError
 
@@ -93,6 +93,8 @@ class EncoderConfig(ViTFields):
         d["global_attn_indexes"] = list(self.global_attn_indexes)
         return d
 
+    family = "vit"  # the encoder family (TinyViTConfig: "tinyvit"); not a field
+
 
 # Sane bounds for every field (configs also come from files): (low, high) for numbers.
 _INT_BOUNDS = {"img_size": (1, 16384), "patch_size": (1, 16384), "in_chans": (1, 64), "embed_dim": (1, 65536),
@@ -147,11 +149,116 @@ PRESETS = {
 NO_RELEASED_WEIGHTS = frozenset({"vit_h_spec", "vit_t", "vit_s"})
 
 
-def preset(name: str, **overrides) -> EncoderConfig:
-    """Return the named preset, optionally with some fields replaced."""
-    if name not in PRESETS:
-        raise ParameterError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
-    cfg = PRESETS[name]
+@dataclass(frozen=True)
+class TinyViTConfig(JsonFields):
+    """MobileSAM's TinyViT image encoder: a conv stem and MBConv stage, then windowed-attention stages (one entry
+    per stage in embed_dims ... window_sizes; stage 0's head count and window are unused), stride 16 overall,
+    SAM's neck. `family` tells its JSON from an EncoderConfig's."""
+
+    img_size: int = 1024
+    in_chans: int = 3
+    embed_dims: Tuple[int, ...] = (64, 128, 160, 320)
+    depths: Tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: Tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: Tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    out_chans: int = 256
+    family: str = "tinyvit"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.family != "tinyvit":
+            raise ParameterError(f"family {self.family!r}: a TinyViTConfig's family is 'tinyvit'")
+        for f in ("embed_dims", "depths", "num_heads", "window_sizes"):
+            v = getattr(self, f)
+            if not isinstance(v, (list, tuple)) or not all(_is_int(i) and 1 <= i <= 65536 for i in v):
+                raise ParameterError(f"{f} {str(v)[:60]}: expected a list of positive integers, one per stage")
+            object.__setattr__(self, f, tuple(int(i) for i in v))
+        n = len(self.embed_dims)
+        if n < 2 or any(len(getattr(self, f)) != n for f in ("depths", "num_heads", "window_sizes")):
+            raise ParameterError(f"embed_dims, depths, num_heads and window_sizes must each have one entry per stage "
+                             f"(at least 2), got {n}, {len(self.depths)}, {len(self.num_heads)}, "
+                             f"{len(self.window_sizes)}")
+        bad = [i for i in range(1, n) if self.embed_dims[i] % self.num_heads[i]]
+        if bad:
+            raise ParameterError(f"stage {bad[0]}: width {self.embed_dims[bad[0]]} is not divisible by its "
+                             f"{self.num_heads[bad[0]]} heads")
+        for name, lo, hi in (("img_size", 1, 16384), ("in_chans", 1, 64), ("local_conv_size", 1, 31),
+                             ("out_chans", 1, 65536)):
+            v = getattr(self, name)
+            if not _is_int(v) or not lo <= v <= hi:
+                raise ParameterError(f"{name} {v!r}: expected an integer from {lo} to {hi}")
+        for name in ("mlp_ratio", "mbconv_expand_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 1e-3 <= v <= 64:
+                raise ParameterError(f"{name} {v!r}: expected a number from 0.001 to 64")
+        if self.img_size % self.patch_size:
+            raise ParameterError(f"img_size {self.img_size} is not a multiple of the encoder's stride {self.patch_size}")
+        if not isinstance(self.name, str):
+            raise ParameterError(f"name {self.name!r}: expected a text")
+
+    @property
+    def patch_size(self) -> int:
+        """The stride of the embedding grid: 4 (stem) x 2 per patch merging but the last (16 with 4 stages)."""
+        return 4 * 2 ** (len(self.embed_dims) - 2)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the embedding grid (64 for 1024 input)."""
+        return self.img_size // self.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the features before the neck (the last stage's)."""
+        return self.embed_dims[-1]
+
+    @property
+    def depth(self) -> int:
+        """Blocks in all stages."""
+        return sum(self.depths)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for f in ("embed_dims", "depths", "num_heads", "window_sizes"):
+            d[f] = list(d[f])
+        return d
+
+
+TINYVIT_PRESETS = {
+    # MobileSAM's encoder (mobile_sam.pt; segment-anything-hq's sam_model_registry["vit_tiny"]): TinyViT-5M.
+    "tinyvit_5m": TinyViTConfig(name="tinyvit_5m"),
+}
+# Other names a preset goes by: the official registries call MobileSAM's encoder "vit_tiny" (not samvit's vit_t,
+# the ViT-Ti distillation student).
+PRESET_ALIASES = {"vit_tiny": "tinyvit_5m"}
+
+AnyEncoderConfig = Union[EncoderConfig, TinyViTConfig]
+
+
+def encoder_config_from_dict(d: dict) -> AnyEncoderConfig:
+    """An EncoderConfig, or a TinyViTConfig when d says family "tinyvit" (samvit metadata of either family)."""
+    if isinstance(d, dict) and d.get("family", "vit") == "tinyvit":
+        return TinyViTConfig.from_dict(d)
+    if isinstance(d, dict) and d.get("family", "vit") == "vit":
+        d = {k: v for k, v in d.items() if k != "family"}
+    return EncoderConfig.from_dict(d)
+
+
+def encoder_config_from_json(s: str) -> AnyEncoderConfig:
+    """encoder_config_from_dict of a JSON text."""
+    return encoder_config_from_dict(json.loads(s))
+
+
+def preset(name: str, **overrides) -> AnyEncoderConfig:
+    """Return the named preset (a ViT EncoderConfig, or a TinyViTConfig for tinyvit_5m / vit_tiny), optionally
+    with some fields replaced."""
+    name = PRESET_ALIASES.get(name, name)
+    if name not in PRESETS and name not in TINYVIT_PRESETS:
+        raise ParameterError(f"unknown model preset {name!r}; known presets: "
+                         f"{', '.join([*PRESETS, *TINYVIT_PRESETS, *PRESET_ALIASES])}")
+    cfg = PRESETS[name] if name in PRESETS else TINYVIT_PRESETS[name]
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 

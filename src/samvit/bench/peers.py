@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
-from ..config import EncoderConfig
+from ..config import EncoderConfig, TinyViTConfig
 from ..errors import ParameterError
 
 if TYPE_CHECKING:  # torch is imported when a model is built, so that `samvit bench --help` starts without it
@@ -37,14 +37,63 @@ ALLOCATORS = ("default", "tuned")
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+# TinyViT (MobileSAM's encoder, a TinyViTConfig) runs in samvit and in the official code (segment-anything-hq's
+# tiny_vit_sam); samvit's kernel variants are one arithmetic there, and the other peers have no TinyViT.
+TINYVIT_IMPLS = ("samvit", "samvit-compiled", "samvit-reference", "official", "official-compiled")
+
+
+def unsupported(impl: str, cfg) -> str:
+    """Why `impl` cannot run the encoder of `cfg` ("" when it can)."""
+    if not isinstance(cfg, TinyViTConfig):
+        return ""
+    if impl not in TINYVIT_IMPLS:
+        return f"{impl} has no TinyViT (MobileSAM's encoder); TinyViT runs in {', '.join(TINYVIT_IMPLS)}"
+    if impl.startswith("official"):
+        return _official_tinyvit_refuses(cfg)
+    return ""
+
+
+def _official_tinyvit_refuses(cfg: TinyViTConfig) -> str:
+    if cfg.img_size != 1024 or cfg.out_chans != 256 or cfg.embed_dims[-1] not in (320, 448, 576):
+        return ("the official TinyViT runs only at 1024 input with a 256-channel neck and a last width of 320, 448 "
+                f"or 576; this config has {cfg.img_size}, {cfg.out_chans}, {cfg.embed_dims[-1]}")
+    return ""
+
+
+def official_tinyvit(cfg: TinyViTConfig) -> "torch.nn.Module":
+    """segment-anything-hq's TinyViT with the architecture of `cfg`, as MobileSAM runs it (forward gives the
+    embedding alone). The official code fixes a 64x64 token grid (1024 input) and keeps the resolution in the last
+    patch merging only for a last width of 320, 448 or 576."""
+    import warnings
+
+    with warnings.catch_warnings():  # it imports timm's deprecated module paths
+        warnings.simplefilter("ignore")
+        from segment_anything_hq.modeling.tiny_vit_sam import TinyViT
+
+    if _official_tinyvit_refuses(cfg):
+        raise ValueError(_official_tinyvit_refuses(cfg))
+
+    class MobileSAMTinyViT(TinyViT):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    return MobileSAMTinyViT(img_size=cfg.img_size, in_chans=cfg.in_chans, embed_dims=list(cfg.embed_dims),
+                            depths=list(cfg.depths), num_heads=list(cfg.num_heads),
+                            window_sizes=list(cfg.window_sizes), mlp_ratio=cfg.mlp_ratio, drop_path_rate=0.0,
+                            mbconv_expand_ratio=cfg.mbconv_expand_ratio, local_conv_size=cfg.local_conv_size)
+
+
 def official_encoder(cfg: EncoderConfig) -> "torch.nn.Module":
-    """segment-anything's ImageEncoderViT with the architecture of `cfg`."""
+    """segment-anything's ImageEncoderViT with the architecture of `cfg` (segment-anything-hq's TinyViT for a
+    TinyViTConfig)."""
     from functools import partial
 
     import torch
 
     from segment_anything.modeling import ImageEncoderViT
 
+    if isinstance(cfg, TinyViTConfig):
+        return official_tinyvit(cfg)
     if cfg.out_chans is None:
         raise ParameterError("the official encoder always has a neck; this config has none (out_chans=None)")
     return ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
@@ -62,6 +111,9 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: tor
 
     from ..checkpoints.keymaps import from_official
 
+    why = unsupported(impl, cfg)
+    if why:
+        raise ValueError(why)
     if impl.startswith("samvit"):  # as a library user gets it: load_encoder, nothing else
         from ..checkpoints.load import load_encoder
 
@@ -74,8 +126,10 @@ def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], dtype: tor
     autocast = dtype != torch.float32
     if impl.startswith("official"):
         model = official_encoder(cfg)
-        model.load_state_dict(sd)
-        model.eval()
+        missing, unexpected = model.load_state_dict(sd, strict=not isinstance(cfg, TinyViTConfig))
+        if unexpected or any(not k.startswith(("head.", "norm_head.")) for k in missing):
+            raise ValueError(f"official TinyViT: weights do not fit ({(missing + unexpected)[:4]})")
+        model.eval()  # after loading: the official TinyViT caches its attention bias table in eval()
         fwd = torch.compile(model) if impl == "official-compiled" else model
         return fwd, torch.float32, autocast
     if impl == "timm":

@@ -19,7 +19,7 @@ import torch
 
 from ..config import EncoderConfig
 from ..runtime import TqdmProgress
-from .peers import ALLOCATORS, DEFAULT_IMPLS, IMPLS, TUNED_ENV, official_encoder
+from .peers import ALLOCATORS, DEFAULT_IMPLS, IMPLS, TUNED_ENV, official_encoder, unsupported
 from .report import one_line
 from .weights import random_weights
 from ..errors import ParameterError
@@ -31,6 +31,17 @@ def count_flops(cfg: EncoderConfig) -> Tuple[float, str]:
     included); the samvit reference path (the same arithmetic) where segment-anything is not installed."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..config import TinyViTConfig
+
+    if isinstance(cfg, TinyViTConfig):  # the official TinyViT cannot be built on the meta device
+        from ..modeling.tinyvit import TinyViT
+
+        with torch.device("meta"):
+            model, source = TinyViT(cfg), "samvit TinyViT (the official arithmetic)"
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.empty(1, cfg.in_chans, cfg.img_size, cfg.img_size, device="meta"))
+        return float(counter.get_total_flops()), source
     try:
         with torch.device("meta"):
             model, source = official_encoder(cfg), "official segment-anything"
@@ -165,6 +176,8 @@ def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
         x = torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
         save_file({"x": x}, inp)
         runs = plan_runs(impls, dtypes, batch_sizes, allocators)
+        record["skipped"] += [dict(r, reason=unsupported(r["impl"], cfg)) for r in runs if unsupported(r["impl"], cfg)]
+        runs = [r for r in runs if not unsupported(r["impl"], cfg)]
         bf16_ok = force_bf16 or not peak or peak["bfloat16"]["gflops"] >= 0.3 * peak["float32"]["gflops"]
         if not bf16_ok:
             why = (f"no fast bfloat16 matmul on this CPU (peak {peak['bfloat16']['gflops']:.1f} vs float32 "
@@ -179,6 +192,7 @@ def run_benchmark(cfg: EncoderConfig, impls: Sequence[str] = DEFAULT_IMPLS,
             runs.remove(first)
             runs.insert(0, first)
         fallbacks = ["official", "samvit-reference"] if _importable("segment_anything") else ["samvit-reference"]
+        fallbacks = [f for f in fallbacks if not unsupported(f, cfg)]
         bar = TqdmProgress("bench", "run", progress, total=len(runs) * rounds).bar
         merged: Dict[int, Dict[str, Any]] = {}
         peaks = [peak] if peak else []

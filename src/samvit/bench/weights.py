@@ -37,7 +37,42 @@ def _is_norm(module: torch.nn.Module, param_name: str) -> bool:
 
 
 def random_weights(cfg: EncoderConfig, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random encoder weights (randomize_) in the official layout, for the encoder of `cfg`."""
+    """Random encoder weights (randomize_; randomize_tinyvit_ for a TinyViTConfig) in the official layout, for the
+    encoder of `cfg`."""
+    from ..config import TinyViTConfig
     from ..modeling.encoder import ImageEncoder
 
+    if isinstance(cfg, TinyViTConfig):
+        from ..modeling.tinyvit import TinyViT
+
+        return randomize_tinyvit_(TinyViT(cfg), seed).state_dict()
     return randomize_(ImageEncoder(cfg, "reference"), seed).state_dict()
+
+
+@torch.no_grad()
+def randomize_tinyvit_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights for a TinyViT (samvit's or the official) at a scale where each layer passes its input on:
+    conv and linear weights ~ N(0, 1/fan_in), BatchNorm statistics with a positive variance, attention biases
+    0.3 N(0,1), norm scales 1 + 0.1 N(0,1). (randomize_ would give BatchNorm a negative variance.)"""
+    import math
+
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
+            if m.bias is not None:
+                m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+            m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+        elif isinstance(m, nn.LayerNorm) or type(m).__name__ == "LayerNorm2d":
+            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+            m.bias.copy_(0.05 * torch.randn(m.bias.shape, generator=g))
+    for name, p in module.named_parameters():
+        if name.endswith("attention_biases"):
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return module

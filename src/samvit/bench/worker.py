@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import EncoderConfig
+from ..config import encoder_config_from_dict
 from .peak import matmul_peak
 from .peers import build
 
@@ -39,7 +39,7 @@ def run_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(spec["threads"])  # nothing tunes the allocator here: GLIBC_TUNABLES alone decides
-    cfg = EncoderConfig.from_dict(spec["config"])
+    cfg = encoder_config_from_dict(spec["config"])  # an EncoderConfig or a TinyViTConfig
     dtype = getattr(torch, spec["dtype"])
     sd = load_file(spec["weights"])
     x1 = load_file(spec["input"])["x"]

@@ -12,18 +12,22 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from ..config import PRESETS, DecoderConfig, EncoderConfig, preset
+from ..config import (PRESETS, AnyEncoderConfig, DecoderConfig, EncoderConfig, TinyViTConfig,
+                      encoder_config_from_json, preset)
 from ..modeling.attention import DEFAULT_KERNEL
 from ..modeling.encoder import ImageEncoder, fit_position_tables
 from ..modeling.sam import SamDecoder
+from ..modeling.tinyvit import TinyViT
 from .files import (CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, CheckpointError, PathLike, StateDict, check_keys,
                     read_checkpoint, write_tensors)
 from .keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
 from .registry import resolve_checkpoint
+from . import tinyvit as _tinyvit
 from ..runtime import DtypeArg, as_device, resolve_dtype
 from ..errors import ParameterError
 
-ModelSpec = Union[str, EncoderConfig, None]
+ModelSpec = Union[str, EncoderConfig, TinyViTConfig, None]
+Encoder = Union[ImageEncoder, TinyViT]  # the two encoder families
 CheckpointSource = Union[str, os.PathLike, StateDict]
 Device = Union[str, torch.device, None]
 
@@ -41,25 +45,35 @@ def read_official(checkpoint: CheckpointSource, progress: Optional[bool] = None
 def _encoder_part(sd: StateDict) -> StateDict:
     """The encoder tensors of an official-layout state dict (a full SAM model or an encoder alone)."""
     if any(k.startswith(ENCODER_PREFIX) for k in sd):
-        return {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
-    return dict(sd)
+        sd = {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
+    return _tinyvit.drop_head(sd) if _tinyvit.is_tinyvit(sd) else dict(sd)
+
+
+def build_encoder(cfg: AnyEncoderConfig, kernel: str = DEFAULT_KERNEL) -> Encoder:
+    """A freshly initialised encoder of either family: ImageEncoder for an EncoderConfig, TinyViT for a
+    TinyViTConfig (which has one attention arithmetic: `kernel` is checked but changes nothing)."""
+    if isinstance(cfg, TinyViTConfig):
+        return TinyViT(cfg).set_kernel(kernel)
+    return ImageEncoder(cfg, kernel)
 
 
 def encoder_config(model: ModelSpec, metadata: Dict[str, str], sd: StateDict, source: str = "checkpoint"
-                   ) -> EncoderConfig:
+                   ) -> AnyEncoderConfig:
     """The encoder config: `model` (preset name or EncoderConfig) if given, else the file's samvit metadata
     (validated: CheckpointError naming `source` when it is not a sane config), else the preset whose tensor names
     and shapes match `sd` (encoder keys, official names)."""
-    if isinstance(model, EncoderConfig):
+    if isinstance(model, (EncoderConfig, TinyViTConfig)):
         return model
     if model is not None:
         return preset(model)
     if CONFIG_METADATA_KEY in metadata:
         try:
-            return EncoderConfig.from_json(metadata[CONFIG_METADATA_KEY])
+            return encoder_config_from_json(metadata[CONFIG_METADATA_KEY])
         except (ValueError, TypeError, RecursionError) as e:
             raise CheckpointError(f"{source}: its {CONFIG_METADATA_KEY} metadata is not a valid encoder config "
                                   f"({e})") from None
+    if _tinyvit.is_tinyvit(sd):
+        return _tinyvit.infer_tinyvit_config(sd, source)
     return infer_config(sd, source)
 
 
@@ -91,8 +105,10 @@ def _expected_shapes(cfg: EncoderConfig) -> Dict[str, tuple]:
     return _SHAPE_CACHE[cfg]
 
 
-def check_state_dict(sd: StateDict, cfg: EncoderConfig, source: str = "checkpoint") -> None:
+def check_state_dict(sd: StateDict, cfg: AnyEncoderConfig, source: str = "checkpoint") -> None:
     """Raise CheckpointError naming every missing, unexpected and wrongly shaped encoder key."""
+    if isinstance(cfg, TinyViTConfig):
+        return _tinyvit.check_tinyvit_state_dict(sd, cfg, source)
     check_keys(sd, _expected_shapes(cfg), f"{source} does not fit model {cfg.name!r}:")
 
 
@@ -168,7 +184,7 @@ def _finish(module: torch.nn.Module, device: Device, dtype: Optional[torch.dtype
     return module
 
 
-def with_img_size(cfg: EncoderConfig, img_size: Optional[int]) -> EncoderConfig:
+def with_img_size(cfg: AnyEncoderConfig, img_size: Optional[int]) -> AnyEncoderConfig:
     """cfg for another input side (a multiple of the patch size), or cfg itself for None."""
     if img_size is None or img_size == cfg.img_size:
         return cfg
@@ -178,14 +194,15 @@ def with_img_size(cfg: EncoderConfig, img_size: Optional[int]) -> EncoderConfig:
     return dataclasses.replace(cfg, img_size=img_size)
 
 
-def _build_encoder(sd: StateDict, cfg: EncoderConfig, source: str, kernel: str,
-                   img_size: Optional[int] = None) -> ImageEncoder:
+def _build_encoder(sd: StateDict, cfg: AnyEncoderConfig, source: str, kernel: str,
+                   img_size: Optional[int] = None) -> Encoder:
     check_state_dict(sd, cfg, source=source)
     if img_size is not None and img_size != cfg.img_size:  # position tables resized to the new grid
         cfg = with_img_size(cfg, img_size)
-        sd = fit_position_tables(sd, cfg)
+        if isinstance(cfg, EncoderConfig):  # TinyViT has no position tables
+            sd = fit_position_tables(sd, cfg)
     with torch.device("meta"):
-        encoder = ImageEncoder(cfg, kernel)
+        encoder = build_encoder(cfg, kernel)
     encoder.load_state_dict(sd, strict=True, assign=True)
     return encoder
 
@@ -205,11 +222,12 @@ def _build_decoder(full: StateDict, config: Optional[DecoderConfig], source: str
 
 def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = None, device: Device = None,
                  dtype: DtypeArg = None, kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None,
-                 attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> ImageEncoder:
-    """Build an ImageEncoder and load its weights.
+                 attn_impl: Optional[str] = None, img_size: Optional[int] = None) -> Encoder:
+    """Build an ImageEncoder (or a TinyViT, MobileSAM's encoder) and load its weights.
 
     Args:
-        model: a preset name or an EncoderConfig; None: from the file's metadata, else inferred from the tensors.
+        model: a preset name, an EncoderConfig or a TinyViTConfig; None: from the file's metadata, else inferred
+            from the tensors.
         checkpoint: a file (official, transformers or timm layout; .pth/.bin/.safetensors), a transformers model
             folder, or a registry name (vit_b, vit_l, vit_h) fetched into the verified cache. None: the preset's
             freshly initialised weights.
@@ -233,7 +251,7 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
         if model is None:
             raise ParameterError("load_encoder needs a model preset, a checkpoint, or both")
         cfg = with_img_size(encoder_config(model, {}, {}), img_size)
-        return _finish(ImageEncoder(cfg, attn_impl or kernel), device, dtype)
+        return _finish(build_encoder(cfg, attn_impl or kernel), device, dtype)
     sd, metadata, source = read_official(checkpoint, progress)
     sd = _encoder_part(sd)
     encoder = _build_encoder(sd, encoder_config(model, metadata, sd, source), source, attn_impl or kernel, img_size)
@@ -290,7 +308,7 @@ def decoder_base(metadata: Dict[str, str], source: str = "checkpoint") -> Decode
 def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Device = None,
              dtype: DtypeArg = None, with_encoder: bool = True, kernel: str = DEFAULT_KERNEL,
              progress: Optional[bool] = None, attn_impl: Optional[str] = None, img_size: Optional[int] = None
-             ) -> Tuple[Optional[ImageEncoder], SamDecoder]:
+             ) -> Tuple[Optional[Encoder], SamDecoder]:
     """Encoder and decoder from one read of a full SAM checkpoint.
 
     Args:
@@ -312,7 +330,7 @@ def load_sam(checkpoint: CheckpointSource, model: ModelSpec = None, device: Devi
 
 def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dtype: DtypeArg,
               with_encoder: bool, kernel: str, progress: Optional[bool], img_size: Optional[int] = None
-              ) -> Tuple[Optional[ImageEncoder], SamDecoder, Optional[EncoderConfig], str]:
+              ) -> Tuple[Optional[Encoder], SamDecoder, Optional[AnyEncoderConfig], str]:
     """load_sam, plus the encoder config at img_size (None when neither given, stored nor inferable) and the
     source file."""
     dev = as_device(device)
@@ -340,7 +358,7 @@ def _load_sam(checkpoint: CheckpointSource, model: ModelSpec, device: Device, dt
     return encoder, _finish(_build_decoder(sd, base, source), device, None), cfg, source
 
 
-def save_encoder(encoder: ImageEncoder, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
+def save_encoder(encoder: Encoder, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write the encoder's weights as safetensors (atomically), with its config in the metadata."""
     meta = {CONFIG_METADATA_KEY: encoder.config.to_json(), "format": "samvit"}
     meta.update(metadata or {})
@@ -352,5 +370,6 @@ def checkpoint_info(checkpoint: PathLike) -> Dict[str, object]:
     sd, metadata, source = read_official(checkpoint)
     sd = _encoder_part(sd)
     cfg = encoder_config(None, metadata, sd, source)
-    return {"config": cfg, "num_parameters": sum(v.numel() for v in sd.values()),
+    n = _tinyvit.num_parameters(sd) if isinstance(cfg, TinyViTConfig) else sum(v.numel() for v in sd.values())
+    return {"config": cfg, "num_parameters": n,
             "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata)}

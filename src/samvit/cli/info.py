@@ -7,7 +7,8 @@ HELP = "print a preset's or a checkpoint's architecture and parameter count"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s)")
+    p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s; "
+                   "tinyvit_5m: MobileSAM's TinyViT encoder, alias vit_tiny)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file to describe instead of a preset")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", nargs="?", const="auto", default=None, metavar="DEVICE",
@@ -52,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import NO_RELEASED_WEIGHTS, PRESETS, preset
-    from ..modeling.encoder import ImageEncoder
-    from ..checkpoints.load import checkpoint_info
+    from ..config import NO_RELEASED_WEIGHTS, PRESETS, TINYVIT_PRESETS, TinyViTConfig, preset
+    from ..checkpoints.load import build_encoder, checkpoint_info
+    from . import UserError
 
     if args.device is not None:
         d = device_info(args.device)
@@ -71,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
         info = checkpoint_info(args.checkpoint)
         cfg = info["config"]
     else:
-        cfg = preset(args.model or "vit_h")
+        try:
+            cfg = preset(args.model or "vit_h")
+        except ValueError as e:
+            raise UserError(f"--model: {e}") from None
     with torch.device("meta"):
-        enc = ImageEncoder(cfg)
+        enc = build_encoder(cfg)
     d = describe(cfg, enc.num_parameters(), enc.num_parameters(include_pos_embed=False))
     if not args.checkpoint:
         d["released_weights"] = cfg.name not in NO_RELEASED_WEIGHTS
@@ -81,14 +85,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=2))
         return 0
     if not args.checkpoint and not args.model:
-        for name in PRESETS:
+        for name, pcfg in {**PRESETS, **TINYVIT_PRESETS}.items():
             with torch.device("meta"):
-                e = ImageEncoder(PRESETS[name])
+                e = build_encoder(pcfg)
             note = "  (no released weights: for training)" if name in NO_RELEASED_WEIGHTS else ""
+            note += "  (TinyViT: MobileSAM's encoder; alias vit_tiny)" if name == "tinyvit_5m" else ""
             print(f"{name:11s} {e.num_parameters() / 1e6:7.1f}M parameters{note}")
         print()
     print(f"model: {cfg.name}" + (f"  (checkpoint {args.checkpoint})" if args.checkpoint else "")
           + ("  (no released weights: for training)" if not args.checkpoint and cfg.name in NO_RELEASED_WEIGHTS else ""))
+    if isinstance(cfg, TinyViTConfig):
+        print_tinyvit(cfg, d)
+        return 0
     print(f"  width {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads} ({cfg.head_dim} per head), "
           f"patch {cfg.patch_size}, MLP {cfg.mlp_ratio:g}x, image {cfg.img_size}")
     glob_blocks = list(cfg.global_attn_indexes)
@@ -99,3 +107,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"  parameters: {d['parameters']:,} ({d['parameters'] / 1e6:.1f}M; "
           f"{d['parameters_without_pos_embed'] / 1e6:.1f}M without the position embedding)")
     return 0
+
+
+def print_tinyvit(cfg, d: dict) -> None:
+    """The text lines of a TinyViT's architecture (after the `model:` line)."""
+    stages = ", ".join(f"{w}x{n}" for w, n in zip(cfg.embed_dims, cfg.depths))
+    print(f"  TinyViT stages (width x blocks): {stages}; stem stride 4, output stride {cfg.patch_size}, "
+          f"image {cfg.img_size}")
+    print(f"  stage 0: MBConv (expand {cfg.mbconv_expand_ratio:g}x); stages 1-{len(cfg.depths) - 1}: windows "
+          f"{', '.join(str(w) for w in cfg.window_sizes[1:])}, heads {', '.join(str(h) for h in cfg.num_heads[1:])}, "
+          f"MLP {cfg.mlp_ratio:g}x, {cfg.local_conv_size}x{cfg.local_conv_size} local conv")
+    print("  position: learned attention bias per window offset (no position embedding)")
+    print(f"  output: {cfg.grid_size}x{cfg.grid_size}x{cfg.embed_dim} features, "
+          f"{cfg.out_chans}x{cfg.grid_size}x{cfg.grid_size} embedding (neck)")
+    print(f"  parameters: {d['parameters']:,} ({d['parameters'] / 1e6:.1f}M)")

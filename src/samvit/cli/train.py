@@ -84,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "encoder and mask decoder, official layout), besides the loop's log.jsonl and checkpoints.")
     d.add_argument("--teacher", required=True, metavar="vit_h|PATH", help="the teacher: a registry name (vit_b, "
                    "vit_l, vit_h) or a full SAM checkpoint file (an encoder-only file gives no sam_student.pth)")
-    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help="student preset (vit_t, vit_s, ...) or "
-                   "a JSON file of EncoderConfig fields (default vit_t); its input size is the teacher's")
+    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help="student preset (vit_t, vit_s: "
+                   "ViTs; tinyvit: MobileSAM's TinyViT-5M; ...) or a JSON file of EncoderConfig or TinyViTConfig "
+                   "fields (default vit_t); its input size is the teacher's")
     d.add_argument("--data", required=True, metavar="DIR|synthetic", help="folder of training images (searched "
                    "recursively), or 'synthetic' (shapes, written once to RUN_DIR/images)")
     d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "

@@ -22,14 +22,13 @@ from torch.utils.data import Dataset
 
 from ..checkpoints.files import atomic_write, read_checkpoint, sha256_file
 from ..checkpoints.keymaps import DECODER_PREFIXES, ENCODER_PREFIX, to_official
-from ..checkpoints.load import checkpoint_info, load_encoder, save_encoder
+from ..checkpoints.load import build_encoder, checkpoint_info, load_encoder, save_encoder
 from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
-from ..config import EncoderConfig, preset
+from ..config import AnyEncoderConfig, EncoderConfig, encoder_config_from_dict, preset
 from ..data.preprocess import preprocess
 from ..data.sources import collect_inputs
 from ..embeddings.pipeline import StoreSink, embed
 from ..embeddings.store import EmbeddingStore
-from ..modeling.encoder import ImageEncoder
 from .ckpt import latest_checkpoint
 from .loop import CONFIG_FILE, TrainConfig, train
 from .shapes import SyntheticShapes
@@ -41,15 +40,21 @@ SAM_FILE = "sam_student.pth"
 log = logging.getLogger("samvit.train")
 
 
-def student_config(student: Union[str, EncoderConfig], teacher: EncoderConfig) -> EncoderConfig:
-    """The student's EncoderConfig (a preset name, a JSON file of EncoderConfig fields, or a config), at the
-    teacher's input size; its embedding must have the teacher's shape."""
+def student_config(student: Union[str, AnyEncoderConfig], teacher: EncoderConfig) -> AnyEncoderConfig:
+    """The student's config (a preset name: vit_t, vit_s, tinyvit (MobileSAM's TinyViT-5M), ...; a JSON file of
+    EncoderConfig or TinyViTConfig fields; or a config), at the teacher's input size; its embedding must have the
+    teacher's shape."""
     if isinstance(student, str) and student.endswith(".json"):
         with open(student, encoding="utf-8") as fh:
-            student = EncoderConfig.from_dict(json.load(fh))
+            student = encoder_config_from_dict(json.load(fh))
+    if student == "tinyvit":
+        student = "tinyvit_5m"
     cfg = preset(student) if isinstance(student, str) else student
     if cfg.img_size != teacher.img_size:
         cfg = dataclasses.replace(cfg, img_size=teacher.img_size)
+    if cfg.grid_size != teacher.grid_size:
+        raise ValueError(f"--student {cfg.name}: its {cfg.grid_size}x{cfg.grid_size} embedding grid is not the "
+                         f"teacher's {teacher.grid_size}x{teacher.grid_size}")
     if cfg.out_chans != teacher.out_chans:
         raise ValueError(f"--student {cfg.name}: its embedding has {cfg.out_chans} channels, the teacher's "
                          f"{teacher.out_chans}; they must match (the teacher's decoder reads it)")
@@ -127,11 +132,11 @@ def teacher_store(teacher_path: str, teacher_sha: str, items: List[Tuple[str, st
     return store
 
 
-def write_outputs(run_dir: str, cfg: EncoderConfig, teacher_path: str, teacher_sha: str) -> List[str]:
+def write_outputs(run_dir: str, cfg: AnyEncoderConfig, teacher_path: str, teacher_sha: str) -> List[str]:
     """student.safetensors and (when the teacher is a full SAM checkpoint) sam_student.pth from the run's newest
     checkpoint; returns the paths written."""
     state = latest_checkpoint(run_dir)
-    student = ImageEncoder(cfg)
+    student = build_encoder(cfg)
     student.load_state_dict(state["model"], strict=True)
     path = os.path.join(run_dir, STUDENT_FILE)
     save_encoder(student, path, {"distilled_from_sha256": teacher_sha})
@@ -150,7 +155,7 @@ def write_outputs(run_dir: str, cfg: EncoderConfig, teacher_path: str, teacher_s
     return written + [out]
 
 
-def distill(cfg: TrainConfig, teacher: str, student: Union[str, EncoderConfig] = "vit_t", data: str = "synthetic",
+def distill(cfg: TrainConfig, teacher: str, student: Union[str, AnyEncoderConfig] = "vit_t", data: str = "synthetic",
             teacher_store_path: Optional[str] = None, cosine_weight: float = 0.0, synthetic_size: int = 256,
             embed_batch_size: int = 1) -> Dict:
     """Distil `teacher` (registry name or checkpoint file) into `student` on `data` (folder or 'synthetic'); see
@@ -190,7 +195,7 @@ def distill(cfg: TrainConfig, teacher: str, student: Union[str, EncoderConfig] =
         task["synthetic_size"] = synthetic_size
     made = tuple(n for n in (IMAGES_DIR, STORE_DIR) if os.path.exists(os.path.join(out, n)))
     cfg = dataclasses.replace(cfg, task=task, inputs=made)
-    result = train(cfg, lambda: ImageEncoder(scfg), DistillImages(items, store, scfg.img_size),
+    result = train(cfg, lambda: build_encoder(scfg), DistillImages(items, store, scfg.img_size),
                    distill_loss(cosine_weight))
     if int(os.environ.get("RANK", "0")) == 0:
         result["outputs"] = write_outputs(out, scfg, teacher_path, teacher_sha)
