@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TinyViTConfig
+from ..errors import ParameterError
 from .common import LayerNorm2d
 from .encoder import check_float16
 
@@ -223,7 +224,7 @@ class TinyViT(nn.Module):
         take = range(n) if stages is None else stages
         bad = [s for s in take if not 0 <= int(s) < n]
         if bad:
-            raise ValueError(f"stage {bad[0]} is outside the {n} stages of model {self.config.name!r}")
+            raise ParameterError(f"stage {bad[0]} is outside the {n} stages of model {self.config.name!r}")
         x, inter = self._stages(x, {int(s) for s in take})
         x = self.neck(x.permute(0, 3, 1, 2))
         return x.to(_out_dtype(self.dtype)), [t.to(_out_dtype(self.dtype)) for t in inter]
@@ -232,10 +233,10 @@ class TinyViT(nn.Module):
         """The final stage's (B,h,w,C) tokens and those of the stages in `take`."""
         cfg, dtype = self.config, self.dtype
         if x.ndim != 4 or x.shape[1] != cfg.in_chans or not x.is_floating_point():
-            raise ValueError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
+            raise ParameterError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
                              f"got {x.dtype} of shape {tuple(x.shape)}")
         if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
-            raise ValueError(f"encoder input: height and width must be multiples of {cfg.patch_size}, "
+            raise ParameterError(f"encoder input: height and width must be multiples of {cfg.patch_size}, "
                              f"got {tuple(x.shape[2:])}")
         if dtype == torch.float16:
             check_float16(cfg, x.device)
@@ -263,7 +264,7 @@ class TinyViT(nn.Module):
     def set_drop_path(self, rate: float) -> "TinyViT":
         """Stochastic depth for training: rate * i / (blocks - 1) for block i over all stages (official rule)."""
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+            raise ParameterError(f"drop path rate must be in [0, 1), got {rate}")
         blocks = [b for layer in self.layers for b in layer.blocks]
         for i, b in enumerate(blocks):
             b.drop_path = rate * i / (len(blocks) - 1) if len(blocks) > 1 else rate
