@@ -7,7 +7,7 @@ embeddings, same decoder, same prompts) on scikit-image's photos; bfloat16 besid
 Variants: bf16 (samvit bfloat16 weights, what dtype="auto" picks on AMX), ort_int8 / ort_uint8 (onnxruntime dynamic
 int8 of the linear layers, int8 or uint8 weights: samvit.quantize.Int8Encoder), ov_int8 (OpenVINO running the
 same int8 file), torch_int8 (torch.ao quantize_dynamic of nn.Linear). Prompts: a 4x4 grid of single foreground
-points per image, every mask output (4 per prompt), low-resolution masks (logits > 0).
+points per image, the 3 multimask outputs per prompt, low-resolution masks (logits > 0).
 
 WITHOUT --checkpoint the weights are random (no SAM weights can be downloaded here): the cosine is meaningful as
 a measure of the numeric perturbation, the mask IoU is NOT a measure of segmentation quality (a random decoder's
@@ -103,7 +103,7 @@ def main(argv: List[str] | None = None) -> int:
              f"Command: `python benchmarks/int8_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"Machine: {m['cpu']}, {m['cores']} CPUs, {m['isa_flags']}; torch {m['torch']}; {m['date']}. "
              f"Peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.",
-             f"Images: scikit-image {', '.join(IMAGES)}; prompts: {args.grid}x{args.grid} single points, 4 mask "
+             f"Images: scikit-image {', '.join(IMAGES)}; prompts: {args.grid}x{args.grid} single points, 3 mask "
              f"outputs each, low-res masks (logits > 0); float32 masks' foreground share: "
              + ", ".join(f"{k} {100 * f:.0f}%" for k, f in fg.items()) + ".", "",
              "| variant | cosine to fp32 (" + ", ".join(IMAGES) + ") | max abs | mask IoU mean | min | "

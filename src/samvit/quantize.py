@@ -87,7 +87,7 @@ def grid_prompts(img_size: int, n: int = 4) -> torch.Tensor:
 def mask_agreement(decoder: SamDecoder, emb: torch.Tensor, emb_ref: torch.Tensor,
                    points: Optional[torch.Tensor] = None) -> Dict[str, object]:
     """IoU of the low-resolution masks (logits > 0) the decoder makes from `emb` and from `emb_ref` (1,C,h,w), one
-    single-point prompt per row of `points` (P,1,2), all 4 mask outputs: per-mask IoU (list), their mean and min,
+    single-point prompt per row of `points` (P,1,2), the 3 multimask outputs: per-mask IoU (list), their mean and min,
     and the number of masks empty in both (IoU 1)."""
     if emb.shape != emb_ref.shape or emb.dim() != 4 or emb.shape[0] != 1:
         raise ValueError(f"mask_agreement: two (1,C,h,w) embeddings of the same shape expected; got "
