@@ -38,10 +38,16 @@ def bias_softmax(scores: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
     out = torch.empty_like(scores) if out is None else out
     if out.shape != scores.shape:
         raise ValueError(f"bias_softmax: out must be {tuple(scores.shape)}, got {tuple(out.shape)}")
-    fn = _bias_softmax_into
-    if compiled:
-        if "fn" not in _COMPILED:
-            _COMPILED["fn"] = torch.compile(_bias_softmax_into, dynamic=False, fullgraph=True)
-        fn = _COMPILED["fn"]
-    fn(scores, rel_h, rel_w, out, float(scale))
+    if not compiled:
+        _bias_softmax_into(scores, rel_h, rel_w, out, float(scale))
+        return out
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_bias_softmax_into, dynamic=False, fullgraph=True)
+    if out.data_ptr() == scores.data_ptr():
+        # in place: inductor (torch 2.14) fails on a kernel that reads and writes one buffer across the softmax's
+        # passes (KeyError in loop_body), so the compiled path writes a new buffer and copies it back (one pass more)
+        tmp = torch.empty_like(out)
+        _COMPILED["fn"](scores, rel_h, rel_w, tmp, float(scale))
+        return out.copy_(tmp)
+    _COMPILED["fn"](scores, rel_h, rel_w, out, float(scale))
     return out
