@@ -39,14 +39,14 @@ from samvit.bench.runner import count_flops
 from samvit.bench.weights import random_weights
 
 # name -> (what it is, dtype of the weights, autocast?)
-IMPLS: Dict[str, Tuple[str, torch.dtype, bool]] = {
+IMPLS: Dict[str, Tuple[str, torch.dtype, bool]] = {  # in run order: the eager ones first, compiles last
     "samvit-sdpa": ("samvit, sdpa_chunked kernel, bf16 weights", torch.bfloat16, False),
     "samvit-flex": ("samvit, FlexAttention kernel (compiled kernel), bf16 weights", torch.bfloat16, False),
-    "samvit-sdpa-compiled": ("samvit, sdpa_chunked, whole encoder torch.compile'd", torch.bfloat16, False),
-    "samvit-flex-compiled": ("samvit, FlexAttention, whole encoder torch.compile'd", torch.bfloat16, False),
     "official": ("official segment-anything, float32 (batch 1: the yardstick)", torch.float32, False),
     "official-bf16": ("official segment-anything, bf16 autocast", torch.float32, True),
+    "samvit-sdpa-compiled": ("samvit, sdpa_chunked, whole encoder torch.compile'd", torch.bfloat16, False),
     "sam-fast": ("segment-anything-fast configuration, compiled", torch.bfloat16, False),
+    "samvit-flex-compiled": ("samvit, FlexAttention, whole encoder torch.compile'd", torch.bfloat16, False),
 }
 TINY = EncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
                      out_chans=16, name="tiny")
