@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import samvit
 
-LINEAR = {"aten::addmm", "aten::mm", "aten::linear", "aten::matmul"}
+LINEAR = {"aten::addmm", "aten::addmm_", "aten::mm", "aten::linear", "aten::matmul"}
 ATTN_GEMM = {"aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
 CATEGORIES = [  # (category, test on the op name); the first that matches wins
     ("fused attention (SDPA)", lambda n: "scaled_dot_product" in n and n != "aten::scaled_dot_product_attention"),
