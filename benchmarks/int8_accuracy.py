@@ -21,6 +21,7 @@ import argparse
 import datetime
 import gc
 import resource
+import shlex
 import sys
 import time
 from typing import Dict, List
@@ -100,7 +101,7 @@ def main(argv: List[str] | None = None) -> int:
 
     m = machine_info()
     lines = [f"# int8 accuracy: {enc.config.name}, {weights}", "",
-             f"Command: `python benchmarks/int8_accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"Command: `python benchmarks/int8_accuracy.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Machine: {m['cpu']}, {m['cores']} CPUs, {m['isa_flags']}; torch {m['torch']}; {m['date']}. "
              f"Peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.",
              f"Images: scikit-image {', '.join(IMAGES)}; prompts: {args.grid}x{args.grid} single points, 3 mask "

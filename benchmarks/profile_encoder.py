@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -179,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     m = machine_info()
     record: Dict[str, object] = {"machine": m, "config": cfg.to_dict(), "label": args.label, "dtypes": {}}
     lines = [f"# Profile: {cfg.name} at {cfg.img_size}, kernel {args.kernel}, batch 1, {args.threads} threads", "",
-             f"Command: `python benchmarks/profile_encoder.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             "Command: `python benchmarks/profile_encoder.py "
+             f"{shlex.join(argv if argv is not None else sys.argv[1:])}`",
              f"Machine: {m['cpu']}, {m['cores']} CPUs, {m['isa_flags']}; torch {m['torch']} "
              f"({m['torch_cpu_capability']}); load average {m['load_average']}; {m['date']}."]
     if args.label:

@@ -121,3 +121,19 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path, monkeypatch):
     assert dec[("decoder, eager", "float32")]["ms_per_call"] > 0
     assert "no CUDA" in dec[("decoder, CUDA graph", "bfloat16")]["error"]
     assert "DRY RUN" in open(str(js)[:-4] + "md").read()
+
+
+def test_speed_table_from_recorded_runs():
+    """benchmarks/speed_table.py builds README's table from the 2026-11-29 records (the figures README shows)."""
+    import importlib.util
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+    spec = importlib.util.spec_from_file_location("speed_table", os.path.join(root, "speed_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fp32, bf16 = (os.path.join(root, "results", f"encoder_vit_b_20261129-{t}.json") for t in ("050312", "050527"))
+    text = module.table(json.load(open(fp32)), json.load(open(bf16)), fp32, bf16)
+    assert "| **samvit** | 6.23 | 82% | 1287 |" in text and "| 3.45 | 74% | 0.999976 |" in text
+    assert "official segment-anything | 11.98 | 42%" in text and "1.92x in float32, 1.85x in bfloat16" in text
+    assert "avx512_bf16" in text and "2026-11-29" in text
