@@ -99,3 +99,41 @@ def test_gpu_bench_sam_fast_attention_equals_official():
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert (official.eval()(x) - fast.eval()(x)).abs().max() <= 1e-5
+
+
+def test_gpu_bench_dry_run_on_cpu(tmp_path, monkeypatch):
+    """`bench_gpu.py --dry-run`: every implementation (compile aside) and the decoder run on a tiny model on the
+    CPU and write the report, so that the script is checked before a GPU is lent."""
+    from samvit.modeling import attention
+
+    monkeypatch.setattr(attention, "KERNELS", dict(attention.KERNELS))  # the script may register "flex": undone
+    assert _bench_gpu().main(["--dry-run", "--no-compile", "--decoder-prompts", "1", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("gpu_tiny_*.json")
+    rec = json.load(open(js))
+    rows = {(r["impl"], r["batch"]): r for r in rec["runs"]}
+    assert {i for i, _ in rows} == {"samvit-sdpa", "samvit-flex", "official", "official-bf16"}
+    assert rows[("official", 1)]["max_abs"] == 0.0 and "skipped" in rows[("official", 8)]["error"]
+    for key in [("samvit-sdpa", 1), ("samvit-flex", 8), ("official-bf16", 8)]:
+        assert "error" not in rows[key], rows[key]
+        assert rows[key]["cosine"] > 0.9999 and rows[key]["s_per_image"] > 0
+    assert rows[("samvit-flex", 1)]["note"] == "kernel flex"
+    dec = {(r["impl"], r["dtype"]): r for r in rec["decoder"]}
+    assert dec[("decoder, eager", "float32")]["ms_per_call"] > 0
+    assert "no CUDA" in dec[("decoder, CUDA graph", "bfloat16")]["error"]
+    assert "DRY RUN" in open(str(js)[:-4] + "md").read()
+
+
+def test_speed_table_from_recorded_runs():
+    """benchmarks/speed_table.py builds README's table from the 2026-11-29 records (the figures README shows)."""
+    import importlib.util
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+    spec = importlib.util.spec_from_file_location("speed_table", os.path.join(root, "speed_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fp32, bf16 = (os.path.join(root, "results", f"encoder_vit_b_20261129-{t}.json") for t in ("050312", "050527"))
+    text = module.table(json.load(open(fp32)), json.load(open(bf16)), fp32, bf16)
+    assert "| **samvit** | 6.23 | 82% | 1287 |" in text and "| 3.45 | 74% | 0.999976 |" in text
+    assert "official segment-anything | 11.98 | 42%" in text and "1.92x in float32, 1.85x in bfloat16" in text
+    assert "avx512_bf16" in text and "2026-11-29" in text

@@ -1,0 +1,121 @@
+"""int8 encoders for the CPU (VNNI / AMX-INT8) and the measures that decide whether int8 may be offered: the
+embedding's cosine to float32 and the agreement of the masks a decoder makes from int8 and float32 embeddings.
+
+- Int8Encoder: the encoder exported to ONNX, its linear layers dynamically quantised by onnxruntime
+  (samvit.export.quantize_onnx_int8; activations uint8 per tensor at run time, weights int8 or uint8; attention,
+  norms and convolutions stay float32), run by onnxruntime or by OpenVINO reading the same file.
+- torch_dynamic_int8: torch.ao's quantize_dynamic of every nn.Linear (x86 engine), on the reference path.
+- mask_agreement: IoU of the decoder's masks from two embeddings of the same image with the same prompts.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .export import export_onnx, onnx_session, quantize_onnx_int8
+from .modeling.encoder import ImageEncoder
+from .modeling.sam import SamDecoder
+
+BACKENDS = ("onnxruntime", "openvino")
+
+
+class Int8Encoder:
+    """An encoder's function with int8 linear layers on the CPU: called on (B,3,S,S) float images like the
+    ImageEncoder, returns float32 embeddings; `config`, `device`, `dtype` (cpu, float32) for its callers."""
+
+    def __init__(self, encoder: ImageEncoder, backend: str = "onnxruntime", weights: str = "int8",
+                 threads: Optional[int] = None) -> None:
+        """Args: encoder: the ImageEncoder (exported in float32). backend: "onnxruntime" or "openvino" (both run
+        the same quantised ONNX file). weights: "int8" (the U8S8 kernels that use VNNI / AMX) or "uint8".
+        threads: inference threads (None: torch's thread count)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"Int8Encoder: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.config, self.device, self.dtype = encoder.config, torch.device("cpu"), torch.float32
+        self.backend, self.weights = backend, weights
+        threads = threads or torch.get_num_threads()
+        src = encoder
+        if encoder.dtype != torch.float32 or encoder.device.type != "cpu":  # export a float32 CPU copy
+            src = ImageEncoder(encoder.config).eval()
+            src.load_state_dict({k: v.float().cpu() for k, v in encoder.state_dict().items()})
+        with tempfile.TemporaryDirectory(prefix="samvit-int8-") as tmp:  # the runtimes hold the model once loaded
+            fp32 = export_onnx(src, os.path.join(tmp, "fp32.onnx"), dynamic_batch=False, check=False)
+            path = quantize_onnx_int8(fp32, os.path.join(tmp, "int8.onnx"), weights)
+            if backend == "onnxruntime":
+                sess = onnx_session(path, threads)
+                name = sess.get_inputs()[0].name
+                self._run = lambda x: sess.run(None, {name: x})[0]
+            else:
+                try:
+                    import openvino as ov
+                except ImportError:
+                    raise ImportError("the OpenVINO backend needs the openvino package: pip install openvino") \
+                        from None
+                compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                 "PERFORMANCE_HINT": "LATENCY",
+                                                                 "INFERENCE_PRECISION_HINT": "f32"})
+                request = compiled.create_infer_request()
+                self._run = lambda x: request.infer({0: x})[compiled.output(0)].copy()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) normalised images -> (B, out_chans, S/16, S/16) float32 embeddings (one image at a time)."""
+        x = x.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(np.concatenate([self._run(x[i:i + 1]) for i in range(x.shape[0])]))
+
+
+def torch_dynamic_int8(encoder: ImageEncoder) -> torch.nn.Module:
+    """A float32 copy of the encoder with every nn.Linear dynamically quantised by torch.ao (qint8 weights; the
+    x86 engine's VNNI kernels), on the reference path (the fast path reads float weights)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    src = ImageEncoder(encoder.config, kernel="reference").eval()
+    src.load_state_dict({k: v.float().cpu() for k, v in encoder.state_dict().items()})
+    return quantize_dynamic(src, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def grid_prompts(img_size: int, n: int = 4) -> torch.Tensor:
+    """n x n single foreground points on a regular grid over the encoder's input frame: (n*n, 1, 2) (x, y)."""
+    c = (torch.arange(n, dtype=torch.float32) + 0.5) * img_size / n
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], -1)[:, None, :]
+
+
+@torch.no_grad()
+def mask_agreement(decoder: SamDecoder, emb: torch.Tensor, emb_ref: torch.Tensor,
+                   points: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    """IoU of the low-resolution masks (logits > 0) the decoder makes from `emb` and from `emb_ref` (1,C,h,w), one
+    single-point prompt per row of `points` (P,1,2), the 3 multimask outputs: per-mask IoU (list), their mean and min,
+    and the number of masks empty in both (IoU 1)."""
+    if emb.shape != emb_ref.shape or emb.dim() != 4 or emb.shape[0] != 1:
+        raise ValueError(f"mask_agreement: two (1,C,h,w) embeddings of the same shape expected; got "
+                         f"{tuple(emb.shape)} and {tuple(emb_ref.shape)}")
+    if points is None:
+        points = grid_prompts(decoder.config.input_image_size)
+    labels = torch.ones(points.shape[:2], dtype=torch.int64)
+    masks, ious = [], []
+    for e in (emb, emb_ref):
+        logits, _ = decoder(e.float(), (points, labels))  # (P, M, 4h, 4w)
+        masks.append(logits > 0)
+    a, b = masks
+    inter = (a & b).flatten(2).sum(-1).double()
+    union = (a | b).flatten(2).sum(-1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    ious = iou.flatten().tolist()
+    return {"iou": ious, "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
+            "both_empty": int((union == 0).sum()), "masks": len(ious),
+            "fraction_ge_0.98": float(np.mean([i >= 0.98 for i in ious]))}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened, in float64."""
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def summarise(ious: Sequence[Dict[str, object]]) -> Dict[str, float]:
+    """Pool mask_agreement results (e.g. over images): mean and min IoU, fraction of masks with IoU >= 0.98."""
+    allv: List[float] = [v for r in ious for v in r["iou"]]  # type: ignore[union-attr]
+    return {"mean_iou": float(np.mean(allv)), "min_iou": float(np.min(allv)),
+            "fraction_ge_0.98": float(np.mean([v >= 0.98 for v in allv])), "masks": len(allv)}
