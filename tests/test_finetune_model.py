@@ -9,7 +9,7 @@ from samvit.modeling.lora import LoRALinear, add_lora, merge_lora
 from samvit.train.finetune import build_sam, parse_parts
 from samvit.train.optim import param_groups
 
-from _finetune_utils import SMALL, official_small_sam, tiny_sam, write_tiny_checkpoint
+from tests._finetune_utils import SMALL, official_small_sam, tiny_sam, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_exported_decoder_config_gives_the_head_count(tmp_path):
     from samvit.masks.predictor import Predictor
     from samvit.train.finetune import export_model
 
-    from _finetune_utils import SMALL_DECODER
+    from tests._finetune_utils import SMALL_DECODER
 
     two = SMALL_DECODER.replace(num_heads=2)
     sam = tiny_sam(decoder=two)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_
+from tests.helpers import randomize_
 
 from samvit.config import EncoderConfig, MAEConfig, mae_preset
 from samvit.modeling.encoder import Block

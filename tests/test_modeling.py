@@ -10,7 +10,7 @@ from samvit.modeling import attention
 from samvit.modeling.attention import Attention, register_kernel, window_partition
 from samvit.modeling.encoder import ImageEncoder
 
-from conftest import randomize_
+from tests.helpers import assert_close_scaled, randomize_
 
 CFG = samvit.EncoderConfig(img_size=96, embed_dim=32, depth=3, num_heads=2, window_size=4, global_attn_indexes=(1,),
                            out_chans=16, name="micro")  # 6x6 grid: 4x4 windows with padding
@@ -60,10 +60,12 @@ def test_fast_path_gradients_equal_the_reference_path():
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     out_f, g_fast = _grads(_encoder(kernel="sdpa_chunked"), x)
     out_r, g_ref = _grads(_encoder(kernel="reference"), x)
-    torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-5)
+    tokens = x.shape[0] * CFG.grid_size ** 2  # a weight's gradient sums over every token of the batch
+    assert_close_scaled(out_f, out_r, n=CFG.embed_dim, msg="output")
     assert g_fast.keys() == g_ref.keys() and len(g_fast) == len(list(ImageEncoder(CFG).parameters()))
     for name in g_fast:
-        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+        # scaled to the gradient's magnitude: float32 rounding differs between CPUs (AVX2, AVX-512, AMX)
+        assert_close_scaled(g_fast[name], g_ref[name], n=tokens, msg=name)
         assert g_fast[name].abs().sum() > 0, name
 
 
@@ -77,8 +79,8 @@ def test_grad_checkpointing_gives_the_same_gradients(kernel):
     out_c, ckpt = _grads(enc.set_grad_checkpointing(), x)
     assert len(calls) == 2  # the block ran again in the backward pass
     assert torch.equal(out, out_c)
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    for name in plain:  # the same kernels recomputed: equal up to the order of the gradient's accumulation
+        assert_close_scaled(ckpt[name], plain[name], k=4, msg=name)
     with torch.no_grad():  # without grad, no checkpoint
         enc(x)
     assert len(calls) == 3
@@ -106,7 +108,7 @@ def test_forward_intermediates():
         scores = (q * blk.attn.scale) @ k.transpose(-2, -1)
         rel_h, rel_w = attention.rel_pos_terms(q, blk.attn.rel_pos_h, blk.attn.rel_pos_w, (H, W))
         scores = (scores.view(B, 2, H, W, H, W) + rel_h[..., None] + rel_w[..., None, :]).view(B, 2, H * W, H * W)
-        torch.testing.assert_close(probs[0], scores.softmax(-1), rtol=1e-5, atol=1e-6)
+        assert_close_scaled(probs[0], scores.softmax(-1), n=C, msg="probabilities")
         windows = window_partition(enc.blocks[2].norm1(inter[1]), 4)[0]
         assert torch.equal(probs[1], enc.blocks[2].attn.attention_probs(windows))
     with pytest.raises(ValueError, match="block index 3 is outside the 3 blocks"):
@@ -120,7 +122,7 @@ def test_attention_probs_rows_are_the_reference_output():
         p = attn.attention_probs(x)
         v = attn.qkv(x).reshape(1, 25, 3, 2, 16)[:, :, 2].transpose(1, 2)  # (B, heads, N, hd)
         out = attn.proj((p @ v).transpose(1, 2).reshape(1, 5, 5, 32))
-        torch.testing.assert_close(out, attn.forward_reference(x), rtol=1e-5, atol=1e-6)
+        assert_close_scaled(out, attn.forward_reference(x), n=25, msg="output")
 
 
 def test_device_and_dtype():
