@@ -7,8 +7,8 @@ import torch
 from tests.helpers import assert_close_scaled, official_tiny_sam
 
 import samvit
-from samvit.modeling.attention import (Attention, _chunking, from_windows, to_windows, window_partition,
-                                       window_unpartition)
+from samvit.modeling.attention import Attention, from_windows, to_windows, window_partition, window_unpartition
+from samvit.modeling.kernels import _chunking
 from samvit.modeling.encoder import check_float16
 
 BASE = dict(embed_dim=64, depth=3, num_heads=4, out_chans=32)
@@ -89,11 +89,13 @@ def test_windowed_attention_skips_padding_exactly():
     with torch.no_grad():
         for p in attn.parameters():
             p.copy_(0.3 * torch.randn_like(p))
+    windowed = Attention(32, 2, use_rel_pos=True, input_size=(5, 5), window_size=5).eval()
+    windowed.load_state_dict(attn.state_dict())
     x = torch.randn(2, 12, 9, 32)
     with torch.inference_mode():
-        windows, pad_hw = window_partition(x, 5)
+        windows, pad_hw = window_partition(x, 5)  # zero-padded, as the official code
         expected = window_unpartition(attn(windows), 5, pad_hw, (12, 9))
-        assert_close_scaled(attn.forward_windowed(x, 5), expected, n=32)
+        assert_close_scaled(windowed(x), expected, n=32)
         attn.set_kernel("reference")
         assert_close_scaled(window_unpartition(attn(windows), 5, pad_hw, (12, 9)), expected, n=32)
 

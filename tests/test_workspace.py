@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import samvit
-from samvit.modeling import attention
+from samvit.modeling import kernels
 from samvit.modeling.attention import Attention
+from samvit.modeling.inference import InferenceRunner
 
 from tests.helpers import assert_close_scaled, randomize_
 
@@ -63,7 +64,7 @@ def test_the_workspace_is_per_thread_and_other_sizes_work():
         t.start()
     for t in threads:
         t.join()
-    assert len(enc._workspaces) == 2
+    assert len(enc.inference.workspaces) == 2
     for i in range(2):
         for got, want in zip(results[i], expected):
             assert torch.equal(got, want)
@@ -79,16 +80,14 @@ def test_kernels_match_the_reference_kernel_at_any_chunking(monkeypatch, kernel,
         attn.rel_pos_h.normal_()
         attn.rel_pos_w.normal_()
     x = torch.randn(2, 9, 7, 192)
-    monkeypatch.setattr(attention, "MASK_CHUNK_ELEMS", budget)
-    monkeypatch.setattr(attention, "MIN_CHUNK_QUERIES", min_queries)
+    monkeypatch.setattr(kernels, "MASK_CHUNK_ELEMS", budget)
+    monkeypatch.setattr(kernels, "MIN_CHUNK_QUERIES", min_queries)
     with torch.inference_mode():
         ref = attn.set_kernel("reference")(x)
         attn.set_kernel(kernel)
         assert_close_scaled(attn(x), ref, n=63)
-        from samvit.modeling.workspace import Workspace
-
-        resid = torch.zeros_like(x)
-        attn.forward_into(x, resid, 0, Workspace())
+        resid = torch.zeros_like(x)  # the inference runner's in-place arithmetic: resid += attn(x)
+        InferenceRunner()._attention(attn, x, resid, InferenceRunner().workspace())
         assert_close_scaled(resid, ref, n=63)
 
 
