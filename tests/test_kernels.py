@@ -78,7 +78,8 @@ def test_kernel_gradients_match_the_reference(name, case):
         inp = _inputs(case, device=device, grad=True)
         out = k(inp)
         (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
-        grads.append({f: getattr(inp, f).grad for f in ("q", "k", "v", "rel_h", "rel_w") if getattr(inp, f) is not None})
+        fields = [f for f in ("q", "k", "v", "rel_h", "rel_w") if getattr(inp, f) is not None]
+        grads.append({f: getattr(inp, f).grad for f in fields})
     assert grads[0].keys() == grads[1].keys()
     for f in grads[1]:
         assert grads[1][f].abs().sum() > 0

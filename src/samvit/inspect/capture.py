@@ -121,10 +121,9 @@ def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
                 h1 = min(nh, h0 + h_step)
                 shape = (w1 - w0, h1 - h0, q1 - q0, n)
                 kc = k[w0:w1, h0:h1].reshape(-1, n, hd)
-                part = AttnInputs(q[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, hd), kc, kc,
-                                  None if rel_h is None else rel_h[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, win_shape[0]),
-                                  None if rel_w is None else rel_w[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, win_shape[1]),
-                                  win_shape, attn.scale)
+                rh, rw = ((None if t is None else t[w0:w1, h0:h1, q0:q1].flatten(0, 1)) for t in (rel_h, rel_w))
+                part = AttnInputs(q[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, hd), kc, kc, rh, rw, win_shape,
+                                  attn.scale)
                 log_probs = torch.log_softmax(attention_logits(part), dim=-1).view(shape)
                 del part  # at most three chunk-sized tensors at once: scores, log_probs, probs
                 chunk = Chunk(index, ws, win_shape, (H, W), n_win_cols, (w0, w1), (q0, q1), (h0, h1), log_probs,

@@ -120,10 +120,11 @@ def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Ten
 
 def attention_inputs(qkv: torch.Tensor, key_hw: Tuple[int, int], heads: int, scale: float,
                      rel_pos: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                     buffer: Optional[torch.Tensor] = None) -> AttnInputs:
+                     buffer: Optional[torch.Tensor] = None, float32_bias: bool = True) -> AttnInputs:
     """The kernel's record from packed projections qkv (B, N, 3*heads*d) of N = Hk*Wk tokens: q, k, v copied to
     head-major (B*heads, N, d) (into `buffer` (3, B, heads, N, d) when given), and with rel_pos (the (2Hk-1, d) and
-    (2Wk-1, d) tables) the two bias terms from the unscaled q, computed in float32 and used in q's dtype."""
+    (2Wk-1, d) tables) the two bias terms from the unscaled q, computed in float32 and used in q's dtype
+    (float32_bias=False: computed in q's dtype, as the official code)."""
     B, N, C3 = qkv.shape
     d = C3 // (3 * heads)
     src = qkv.view(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)
@@ -131,7 +132,7 @@ def attention_inputs(qkv: torch.Tensor, key_hw: Tuple[int, int], heads: int, sca
     q, k, v = packed.unbind(0)
     rel_h = rel_w = None
     if rel_pos is not None:
-        rel_h, rel_w = rel_pos_terms(q.float(), rel_pos[0], rel_pos[1], key_hw)  # (B*heads, Hk, Wk, Hk | Wk)
+        rel_h, rel_w = rel_pos_terms(q.float() if float32_bias else q, rel_pos[0], rel_pos[1], key_hw)
         rel_h = rel_h.to(q.dtype).reshape(B * heads, N, key_hw[0])
         rel_w = rel_w.to(q.dtype).reshape(B * heads, N, key_hw[1])
     return AttnInputs(q, k, v, rel_h, rel_w, key_hw, scale, heads)

@@ -41,7 +41,7 @@ class ReferenceRunner:
         B, H, W, C = x.shape
         qkv = attn.qkv(x).reshape(B, H * W, 3 * C)
         rel_pos = (attn.rel_pos_h, attn.rel_pos_w) if attn.use_rel_pos else None
-        inp = attention_inputs(qkv, (H, W), attn.num_heads, attn.scale, rel_pos)
+        inp = attention_inputs(qkv, (H, W), attn.num_heads, attn.scale, rel_pos, float32_bias=False)
         return attn.proj(KERNELS["reference"](inp).view(B, H, W, C))
 
     def head(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
