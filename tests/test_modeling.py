@@ -137,3 +137,43 @@ def test_device_and_dtype():
     assert enc.device == torch.device("cpu") and enc.dtype == torch.float32
     enc.to(torch.bfloat16)
     assert enc.dtype == torch.bfloat16 and enc.pos_embed.dtype == torch.float32
+
+
+def test_one_forward_per_module():
+    """timm's shape: Block, Attention and the shared layers have one forward (the kernel and the runner are
+    choices, not code paths); the encoder's forward_* are timm's hooks."""
+    from samvit.modeling import common, encoder
+
+    def forwards(cls):
+        return sorted(n for n in vars(cls) if n.startswith("forward"))
+
+    for cls in (encoder.Block, Attention, encoder.PatchEmbed, common.MLPBlock, common.DropPath, common.LayerNorm):
+        assert forwards(cls) == ["forward"], cls.__name__
+    assert forwards(ImageEncoder) == ["forward", "forward_embed", "forward_features", "forward_head",
+                                      "forward_intermediates"]
+
+
+def test_block_seams_and_drop_path_module():
+    """norm_layer / mlp_layer / block_fn build a variant without touching the forward; a variant the in-place
+    runner does not know runs through the modules (same result); drop path is a module, Identity when off."""
+    from samvit.modeling.common import DropPath, MLPBlock
+    from samvit.modeling.encoder import Block
+
+    class ReluMLP(MLPBlock):
+        def __init__(self, dim, hidden):
+            super().__init__(dim, hidden, act=torch.nn.ReLU)
+
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    enc = randomize_(ImageEncoder(CFG, mlp_layer=ReluMLP), seed=6).eval()
+    assert all(isinstance(b.mlp.act, torch.nn.ReLU) for b in enc.blocks)
+    with torch.no_grad():
+        assert type(enc.runner()).__name__ == "ModuleRunner"  # the runner knows GELU MLPs only
+        out = enc(x)
+        assert_close_scaled(out, enc.set_kernel("reference")(x), n=CFG.embed_dim)
+    built = []
+    ImageEncoder(CFG, block_fn=lambda *a, **k: built.append(a[1]) or Block(*a, **k))
+    assert built == [CFG.block_window_size(i) for i in range(CFG.depth)]
+    enc.set_drop_path(0.2)
+    assert isinstance(enc.blocks[0].drop_path, torch.nn.Identity) and isinstance(enc.blocks[-1].drop_path, DropPath)
+    enc.set_drop_path(0.0)
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in enc.blocks)
