@@ -264,15 +264,21 @@ class ImageEncoder(nn.Module):
         updates the stream in place: use it before resuming, copy it to keep it."""
         runner = runner or self.runner()
         x = runner.embed(self, x)
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             yield i, x
-            x = checkpoint(runner.block, blk, x, use_reentrant=False) if ckpt else runner.block(blk, x)
+            x = self._block(runner, blk, x)
         yield len(self.blocks), x
 
+    def _block(self, runner, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(runner.block, blk, x, use_reentrant=False)
+        return runner.block(blk, x)
+
     def _features(self, x: torch.Tensor, runner) -> torch.Tensor:
-        for _, x in self.iter_blocks(x, runner):
-            pass
+        """iter_blocks' walk as a plain loop (no generator in the path torch.compile traces)."""
+        x = runner.embed(self, x)
+        for blk in self.blocks:
+            x = self._block(runner, blk, x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
