@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from samvit.bench.runner import machine_info
 from samvit.modeling import attention as A
+from samvit.modeling import kernels as K
 from samvit.modeling.workspace import Workspace
 
 B, NH, H, W, HD = 1, 12, 64, 64, 64
@@ -42,23 +43,29 @@ def setup(dtype):
     return attn, qkv
 
 
+def _inputs(attn, qkv) -> K.AttnInputs:
+    return A.attention_inputs(qkv.reshape(B, N, -1), (H, W), NH, attn.scale, (attn.rel_pos_h, attn.rel_pos_w))
+
+
 def candidates(attn, qkv, dtype, flex: bool):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     rel_h, rel_w = A.rel_pos_terms(q.float(), attn.rel_pos_h, attn.rel_pos_w, (H, W))  # (B,nh,H,W,H), (..,W)
     ws = Workspace()
     out = torch.empty(B, N, NH * HD, dtype=dtype)
 
-    def kernel(name, workspace):
-        kern = A.get_kernel(name)
-        return lambda: kern.fn(attn, qkv, (H, W), out=out, workspace=ws if workspace else None)
+    inp = _inputs(attn, qkv)  # the kernels' record (head-major q, k, v copies; the two bias terms)
 
-    def former():  # the chunking before this round: 8 Mi-entry chunks, each bias chunk a fresh tensor
-        saved = A.MASK_CHUNK_ELEMS
-        A.MASK_CHUNK_ELEMS = 1 << 23
+    def kernel(name, workspace):
+        kern = K.KERNELS[name]
+        return lambda: kern(inp, out=out, workspace=ws if workspace else None)
+
+    def former():  # the chunking before round 2: 8 Mi-entry chunks, each bias chunk a fresh tensor
+        saved = K.MASK_CHUNK_ELEMS
+        K.MASK_CHUNK_ELEMS = 1 << 23
         try:
-            return A.sdpa_chunked_attention(attn, qkv, (H, W))
+            return K.KERNELS["sdpa_chunked"](inp)
         finally:
-            A.MASK_CHUNK_ELEMS = saved
+            K.MASK_CHUNK_ELEMS = saved
 
     onehot = torch.zeros(N, H + W, dtype=dtype)
     idx = torch.arange(N)
@@ -82,7 +89,7 @@ def candidates(attn, qkv, dtype, flex: bool):
         "SDPA, no bias (floor, wrong result)": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2),
         "folded bias into q/k, v head dim 64": folded(False),
         "folded bias into q/k, v padded to 192": folded(True),
-        "official arithmetic (full scores)": lambda: A.reference_attention(attn, qkv, (H, W)),
+        "official arithmetic (full scores)": lambda: K.KERNELS["reference"](inp),
     }
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -120,7 +127,7 @@ def main() -> int:
         dtype = getattr(torch, dname)
         attn, qkv = setup(dtype)
         if ref is None:
-            ref = A.reference_attention(attn, setup(torch.float32)[1], (H, W)).float()
+            ref = K.KERNELS["reference"](_inputs(attn, setup(torch.float32)[1])).float()
         a, b = (torch.randn(4096, 4096, dtype=dtype) for _ in range(2))
         cands = candidates(attn, qkv, dtype, not args.no_flex)
         times = {name: [] for name in cands}

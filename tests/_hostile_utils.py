@@ -42,9 +42,9 @@ def snapshot(*roots) -> Dict[str, str]:
 
 def tiny_sam_checkpoint(path) -> str:
     """A full tiny SAM checkpoint (encoder + decoder, .safetensors with the encoder config) at path."""
-    from conftest import TINY
+    from tests.helpers import TINY
     from safetensors.torch import save_file
-    from test_segment_cli import _official_tiny_sam_8_heads
+    from tests.test_segment_cli import _official_tiny_sam_8_heads
 
     sam = _official_tiny_sam_8_heads()
     save_file({k: v.contiguous() for k, v in sam.state_dict().items() if not k.startswith("pixel_")}, str(path),

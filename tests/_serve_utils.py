@@ -15,8 +15,8 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import samvit
-from conftest import randomize_
-from _masks_utils import liven_decoder_
+from tests.helpers import randomize_
+from tests._masks_utils import liven_decoder_
 
 # 1024 input and a 256-channel neck give the real (1, 256, 64, 64) embedding; width 64 and 2 blocks keep it cheap.
 TINY_1024 = samvit.EncoderConfig(img_size=1024, embed_dim=64, depth=2, num_heads=2, window_size=14,

@@ -1,4 +1,4 @@
-"""Shared test helpers: random weights for official and samvit models, tiny configs, real test images."""
+"""pytest hooks and shared fixtures (the helpers themselves live in tests/helpers: `from tests.helpers import ...`)."""
 from __future__ import annotations
 
 import os
@@ -8,17 +8,13 @@ import pytest
 import torch
 
 import samvit
-from samvit import EncoderConfig
-from samvit.bench.weights import randomize_  # noqa: F401  (the tests import it from here)
+from tests.helpers import TINY, official_sam, official_tiny_sam, randomize_  # noqa: F401  (former `from conftest`)
 
 # dtype="auto" (the default) picks bfloat16 on CPUs with AVX512-BF16/AMX: the tests compare float32 outputs with the
 # reference packages on any machine, so "auto" means float32 here and in the CLI subprocesses (tests of "auto"
 # itself unset it).
 os.environ.setdefault("SAMVIT_DTYPE", "float32")
 samvit.tune_allocator()  # the same allocator setting for samvit and the reference packages in every test
-
-TINY = EncoderConfig(img_size=256, embed_dim=64, depth=3, num_heads=2, window_size=4, global_attn_indexes=(1,),
-                     out_chans=32, name="tiny")
 
 
 def pytest_addoption(parser):
@@ -34,36 +30,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def official_sam(model_type: str = "vit_b", seed: int = 0, **encoder_overrides):
-    """The official segment-anything Sam of a released type, every parameter randomised, in eval mode."""
-    from segment_anything import sam_model_registry
-
-    torch.manual_seed(seed)
-    sam = sam_model_registry[model_type]()
-    return randomize_(sam, seed).eval()
-
-
-def official_tiny_sam(cfg: EncoderConfig = TINY, seed: int = 0):
-    """An official Sam whose image encoder has the given (small) config, every parameter randomised."""
-    from functools import partial
-
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    enc = ImageEncoderViT(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                          num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.out_chans,
-                          qkv_bias=cfg.qkv_bias, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.norm_eps),
-                          use_abs_pos=cfg.use_abs_pos, use_rel_pos=cfg.use_rel_pos, window_size=cfg.window_size,
-                          global_attn_indexes=cfg.global_attn_indexes)
-    grid = cfg.grid_size
-    sam = Sam(image_encoder=enc,
-              prompt_encoder=PromptEncoder(embed_dim=cfg.out_chans, image_embedding_size=(grid, grid),
-                                           input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=16),
-              mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                       transformer=TwoWayTransformer(depth=2, embedding_dim=cfg.out_chans,
-                                                                     mlp_dim=64, num_heads=2),
-                                       transformer_dim=cfg.out_chans, iou_head_depth=3, iou_head_hidden_dim=64))
-    torch.manual_seed(seed)
-    return randomize_(sam, seed).eval()
+@pytest.fixture(scope="session")
+def official_vit_b(tmp_path_factory):
+    """ONE official segment-anything ViT-B Sam with random weights (seed 1) for the whole session, and its
+    checkpoint file (official keys). Tests must not modify it."""
+    sam = official_sam("vit_b", seed=1)
+    path = tmp_path_factory.mktemp("vit_b") / "sam_vit_b_random.pth"
+    torch.save(sam.state_dict(), path)
+    return sam, path
 
 
 @pytest.fixture

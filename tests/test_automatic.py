@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _masks_utils import liven_decoder_, samvit_models
-from conftest import TINY, official_tiny_sam
+from tests._masks_utils import liven_decoder_, samvit_models
+from tests.helpers import TINY, official_tiny_sam
 
 from samvit import AutomaticMaskGenerator, Predictor
 from samvit.masks.automatic import (box_nms, build_point_grid, generate_crop_boxes, mask_to_rle, masks_to_boxes,

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import torch
-from conftest import TINY, randomize_
+from tests.helpers import TINY, randomize_
 from PIL import Image
 
 import samvit

@@ -17,7 +17,7 @@ from samvit.checkpoints.keymaps import detect_format, from_official, to_official
 from samvit.checkpoints.files import CheckpointError, read_checkpoint
 from samvit.checkpoints.keymaps import encoder_state_dict
 
-from conftest import TINY, official_sam, official_tiny_sam
+from tests.helpers import TINY, official_sam, official_tiny_sam
 
 TOL = 1e-4
 

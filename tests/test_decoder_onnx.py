@@ -19,7 +19,7 @@ import samvit  # noqa: E402
 from samvit.cli import main  # noqa: E402
 from samvit.export import DECODER_INPUTS, DECODER_OUTPUTS, export_decoder_onnx, onnx_session  # noqa: E402
 
-from _serve_utils import official_tiny_sam_1024, save_full_checkpoint  # noqa: E402
+from tests._serve_utils import official_tiny_sam_1024, save_full_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, official_tiny_sam
-from _masks_utils import liven_decoder_
+from tests.helpers import TINY, official_tiny_sam
+from tests._masks_utils import liven_decoder_
 from samvit import EncoderConfig, ImageEncoder, Predictor, load_decoder, load_encoder
 from samvit.checkpoints.files import CONFIG_METADATA_KEY, write_tensors
 from samvit.checkpoints.load import infer_config

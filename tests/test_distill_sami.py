@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, official_tiny_sam
+from tests.helpers import TINY, official_tiny_sam
 from samvit import load_encoder, preprocess
 from samvit.checkpoints.files import CONFIG_METADATA_KEY, write_tensors
 from samvit.cli import main

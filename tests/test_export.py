@@ -17,7 +17,7 @@ import samvit  # noqa: E402
 from samvit.cli import main  # noqa: E402
 from samvit.export import compare, export_onnx, needs_external_data, onnx_session, verify_onnx  # noqa: E402
 
-from conftest import TINY, official_sam, official_tiny_sam  # noqa: E402
+from tests.helpers import TINY, official_sam, official_tiny_sam  # noqa: E402
 
 
 def _input(batch: int, size: int, seed: int = 1) -> torch.Tensor:
@@ -147,7 +147,7 @@ def test_cli_int8_accuracy(tiny, tmp_path, capsys, astronaut):
 
 @pytest.mark.slow
 def test_vit_h_external_data(tmp_path):
-    from conftest import randomize_
+    from tests.helpers import randomize_
 
     enc = randomize_(samvit.load_encoder("vit_h"), seed=8)
     path = export_onnx(enc, tmp_path / "vit_h.onnx")  # 2.5 GB of weights: over the protobuf limit

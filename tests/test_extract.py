@@ -28,8 +28,8 @@ from samvit.data.sources import collect_inputs
 from samvit.embeddings.store import StoreMismatchError, _read_log
 from samvit.data.preprocess import normalize_and_pad, resize_longest_side
 
-from _torchrun_utils import one_thread_env, torchrun
-from conftest import TINY, randomize_
+from tests._torchrun_utils import one_thread_env, torchrun
+from tests.helpers import TINY, randomize_
 
 
 def extract(encoder, items, path, *, checkpoint_sha256, store_dtype=None, report_path=None, **kw) -> EmbedReport:

@@ -11,7 +11,7 @@ from samvit.cli import main
 from samvit.train.evaluate import centre_point, evaluate, next_click
 from samvit.train.masks_data import ShapeMasks
 
-from _finetune_utils import write_tiny_checkpoint
+from tests._finetune_utils import write_tiny_checkpoint
 
 
 def test_centre_point_and_next_click_on_known_masks():

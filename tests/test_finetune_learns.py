@@ -20,7 +20,7 @@ from samvit.masks.predictor import Predictor
 from samvit.train.evaluate import evaluate
 from samvit.train.masks_data import ShapeMasks, save_mask_folder
 
-from _finetune_utils import write_tiny_checkpoint
+from tests._finetune_utils import write_tiny_checkpoint
 
 HELD_OUT = {"shapes": ShapeMasks(16, size=128, seed=1)}  # the training set is seed 0
 STEPS = 1200

@@ -15,10 +15,10 @@ from samvit.embeddings.store import EmbeddingStore
 from samvit.masks.predictor import Predictor
 from samvit.train.masks_data import ShapeMasks, save_mask_folder
 
-from _finetune_utils import SMALL, official_small_sam, write_tiny_checkpoint
-from _torchrun_utils import torchrun_samvit
-from test_train_distributed import log
-from test_train_resume import assert_same_state, final_state, losses
+from tests._finetune_utils import SMALL, official_small_sam, write_tiny_checkpoint
+from tests._torchrun_utils import torchrun_samvit
+from tests.test_train_distributed import log
+from tests.test_train_resume import assert_same_state, final_state, losses
 
 TASK = ["train", "sam", "--data", "synthetic", "--synthetic-size", "8", "--masks-per-image", "2",
         "--iterations", "1", "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", "--quiet"]

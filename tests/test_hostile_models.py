@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-from _hostile_utils import cli, snapshot, tiny_sam_checkpoint, write_image
-from conftest import TINY, randomize_
+from tests._hostile_utils import cli, snapshot, tiny_sam_checkpoint, write_image
+from tests.helpers import TINY, randomize_
 from safetensors.torch import load_file, save_file
 
 import samvit

@@ -10,8 +10,8 @@ import socket
 import numpy as np
 import pytest
 import torch
-from _hostile_utils import cli, files_under, fill, small_fs, snapshot, time_limit, tiny_sam_checkpoint, write_image
-from conftest import TINY, randomize_
+from tests._hostile_utils import cli, files_under, fill, small_fs, snapshot, time_limit, tiny_sam_checkpoint, write_image
+from tests.helpers import TINY, randomize_
 from PIL import Image
 
 import samvit

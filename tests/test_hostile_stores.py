@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from _hostile_utils import cli, snapshot, time_limit, tiny_sam_checkpoint, write_image
+from tests._hostile_utils import cli, snapshot, time_limit, tiny_sam_checkpoint, write_image
 
 from samvit import EmbeddingStore
 from samvit.embeddings.store import StoreCorruptError, StoreError, encode_line

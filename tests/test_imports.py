@@ -178,3 +178,54 @@ def test_readme_layout_names_every_module():
     actual |= {"__init__.py"}
     assert listed == actual, (sorted(actual - listed), sorted(listed - actual))
     assert re.search(r"cli/ +argparse only", block)
+
+
+def _layout_order() -> List[str]:
+    """The README's Layout entries in order: top-level modules and folders ("config.py", "modeling/") and the
+    files listed under a folder ("modeling/kernels.py")."""
+    import re
+
+    readme = (ROOT.parent.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    order, folder = [], ""
+    for line in block.splitlines()[1:]:
+        indent = len(line) - len(line.lstrip())
+        names = re.findall(r"\w+\.py|\w+/", line.strip().split("  ")[0])
+        if indent == 2:
+            folder = names[0] if names and names[0].endswith("/") else ""
+            order.extend(names)
+        elif indent > 2:
+            order.extend(folder + n for n in names)
+    return order
+
+
+def _entry(module: str, depth: int) -> str:
+    """The Layout entry of a module at depth 1 ("modeling/") or 2 ("modeling/kernels.py")."""
+    parts = module.split(".")[1:]
+    if len(parts) < depth:
+        return ""
+    path = "/".join(parts[:depth])
+    return path + "/" if (ROOT / path).is_dir() else path + ".py"
+
+
+# folders whose files the README lists as layers (each file imports only files listed above it)
+LAYERED_FOLDERS = ("modeling/", "checkpoints/", "embeddings/", "inspect/")
+
+
+def test_imports_point_down_the_readme_layout():
+    """Every module imports only what the README's Layout lists above it (the package root, which re-exports
+    lazily, excepted): the top-level entries, and the files inside the layered folders."""
+    rank = {name: i for i, name in enumerate(_layout_order())}
+    wrong = []
+    for mod, deps in import_graph().items():
+        for depth in (1, 2):
+            a = _entry(mod, depth)
+            if a not in rank or a == "__init__.py" or (depth == 2 and not a.startswith(LAYERED_FOLDERS)):
+                continue
+            for dep in deps:
+                b = _entry(dep, depth)
+                same_scope = depth == 1 or b.split("/")[0] == a.split("/")[0]
+                if b in rank and b != a and same_scope and rank[b] > rank[a]:
+                    wrong.append(f"{mod} imports {dep} ({a} is listed above {b})")
+    assert not wrong, "\n".join(sorted(set(wrong)))
+    assert rank["modeling/kernels.py"] < rank["modeling/attention.py"] < rank["modeling/encoder.py"]

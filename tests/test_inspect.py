@@ -18,7 +18,7 @@ from samvit.inspect import attention, attention_distance, feature_pca, pixel_to_
 from samvit.inspect.capture import Prepared, walk
 from samvit.inspect.pca import principal_components
 
-from conftest import randomize_
+from tests.helpers import randomize_
 
 PATCH = 16
 

@@ -1,7 +1,7 @@
 """Loading weights: formats, preset inference, strict key checks, clear errors for bad files."""
 import pytest
 import torch
-from conftest import TINY, official_tiny_sam, randomize_
+from tests.helpers import TINY, official_tiny_sam, randomize_
 
 import samvit
 from samvit import CheckpointError

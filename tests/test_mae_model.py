@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_
+from tests.helpers import randomize_
 
 from samvit.config import EncoderConfig, MAEConfig, mae_preset
 from samvit.modeling.encoder import Block
@@ -147,14 +147,14 @@ def test_init_is_the_mae_init():
     assert model.no_weight_decay() <= set(names)
 
 
-def test_forward_seq_is_the_global_block():
+def test_the_block_on_a_sequence_is_the_global_block():
     cfg = EncoderConfig(img_size=128, embed_dim=64, depth=1, num_heads=2, use_rel_pos=False, window_size=0,
                         global_attn_indexes=(), out_chans=None)
     blk = randomize_(Block(cfg, 0)).eval()
     x = torch.randn(2, 8, 8, 64)
     with torch.no_grad():
         grid = blk(x)
-        seq = blk.forward_seq(x.flatten(1, 2))
+        seq = blk(x.flatten(1, 2))  # one forward: a (B,N,C) sequence is global attention over N tokens
     assert torch.allclose(seq, grid.flatten(1, 2), atol=1e-5)
 
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import randomize_
+from tests.helpers import randomize_
 
 from samvit.config import MAEConfig, mae_preset
 from samvit.train.mae_weights import infer_mae_config, load_mae

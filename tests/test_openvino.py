@@ -13,8 +13,8 @@ from samvit.cli import main  # noqa: E402
 from samvit.embeddings.store import EmbeddingStore  # noqa: E402
 from samvit.export import OpenVINOEncoder  # noqa: E402
 
-from _hostile_utils import write_image  # noqa: E402
-from conftest import TINY, randomize_  # noqa: E402
+from tests._hostile_utils import write_image  # noqa: E402
+from tests.helpers import TINY, randomize_  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _masks_utils import liven_decoder_, samvit_models
-from conftest import TINY, official_sam, official_tiny_sam
+from tests._masks_utils import liven_decoder_, samvit_models
+from tests.helpers import TINY, official_sam, official_tiny_sam
 
 from samvit import CheckpointError, Predictor, PromptError, load_decoder
 from samvit.checkpoints.load import infer_decoder_config

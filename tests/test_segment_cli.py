@@ -8,8 +8,8 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from _masks_utils import liven_decoder_
-from conftest import TINY, randomize_
+from tests._masks_utils import liven_decoder_
+from tests.helpers import TINY, randomize_
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -28,7 +28,7 @@ import samvit  # noqa: E402
 from samvit.cli import main  # noqa: E402
 from samvit.serve import ServeConfig, create_app  # noqa: E402
 
-from _serve_utils import (OBJECT, TINY_1024, free_port, object_image, official_tiny_sam_1024, png_bytes,  # noqa: E402
+from tests._serve_utils import (OBJECT, TINY_1024, free_port, object_image, official_tiny_sam_1024, png_bytes,  # noqa: E402
                           running, save_full_checkpoint)
 
 TOKEN = "test-token-0123"

@@ -22,7 +22,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 import samvit  # noqa: E402
 from samvit.serve import ServeConfig, create_app  # noqa: E402
 
-from _serve_utils import (OBJECT, object_image, official_tiny_sam_1024, png_bytes, running,  # noqa: E402
+from tests._serve_utils import (OBJECT, object_image, official_tiny_sam_1024, png_bytes, running,  # noqa: E402
                           save_full_checkpoint)
 
 CHROMIUM = os.environ.get("SAMVIT_CHROMIUM", "/usr/bin/chromium")

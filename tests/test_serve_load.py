@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 import samvit  # noqa: E402
 
-from _serve_utils import free_port, object_image, official_tiny_sam_1024, png_bytes, save_full_checkpoint  # noqa: E402
+from tests._serve_utils import free_port, object_image, official_tiny_sam_1024, png_bytes, save_full_checkpoint  # noqa: E402
 
 CLIENTS = 8  # = the batch size of the batching server
 

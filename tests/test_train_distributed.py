@@ -21,7 +21,7 @@ from samvit.modeling.mae import MaskedAutoencoder
 from samvit.train.ckpt import list_checkpoints, load_checkpoint
 from samvit.train.launch import seed_everything
 
-from _torchrun_utils import torchrun_samvit
+from tests._torchrun_utils import torchrun_samvit
 
 COMMON = ["train", "mae", "--data", "synthetic", "--model", "mae_tiny", "--synthetic-size", "16", "--steps", "8",
           "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", "--quiet"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from tests.helpers import randomize_
 
 import samvit
 from samvit.config import EncoderConfig, mae_preset, preset

@@ -17,7 +17,7 @@ from samvit.checkpoints.registry import CheckpointEntry, DownloadError, download
 from samvit.checkpoints.files import CheckpointError, read_checkpoint
 from samvit.checkpoints.load import load_encoder
 
-from conftest import TINY, official_tiny_sam
+from tests.helpers import TINY, official_tiny_sam
 
 
 class _Server:

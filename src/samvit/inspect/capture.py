@@ -19,9 +19,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..modeling.attention import rel_pos_terms, to_windows
+from ..modeling.kernels import AttnInputs, attention_logits
 from ..modeling.encoder import ImageEncoder
 from ..errors import ParameterError
 
@@ -86,16 +85,12 @@ class Chunk:
         return patch_size * d2.float().sqrt()
 
 
-def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm in float32 (or the stream's dtype if wider), as both attention paths compute it."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return F.layer_norm(x.to(dtype), norm.normalized_shape, norm.weight.to(dtype), norm.bias.to(dtype), norm.eps)
-
-
 def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
                  chunk_elems: int = CHUNK_ELEMS) -> Iterator[Chunk]:
     """The attention probabilities of block `index` for the residual stream x (1,H,W,C), chunk by chunk: windows,
-    then query rows, then heads, at most about chunk_elems scores each (more only when one query row is larger)."""
+    then query rows, then heads, at most about chunk_elems scores each (more only when one query row is larger).
+    The record is the one the block's kernel takes (Attention.inputs: windows padded with the qkv bias, the
+    relative-position terms), in float32; the scores are modeling.kernels.attention_logits of each chunk."""
     blk = encoder.blocks[index]
     attn = blk.attn
     if x.shape[0] != 1:
@@ -103,27 +98,16 @@ def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
     _, H, W, C = x.shape
     ws = blk.window_size
     nh, hd = attn.num_heads, attn.head_dim
-    # q and k only (v is not needed), on the real tokens; a window's padded token is zero after norm1, so its q and
-    # k are the bias, which is what the padding is filled with (as forward_windowed does).
-    w_qk = attn.qkv.weight[: 2 * C]
-    b_qk = attn.qkv.bias[: 2 * C] if attn.qkv.bias is not None else None
-    qk = F.linear(_layer_norm(x, blk.norm1).to(w_qk.dtype), w_qk, b_qk)  # (1,H,W,2C)
-    if ws > 0:
-        qk = to_windows(qk, ws, b_qk if b_qk is not None else qk.new_zeros(2 * C))  # (1,nWh,nWw,ws,ws,2C)
-        win_shape, n_win_cols = (ws, ws), qk.shape[2]
-    else:
-        win_shape, n_win_cols = (H, W), 1
+    y = blk.norm1(x.float() if x.dtype != torch.float64 else x)  # LayerNorm in float32 (or wider)
+    qkv = attn.qkv(y.to(attn.qkv.weight.dtype)).float()
+    inp = attn.inputs(qkv)  # q, k, v (windows*heads, n, hd), rel_h / rel_w (windows*heads, n, Hk | Wk)
+    win_shape = inp.key_hw
+    n_win_cols = -(-W // ws) if ws > 0 else 1
     n = win_shape[0] * win_shape[1]
-    qk = qk.reshape(-1, n, 2, nh, hd).float().permute(2, 0, 3, 1, 4)  # (2, windows, heads, n, hd)
-    q, k = qk[0], qk[1]
+    q, k = (t.view(-1, nh, n, hd) for t in (inp.q, inp.k))
     n_win = q.shape[0]
-    rel_h = rel_w = None
-    if attn.use_rel_pos:  # from the unscaled q, as the official code computes them
-        rel_h, rel_w = rel_pos_terms(q, attn.rel_pos_h.float(), attn.rel_pos_w.float(), win_shape)
-        rel_h = rel_h.reshape(n_win, nh, n, win_shape[0])  # (windows, heads, queries, key rows)
-        rel_w = rel_w.reshape(n_win, nh, n, win_shape[1])  # (windows, heads, queries, key cols)
-    q = q * attn.scale  # contiguous (windows, heads, n, hd)
-    kt = k.transpose(-2, -1).contiguous()  # (windows, heads, hd, n): one copy per block, not one per chunk
+    rel_h = None if inp.rel_h is None else inp.rel_h.view(n_win, nh, n, -1)
+    rel_w = None if inp.rel_w is None else inp.rel_w.view(n_win, nh, n, -1)
     if nh * n * n <= chunk_elems:
         w_step, q_step, h_step = max(1, chunk_elems // (nh * n * n)), n, nh
     elif n * n <= chunk_elems:
@@ -137,15 +121,12 @@ def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
             for h0 in range(0, nh, h_step):
                 h1 = min(nh, h0 + h_step)
                 shape = (w1 - w0, h1 - h0, q1 - q0, n)
-                qc = q[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, hd)
-                kc = kt[w0:w1, h0:h1].reshape(-1, hd, n)
-                if rel_h is None:
-                    scores = torch.bmm(qc, kc)
-                else:  # (q * scale) @ k^T + (rel_h + rel_w), the bias added inside the matmul, in place
-                    scores = (rel_h[w0:w1, h0:h1, q0:q1, :, None] + rel_w[w0:w1, h0:h1, q0:q1, None, :])
-                    scores = scores.view(-1, q1 - q0, n).baddbmm_(qc, kc)
-                log_probs = torch.log_softmax(scores, dim=-1).view(shape)
-                del scores  # at most three chunk-sized tensors at once: scores, log_probs, probs
+                kc = k[w0:w1, h0:h1].reshape(-1, n, hd)
+                rh, rw = ((None if t is None else t[w0:w1, h0:h1, q0:q1].flatten(0, 1)) for t in (rel_h, rel_w))
+                part = AttnInputs(q[w0:w1, h0:h1, q0:q1].reshape(-1, q1 - q0, hd), kc, kc, rh, rw, win_shape,
+                                  attn.scale)
+                log_probs = torch.log_softmax(attention_logits(part), dim=-1).view(shape)
+                del part  # at most three chunk-sized tensors at once: scores, log_probs, probs
                 chunk = Chunk(index, ws, win_shape, (H, W), n_win_cols, (w0, w1), (q0, q1), (h0, h1), log_probs,
                               log_probs.exp())
                 del log_probs
@@ -159,22 +140,21 @@ def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
          progress: Optional[Callable[[int], None]] = None, full: bool = True) -> torch.Tensor:
     """Run the encoder on one normalised image (1,3,S,S), feeding every chunk of the chosen blocks' attention to
     each reducer; returns the residual stream after the last block run: the pre-neck features (1,H,W,C) computed
-    by the blocks' own forward when `full`, else the stream after the last chosen block."""
+    by the encoder's own path (ImageEncoder.iter_blocks, as forward_features) when `full`, else the stream after
+    the last chosen block."""
     wanted = set(blocks)
-    x = encoder.forward_embed(image.to(device=encoder.device))  # what forward gives the first block
-    ws = encoder.workspace()  # the path forward takes (in place under no_grad), so x is the encoder's stream
     last = max(wanted) if wanted else -1
-    for i, blk in enumerate(encoder.blocks):
+    x = None
+    for i, x in encoder.iter_blocks(image.to(device=encoder.device)):
+        if i > 0 and progress is not None:
+            progress(i - 1)
+        if not full and last >= 0 and i - 1 == last:
+            break
         if i in wanted:
             for chunk in block_chunks(encoder, i, x, chunk_elems):
                 for reduce in reducers:
                     reduce(chunk)
                 del chunk
-        x = blk(x, ws)
-        if progress is not None:
-            progress(i)
-        if i == last and not full:
-            break
     return x
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import torch
+from ..errors import ParameterError
 
 _COMPILED: Dict[str, Callable] = {}
 
@@ -29,15 +30,15 @@ def bias_softmax(scores: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
     written into `out` (default: a new tensor in scores' dtype). scores (G, Nq, Hk*Wk), rel_h (G, Nq, Hk), rel_w
     (G, Nq, Wk); out may be scores itself (in place). `compiled`: one fused inductor kernel (else eager)."""
     if scores.dim() != 3 or rel_h.dim() != 3 or rel_w.dim() != 3:
-        raise ValueError(f"bias_softmax: scores, rel_h, rel_w must be 3-D (G, Nq, ...); got {tuple(scores.shape)}, "
+        raise ParameterError(f"bias_softmax: scores, rel_h, rel_w must be 3-D (G, Nq, ...); got {tuple(scores.shape)}, "
                          f"{tuple(rel_h.shape)}, {tuple(rel_w.shape)}")
     G, Nq, N = scores.shape
     if rel_h.shape[:2] != (G, Nq) or rel_w.shape[:2] != (G, Nq) or rel_h.shape[2] * rel_w.shape[2] != N:
-        raise ValueError(f"bias_softmax: rel_h (G, Nq, Hk) and rel_w (G, Nq, Wk) with Hk*Wk = {N} keys expected "
+        raise ParameterError(f"bias_softmax: rel_h (G, Nq, Hk) and rel_w (G, Nq, Wk) with Hk*Wk = {N} keys expected "
                          f"for scores {tuple(scores.shape)}; got {tuple(rel_h.shape)}, {tuple(rel_w.shape)}")
     out = torch.empty_like(scores) if out is None else out
     if out.shape != scores.shape:
-        raise ValueError(f"bias_softmax: out must be {tuple(scores.shape)}, got {tuple(out.shape)}")
+        raise ParameterError(f"bias_softmax: out must be {tuple(scores.shape)}, got {tuple(out.shape)}")
     if not compiled:
         _bias_softmax_into(scores, rel_h, rel_w, out, float(scale))
         return out

@@ -1,36 +1,28 @@
-"""Layers shared by the encoder and the decoder (as in the official segment-anything modeling/common.py)."""
+"""Layers shared by the encoder and the decoder (as in the official segment-anything modeling/common.py), and the
+block's optional parts (timm's shape: Identity when off)."""
 from __future__ import annotations
 
 from typing import Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from .workspace import Workspace
-
-
-def linear_into(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> torch.Tensor:
-    """out = linear(x) for 2-D x, written into `out` (no allocation for a plain nn.Linear; any other layer, e.g. a
-    LoRALinear, is called and its result copied)."""
-    if type(linear) is not nn.Linear:
-        return out.copy_(linear(x))
-    if linear.bias is None:
-        return torch.mm(x, linear.weight.t(), out=out)
-    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+from ..errors import ParameterError
 
 
-def add_linear_(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, workspace: Workspace,
-                name: str) -> torch.Tensor:
-    """residual += linear(x) in place (2-D); the product goes straight into the residual when dtypes agree."""
-    if residual.dtype == linear.weight.dtype and type(linear) is nn.Linear:
-        residual.addmm_(x, linear.weight.t())
-        return residual if linear.bias is None else residual.add_(linear.bias)
-    out = workspace.get(name, (x.shape[0], linear.out_features), linear.weight.dtype, x.device)
-    return residual.add_(linear_into(x, linear, out))
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in the input's dtype, its parameters cast to it: a bfloat16/float16 model keeps its
+    residual stream and LayerNorm parameters in float32 and normalises in float32 (the layer after it casts)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.dtype == x.dtype:
+            return super().forward(x)
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class MLPBlock(nn.Module):
-    """Linear -> activation -> Linear (GELU in the encoder's blocks, ReLU in the decoder's)."""
+    """Linear -> activation -> Linear (GELU in the encoder's blocks, ReLU in the decoder's); the input is cast to
+    the weights' dtype."""
 
     def __init__(self, dim: int, hidden: int, act: Type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -39,17 +31,33 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        return self.lin2(self.act(self.lin1(x.to(self.lin1.weight.dtype))))
 
-    def forward_into(self, x: torch.Tensor, residual: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        """residual += self(x) in place, for 2-D x, the hidden layer in a workspace buffer (inference)."""
-        h = linear_into(x, self.lin1, workspace.get("mlp_hidden", (x.shape[0], self.lin1.out_features),
-                                                    self.lin1.weight.dtype, x.device))
-        if type(self.act) is nn.GELU:
-            torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-        else:
-            h = self.act(h)
-        return add_linear_(residual, h, self.lin2, workspace, "mlp_out")
+
+class DropPath(nn.Module):
+    """Stochastic depth (as timm): in training, each sample's branch is zeroed with probability drop_prob and the
+    others scaled by 1 / (1 - drop_prob); the identity in eval. Blocks hold nn.Identity when the rate is 0."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ParameterError(f"drop path rate must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def drop_path(rate: float) -> nn.Module:
+    """DropPath(rate), or nn.Identity for 0."""
+    return DropPath(rate) if rate > 0 else nn.Identity()
 
 
 class LayerNorm2d(nn.Module):

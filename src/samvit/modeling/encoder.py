@@ -1,12 +1,15 @@
 """The SAM ViT image encoder: patch embedding, absolute position embedding, pre-norm blocks, neck.
 
-The attention kernel is chosen in one place (ImageEncoder(kernel=...) / set_kernel; see attention.KERNELS).
-Training hooks in the manner of timm: set_grad_checkpointing, forward_intermediates.
+Modules have one forward each (timm's vision_transformer_sam shape); how the encoder computes is chosen in one place,
+ImageEncoder.runner(): the modules' forward (training, tracing, export), the in-place inference runner
+(inference.py: no autograd), or the official arithmetic (reference.py: kernel="reference", the oracle). The
+attention kernel is a choice inside Attention (kernels.py). Training hooks in the manner of timm:
+set_grad_checkpointing, set_drop_path, forward_intermediates.
 """
 from __future__ import annotations
 
-import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,19 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig
-from .attention import (DEFAULT_KERNEL, KERNEL_ALIASES, Attention, get_kernel, resize_rel_pos, window_partition,
-                        window_unpartition)
-from .common import LayerNorm2d, MLPBlock
+from .attention import DEFAULT_KERNEL, KERNEL_ALIASES, Attention, resize_rel_pos, resolve_kernel_name
+from .common import LayerNorm, LayerNorm2d, MLPBlock, drop_path
+from .inference import InferenceRunner
+from .reference import ReferenceRunner
 from .workspace import Workspace
 from ..errors import ParameterError
-
-
-def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm over the last axis computed in x's dtype (float32 for a low-precision model's residual stream),
-    returned in `dtype`, the dtype of the matmuls that follow."""
-    if x.dtype == norm.weight.dtype == dtype:
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps).to(dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -41,79 +37,50 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; windowed attention when window_size > 0, else global."""
+    """Pre-norm transformer block on a (B,H,W,C) grid (windowed attention when window_size > 0, else global) or a
+    (B,N,C) sequence; the residual stream stays in x's dtype (float32 for a bfloat16/float16 model).
 
-    def __init__(self, cfg: EncoderConfig, window_size: int) -> None:
+    Seams for variants: norm_layer (default: LayerNorm with the config's eps), mlp_layer (dim, hidden) -> module,
+    drop_path_rate (stochastic depth of both branches; nn.Identity when 0).
+    """
+
+    def __init__(self, cfg: EncoderConfig, window_size: int, norm_layer: Optional[Callable[[int], nn.Module]] = None,
+                 mlp_layer: Type[nn.Module] = MLPBlock, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        norm_layer = norm_layer or partial(LayerNorm, eps=cfg.norm_eps)
+        self.norm1 = norm_layer(dim)
         attn_size = (window_size, window_size) if window_size > 0 else (cfg.grid_size, cfg.grid_size)
-        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.use_rel_pos, attn_size)
-        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.use_rel_pos, attn_size, window_size=window_size)
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(dim, int(dim * cfg.mlp_ratio))
         self.window_size = window_size
-        self.drop_path = 0.0  # stochastic depth of both branches in training (ImageEncoder.set_drop_path)
+        self.drop_path = drop_path(drop_path_rate)
 
-    def forward(self, x: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
-        """x: the residual stream (B,H,W,C); the official arithmetic when the kernel asks for it. With a workspace
-        (inference only) x is updated in place and returned."""
-        if self.attn.kernel.official:
-            return self.forward_reference(x)
-        if workspace is not None:
-            return self.forward_inplace(x, workspace)
-        return self.forward_fast(x)
-
-    def forward_inplace(self, x: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        """forward_fast's arithmetic adding into the residual stream x in place, with every large intermediate in
-        workspace buffers: nothing big is allocated (inference only)."""
-        dtype = self.attn.qkv.weight.dtype
-        self.attn.forward_into(_layer_norm(x, self.norm1, dtype), x, self.window_size, workspace)
-        C = x.shape[-1]
-        self.mlp.forward_into(_layer_norm(x, self.norm2, dtype).view(-1, C), x.view(-1, C), workspace)
-        return x
-
-    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """x: the residual stream (float32 when the weights are bfloat16/float16); windows without padded qkv/proj."""
-        dtype = self.attn.qkv.weight.dtype
-        y = _layer_norm(x, self.norm1, dtype)
-        y = self.attn.forward_windowed(y, self.window_size) if self.window_size > 0 else self.attn(y)
-        x = x + self._drop(y)
-        return x + self._drop(self.mlp(_layer_norm(x, self.norm2, dtype)))
-
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The official block arithmetic: pad, partition, attention on every window token, unpartition."""
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            H, W = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, pad_hw, (H, W))
-        else:
-            x = self.attn(x)
-        x = shortcut + self._drop(x)
-        return x + self._drop(self.mlp(self.norm2(x)))
-
-    def _drop(self, y: torch.Tensor) -> torch.Tensor:
-        """Drop path (stochastic depth, as timm): in training, each sample's branch is zeroed with probability
-        drop_path and the others scaled by 1 / (1 - drop_path); the identity otherwise."""
-        if not self.training or self.drop_path == 0.0:
-            return y
-        keep = 1.0 - self.drop_path
-        mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
-        return y * mask / keep
-
-    def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
-        """The block on a token sequence (B,N,C) with global attention (the MAE ViT)."""
-        x = x + self.attn.forward_seq(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """This block's attention probabilities for the residual stream x (B,H,W,C), by the reference arithmetic:
+        """This block's attention probabilities for the residual stream x (B,H,W,C), by the official arithmetic:
         (B * windows, heads, N, N), N = window_size**2 (zero-padded windows, as the official) or H*W."""
-        y = _layer_norm(x, self.norm1, self.attn.qkv.weight.dtype)
-        if self.window_size > 0:
-            y = window_partition(y, self.window_size)[0]
-        return self.attn.attention_probs(y)
+        return self.attn.attention_probs(self.norm1(x))
+
+
+class ModuleRunner:
+    """The modules' own forward: embed, each block's forward (hooks run: FSDP, checkpointing), the neck."""
+
+    def embed(self, encoder: "ImageEncoder", x: torch.Tensor) -> torch.Tensor:
+        return encoder.forward_embed(x)
+
+    def block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return blk(x)
+
+    def head(self, encoder: "ImageEncoder", x: torch.Tensor) -> torch.Tensor:
+        return encoder.forward_head(x)
+
+
+MODULES, REFERENCE = ModuleRunner(), ReferenceRunner()
 
 
 def build_neck(embed_dim: int, out_chans: int, eps: float) -> nn.Sequential:
@@ -166,6 +133,7 @@ def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_input(x: torch.Tensor, cfg: EncoderConfig) -> None:
+    """A clear error for an input the encoder cannot take."""
     if x.ndim != 4 or x.shape[1] != cfg.in_chans or not x.is_floating_point():
         raise ParameterError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
                              f"got {x.dtype} of shape {tuple(x.shape)}")
@@ -189,13 +157,17 @@ class ImageEncoder(nn.Module):
     """The SAM ViT image encoder; parameter names match the official `image_encoder.` keys."""
 
     def __init__(self, config: EncoderConfig, kernel: str = DEFAULT_KERNEL, compile: bool = False,
-                 attn_impl: Optional[str] = None) -> None:
+                 attn_impl: Optional[str] = None, block_fn: Type[nn.Module] = Block,
+                 norm_layer: Optional[Callable[[int], nn.Module]] = None,
+                 mlp_layer: Type[nn.Module] = MLPBlock) -> None:
         """Args:
             config: the architecture.
             kernel: the attention kernel ("auto", "sdpa_chunked", "matmul_blocked", "reference", or any
-                registered; "fast" = auto).
+                registered; "fast" = auto). "reference" also runs the official arithmetic around it (the oracle).
             compile: torch.compile the forward (lazily, at the first call).
             attn_impl: former name of `kernel` ("fast" or "reference"); wins when given.
+            block_fn, norm_layer, mlp_layer: seams for variants (timm's names); block_fn(cfg, window_size,
+                norm_layer=..., mlp_layer=...) builds each block.
         """
         super().__init__()
         self.config = cfg = config
@@ -203,10 +175,11 @@ class ImageEncoder(nn.Module):
         self.pos_embed: Optional[nn.Parameter] = None
         if cfg.use_abs_pos:
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size, cfg.grid_size, cfg.embed_dim))
-        self.blocks = nn.ModuleList(Block(cfg, cfg.block_window_size(i)) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(block_fn(cfg, cfg.block_window_size(i), norm_layer=norm_layer,
+                                             mlp_layer=mlp_layer) for i in range(cfg.depth))
         self.neck = build_neck(cfg.embed_dim, cfg.out_chans, cfg.norm_eps) if cfg.out_chans else None
         self.grad_checkpointing = False
-        self._workspaces: Dict[int, Workspace] = {}  # per thread: buffers of the inference path
+        self.inference = InferenceRunner()  # the in-place inference path and its per-thread workspaces
         self.set_kernel(attn_impl or kernel)
         if compile:  # torch.compile of the whole forward, done lazily at the first call (after loading weights)
             self.compile(dynamic=False)
@@ -235,14 +208,13 @@ class ImageEncoder(nn.Module):
             yield self.pos_embed
 
     def set_kernel(self, name: str) -> "ImageEncoder":
-        """Use the attention kernel `name` in every block: "auto" (the fast default), "sdpa_chunked",
-        "matmul_blocked", "reference" (the official arithmetic throughout: the oracle), or any kernel registered
-        with attention.register_kernel."""
-        kernel = get_kernel(name)
+        """Use the attention kernel `name` in every block: "auto" (the fast default, chosen per call from the
+        kernels' declarations), "sdpa_chunked", "matmul_blocked", "reference" (the official arithmetic
+        throughout: the oracle), or any kernel registered with kernels.register_kernel."""
+        name = resolve_kernel_name(name)
         for blk in self.blocks:
-            blk.attn.kernel = kernel
-        self.kernel = kernel.name
-        self._official = kernel.official
+            blk.attn.set_kernel(name)
+        self.kernel = name
         return self
 
     def set_attention(self, impl: str) -> "ImageEncoder":
@@ -261,28 +233,54 @@ class ImageEncoder(nn.Module):
             raise ParameterError(f"drop path rate must be in [0, 1), got {rate}")
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            blk.drop_path = rate * i / (n - 1) if n > 1 else rate
+            blk.drop_path = drop_path(rate * i / (n - 1) if n > 1 else rate)
         return self
-
-    def workspace(self) -> Optional[Workspace]:
-        """This thread's scratch buffers when the in-place inference path applies (no autograd, not compiling or
-        tracing, fast kernel, no drop path in training), else None."""
-        if (torch.is_grad_enabled() or self._official or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or torch.onnx.is_in_onnx_export()
-                or (self.training and any(blk.drop_path > 0 for blk in self.blocks))):
-            return None
-        return self._workspaces.setdefault(threading.get_ident(), Workspace())
-
-    def release_workspace(self) -> int:
-        """Free the inference path's scratch buffers (they are rebuilt at the next call); returns the bytes freed."""
-        freed = sum(ws.nbytes() for ws in self._workspaces.values())
-        self._workspaces.clear()
-        return freed
 
     def set_grad_checkpointing(self, enable: bool = True) -> "ImageEncoder":
         """Recompute each block's activations in the backward pass instead of keeping them (when grad is enabled)."""
         self.grad_checkpointing = enable
         return self
+
+    def runner(self):
+        """How this call computes, the one place it is chosen: the official arithmetic for kernel="reference",
+        the in-place inference runner where it applies (no autograd, no tracing, standard blocks), else the
+        modules' forward."""
+        if self.kernel == "reference":
+            return REFERENCE
+        if self.inference.supports(self):
+            return self.inference
+        return MODULES
+
+    def workspace(self) -> Optional[Workspace]:
+        """This thread's scratch buffers when the in-place inference runner applies, else None."""
+        return self.inference.workspace() if self.runner() is self.inference else None
+
+    def release_workspace(self) -> int:
+        """Free the inference path's scratch buffers (they are rebuilt at the next call); returns the bytes freed."""
+        return self.inference.release()
+
+    def iter_blocks(self, x: torch.Tensor, runner=None) -> Iterator[Tuple[int, torch.Tensor]]:
+        """Embed the images x (B,3,S,S) and run the blocks by `runner` (default: self.runner()), yielding (i, the
+        residual stream entering block i) for i = 0..depth (depth: after the last block). The inference runner
+        updates the stream in place: use it before resuming, copy it to keep it."""
+        runner = runner or self.runner()
+        x = runner.embed(self, x)
+        for i, blk in enumerate(self.blocks):
+            yield i, x
+            x = self._block(runner, blk, x)
+        yield len(self.blocks), x
+
+    def _block(self, runner, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(runner.block, blk, x, use_reentrant=False)
+        return runner.block(blk, x)
+
+    def _features(self, x: torch.Tensor, runner) -> torch.Tensor:
+        """iter_blocks' walk as a plain loop (no generator in the path torch.compile traces)."""
+        x = runner.embed(self, x)
+        for blk in self.blocks:
+            x = self._block(runner, blk, x)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised padded images (B,3,S,S) -> pre-neck features (B,S/16,S/16,C).
@@ -290,12 +288,13 @@ class ImageEncoder(nn.Module):
         Any float input is cast to the weights' dtype. Outputs are float32 for bfloat16/float16 weights: the
         residual stream and the LayerNorms run in float32, and rounding their result would only lose precision.
         """
-        return self._features(x).to(_residual_dtype(self.dtype))
+        return self._features(x, self.runner()).to(_residual_dtype(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised padded images (B,3,1024,1024) -> embedding (B,256,64,64), or features without a neck;
         float32 for bfloat16/float16 weights (see forward_features)."""
-        return self._head(self._features(x))
+        runner = self.runner()
+        return self._finish(runner.head(self, self._features(x, runner)))
 
     def forward_intermediates(self, x: torch.Tensor, blocks: Optional[Sequence[int]] = None,
                               return_attention: bool = False) -> Union[Tuple[torch.Tensor, List[torch.Tensor]],
@@ -307,7 +306,7 @@ class ImageEncoder(nn.Module):
             x: normalised padded images (B,3,S,S).
             blocks: block indices (negative ones count from the end); None: every block.
             return_attention: also return those blocks' attention probabilities, computed beside the forward
-                pass by the reference arithmetic (whole score matrices: for small inputs).
+                pass by the official arithmetic (whole score matrices: for small inputs).
         Returns:
             (output as forward gives it, [(B,h,w,C) residual stream after each listed block, in block order]),
             plus [(B * windows, heads, N, N) probabilities per listed block] with return_attention.
@@ -318,69 +317,57 @@ class ImageEncoder(nn.Module):
             if not -n <= int(i) < n:
                 raise ParameterError(f"block index {i} is outside the {n} blocks of model {self.config.name!r}")
             take.add(int(i) % n)
-        x = self.forward_embed(x)
-        ws = self.workspace()  # inference: x is updated in place, so the intermediates are copies
+        runner = self.runner()
+        copy = runner is self.inference  # the stream is updated in place: the intermediates are copies
         inter, attn = [], []
-        for i, blk in enumerate(self.blocks):
+        for i, x in self.iter_blocks(x, runner):
+            if i - 1 in take:
+                inter.append(x.to(_residual_dtype(self.dtype), copy=copy))
             if return_attention and i in take:
                 with torch.no_grad():
-                    attn.append(blk.attention_probs(x))
-            x = blk(x, ws) if ws is not None else self._block(blk, x)
-            if i in take:
-                inter.append(x.to(_residual_dtype(self.dtype), copy=ws is not None))
-        out = self._head(x)
+                    attn.append(self.blocks[i].attention_probs(x))
+        out = self._finish(runner.head(self, x))
         return (out, inter, attn) if return_attention else (out, inter)
+
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x checked (a float (B,3,H,W), sides multiples of the patch size; float16 where allowed) and cast to the
+        weights' dtype."""
+        _check_input(x, self.config)
+        if self.dtype == torch.float16:
+            check_float16(self.config, x.device)
+        return x.to(self.dtype)
+
+    def position_embedding(self, hw: Tuple[int, int]) -> torch.Tensor:
+        """The absolute position embedding (1,H,W,C) for a (H, W) token grid (resized when it differs)."""
+        return resize_pos_embed(self.pos_embed, hw)
 
     def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised padded images (B,3,S,S) -> the residual stream the first block takes (B,S/16,S/16,C): patch
-        embedding plus position embedding, in the dtype and memory layout of the encoder's own path."""
-        dtype = self.dtype
-        _check_input(x, self.config)
-        if dtype == torch.float16:
-            check_float16(self.config, x.device)
-        x = self.patch_embed(x.to(dtype))
-        if not self._official:
-            # A contiguous (B,H,W,C) residual stream (the official one stays channels-first in memory, so every
-            # LayerNorm and Linear copies it), kept in float32 for bfloat16/float16 weights.
-            x = x.to(_residual_dtype(dtype)).contiguous()
+        embedding plus position embedding, contiguous, in float32 for bfloat16/float16 weights (the official
+        stream stays channels-first in memory, so that every LayerNorm and Linear copies it)."""
+        x = self.patch_embed(self.check_input(x)).to(_residual_dtype(self.dtype)).contiguous()
         if self.pos_embed is not None:
-            x = x + resize_pos_embed(self.pos_embed, x.shape[1:3]).to(x.dtype)
+            x = x + self.position_embedding(x.shape[1:3]).to(x.dtype)
         return x
 
-    def _block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_embed(x)
-        ws = self.workspace()
-        if ws is not None:  # inference: the residual stream (this call's own tensor) is updated in place
-            for blk in self.blocks:
-                blk(x, ws)
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block -> the neck's output (B,out_chans,H,W) (x itself without a
+        neck), on channels-last memory with its LayerNorms in float32 for a low-precision model."""
+        if self.neck is None:
             return x
-        for blk in self.blocks:
-            x = self._block(blk, x)
-        return x
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual stream after the last block -> the neck's output (if any), with the float16 check."""
-        dtype = self.dtype
-        if self.neck is not None:
-            x = self.neck(x.permute(0, 3, 1, 2)) if self._official else self._neck_fast(x)
-        x = x.to(_residual_dtype(dtype))
-        if dtype == torch.float16 and not torch.isfinite(x).all():
-            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
-                                     "use bfloat16 or float32")
-        return x
-
-    def _neck_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """The neck on channels-last memory, its LayerNorms in float32 for a low-precision model."""
         conv1, norm1, conv2, norm2 = self.neck
         dtype = self.dtype
         x = _layer_norm_2d(conv1(x.to(dtype).permute(0, 3, 1, 2)), norm1, dtype)
         x = _layer_norm_2d(conv2(x), norm2, _residual_dtype(dtype))
         return x.contiguous()
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The output in the residual dtype, with the float16 overflow check."""
+        x = x.to(_residual_dtype(self.dtype))
+        if self.dtype == torch.float16 and not torch.isfinite(x).all():
+            raise FloatingPointError(f"float16 overflowed in model {self.config.name!r} (non-finite output); "
+                                     "use bfloat16 or float32")
+        return x
 
     @property
     def dtype(self) -> torch.dtype:
@@ -393,6 +380,7 @@ class ImageEncoder(nn.Module):
         return self.patch_embed.proj.weight.device
 
     def num_parameters(self, include_pos_embed: bool = True) -> int:
+        """Parameters, the position embedding optionally left out."""
         n = sum(p.numel() for p in self.parameters())
         if not include_pos_embed and self.pos_embed is not None:
             n -= self.pos_embed.numel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from ..errors import ParameterError
 
 _COMPILED: Dict[str, Callable] = {}
 
@@ -48,11 +49,11 @@ def flex_rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
         raise RuntimeError(f"flex_rel_attention needs torch.nn.attention.flex_attention (torch >= 2.5); "
                            f"this is torch {torch.__version__}")
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(f"flex_rel_attention: q, k, v must all be (BH, N, d) or (B, heads, N, d); got "
+        raise ParameterError(f"flex_rel_attention: q, k, v must all be (BH, N, d) or (B, heads, N, d); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     lead, nq, nk = q.shape[:-2], q.shape[-2], k.shape[-2]
     if k.shape[:-2] != lead or v.shape[:-2] != lead or v.shape[-2] != nk or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"flex_rel_attention: k and v must match q's leading dims and each other; got q "
+        raise ParameterError(f"flex_rel_attention: k and v must match q's leading dims and each other; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     hk = rel_h.shape[-1] if rel_h is not None else None
     wk = rel_w.shape[-1] if rel_w is not None else None
@@ -61,11 +62,11 @@ def flex_rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
     if wk is None and hk is not None:
         wk = nk // hk
     if hk is not None and hk * wk != nk:
-        raise ValueError(f"flex_rel_attention: the key grid rel_h/rel_w give ({hk} x {wk}) does not hold "
+        raise ParameterError(f"flex_rel_attention: the key grid rel_h/rel_w give ({hk} x {wk}) does not hold "
                          f"Nk = {nk} keys")
     for name, t, n in (("rel_h", rel_h, hk), ("rel_w", rel_w, wk)):
         if t is not None and tuple(t.shape) != (*lead, nq, n):
-            raise ValueError(f"flex_rel_attention: {name} must be {(*lead, nq, n)} (q's leading dims, Nq, "
+            raise ParameterError(f"flex_rel_attention: {name} must be {(*lead, nq, n)} (q's leading dims, Nq, "
                              f"{'Hk' if name == 'rel_h' else 'Wk'}); got {tuple(t.shape)}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w))

@@ -45,14 +45,6 @@ def _blocks_config(cfg: MAEConfig, dim: int, depth: int, heads: int) -> EncoderC
                          norm_eps=cfg.norm_eps)
 
 
-class SeqBlock(Block):
-    """samvit's Block on a (B,N,C) token sequence. A module of its own so that calling it runs the module hooks
-    (FSDP2's fully_shard, checkpointing); same parameters and names as Block."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_seq(x)
-
-
 class MaskedAutoencoder(nn.Module):
     """MAE: patchify, mask a random subset per sample, encode the visible tokens, decode all, predict pixels."""
 
@@ -67,14 +59,14 @@ class MaskedAutoencoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, cfg.embed_dim), requires_grad=False)  # fixed
         enc = _blocks_config(cfg, cfg.embed_dim, cfg.depth, cfg.num_heads)
-        self.blocks = nn.ModuleList(SeqBlock(enc, 0) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(enc, 0) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
 
         self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, cfg.decoder_embed_dim), requires_grad=False)
         dec = _blocks_config(cfg, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads)
-        self.decoder_blocks = nn.ModuleList(SeqBlock(dec, 0) for _ in range(cfg.decoder_depth))
+        self.decoder_blocks = nn.ModuleList(Block(dec, 0) for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=cfg.norm_eps)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, target_dim or cfg.patch_size ** 2 * cfg.in_chans)
         self.grad_checkpointing = False

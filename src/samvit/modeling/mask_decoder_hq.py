@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .common import LayerNorm2d
 from .mask_decoder import MLP, MaskDecoder, masks_from
 from .transformer import TwoWayTransformer
+from ..errors import ParameterError
 
 
 class MaskDecoderHQ(MaskDecoder):
@@ -55,7 +56,7 @@ class MaskDecoderHQ(MaskDecoder):
         (its IoU is returned); the logits are the HQ mask alone (hq_token_only) or the SAM mask plus the HQ mask.
         """
         if early_features is None:
-            raise ValueError("the HQ-SAM mask decoder needs the encoder's early features (early_features=...)")
+            raise ParameterError("the HQ-SAM mask decoder needs the encoder's early features (early_features=...)")
         masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
                                         dense_prompt_embeddings, self.hq_features(image_embeddings, early_features))
         return select_hq(masks, iou, multimask_output, hq_token_only)
@@ -64,7 +65,7 @@ class MaskDecoderHQ(MaskDecoder):
                       dense_prompt_embeddings: Tensor, hq_features: Tensor = None) -> Tuple[Tensor, Tensor]:
         """All masks (B,num_mask_tokens+1,4h,4w): the SAM tokens' masks then the HQ token's; IoU (B,num_mask_tokens)."""
         if hq_features is None:
-            raise ValueError("the HQ-SAM mask decoder needs its HQ features (hq_features(embedding, early features))")
+            raise ParameterError("the HQ-SAM mask decoder needs its HQ features (hq_features(embedding, early features))")
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight], dim=0)
         hs, up = self.run_transformer(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                                       out_tokens)

@@ -54,7 +54,7 @@ class SamDecoder(nn.Module):
         sparse, dense = self.prompt_encoder(points, boxes, masks)
         if self.is_hq:
             if early_features is None:
-                raise ValueError("HQ-SAM's decoder needs the encoder's early features (early_features=...)")
+                raise ParameterError("HQ-SAM's decoder needs the encoder's early features (early_features=...)")
             return self.mask_decoder(image_embeddings.to(w.dtype), self.dense_pe(), sparse, dense, multimask_output,
                                      hq_token_only, early_features.to(w.dtype))
         return self.mask_decoder(image_embeddings.to(w.dtype), self.dense_pe(), sparse, dense, multimask_output)
@@ -71,7 +71,7 @@ class Sam(nn.Module):
         super().__init__()
         enc, dec = image_encoder.config, decoder.config
         if decoder.is_hq:
-            raise ValueError("Sam (the trainable model) takes SAM's mask decoder; HQ-SAM's is for inference only "
+            raise ParameterError("Sam (the trainable model) takes SAM's mask decoder; HQ-SAM's is for inference only "
                              "(samvit.Predictor)")
         if enc.out_chans != dec.embed_dim or enc.grid_size != dec.image_embedding_size or \
                 enc.img_size != dec.input_image_size:

@@ -13,16 +13,26 @@ import torch
 
 
 class Workspace:
-    """Named buffers, grown when a larger one is asked for and kept until release(); one per thread and encoder."""
+    """Named buffers, grown when a larger one is asked for and kept until release(); one per thread and encoder.
 
-    def __init__(self) -> None:
-        self.buffers: Dict[str, torch.Tensor] = {}
+    Each user takes its own namespace with scope("user") (the inference runner, each kernel), so that two users
+    never share a buffer by choosing the same name.
+    """
+
+    def __init__(self, buffers: Dict[str, torch.Tensor] | None = None, prefix: str = "") -> None:
+        self.buffers: Dict[str, torch.Tensor] = {} if buffers is None else buffers
+        self.prefix = prefix
+
+    def scope(self, name: str) -> "Workspace":
+        """A view of the same buffers whose names are prefixed with `name.` (a namespace for one user)."""
+        return Workspace(self.buffers, f"{self.prefix}{name}.")
 
     def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised contiguous tensor of `shape` backed by the buffer `name` (valid until its next get)."""
         n = 1
         for s in shape:
             n *= int(s)
+        name = self.prefix + name
         buf = self.buffers.get(name)
         if (buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device
                 or buf.is_inference() != torch.is_inference_mode_enabled()):
