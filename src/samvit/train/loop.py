@@ -25,7 +25,12 @@ from .launch import (Processes, all_gather, autocast, barrier, check_fsdp, check
 from .log import LOG_FILE, Logger, peak_memory_mib, truncate_log
 from .optim import LRSchedule, build_optimizer, scaled_lr
 
-LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Union[torch.Tensor, Dict[str, torch.Tensor]]]
+# loss_fn(model, batch) -> loss, or a dict with "loss" and other scalars to log. A loss_fn with the attribute
+# `backward_inside = True` is called as loss_fn(model, batch, grad_scale=s) and may run backward on parts of its
+# loss itself, as (part * s).backward(), s being the factor the loop applies to the returned loss (the fp16 grad
+# scale / accum): it returns the full loss's value, whose own backward adds the gradient of the rest (SAM's
+# interactive rounds: one round's graph at a time, samvit.train.finetune).
+LossFn = Callable[..., Union[torch.Tensor, Dict[str, torch.Tensor]]]
 Hook = Callable[[int, nn.Module], None]  # hook(step, model) after every optimizer step, on every process
 CONFIG_FILE = "config.json"
 log = logging.getLogger("samvit.train")
@@ -145,7 +150,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
     device = procs.device
     try:
         batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda").start()  # workers forked before the model exists
         check_fsdp(procs, cfg.fsdp)
         prepare_run_dir(cfg, procs)
 
@@ -213,7 +218,10 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
                 batch = to_device(next(batches), device)
                 with gradient_sync(model, micro == cfg.accum - 1):
                     with autocast(device, cfg.precision):
-                        out = loss_fn(model, batch)
+                        if getattr(loss_fn, "backward_inside", False):  # see LossFn
+                            out = loss_fn(model, batch, grad_scale=scaler.get_scale() / cfg.accum)
+                        else:
+                            out = loss_fn(model, batch)
                     out = out if isinstance(out, dict) else {"loss": out}
                     scaler.scale(out["loss"] / cfg.accum).backward()
                 for k, v in out.items():
