@@ -3,6 +3,7 @@ included): issue 21's memory table.
 
     python benchmarks/train_memory.py [--patch memeff] [--limit-gib G] --label NAME -- samvit train ARGS...
     python benchmarks/train_memory.py [--patch memeff] [--limit-gib G] --label NAME -- encoder-step vit_b 1024 1 fp32
+    python benchmarks/train_memory.py [--patch memeff] --label NAME -- saved-for-backward vit_t 1024 2
     python benchmarks/train_memory.py --prepare FOLDER [N_PICTURES INSTANCES]   # inputs of the decoder-only rows
 
 The command runs in a child process; every 0.2 s this process sums over the child and all its descendants
@@ -125,12 +126,46 @@ def prepare(folder: str, n: int = 8, instances: int = 8) -> None:
     print(f"prepared {folder}: {ck}, {n} pictures x {instances} instances")
 
 
+def saved_for_backward(preset_name: str, size: int, batch: int) -> None:
+    """The tensors one training forward of an encoder keeps for backward (parameters excluded), by shape: where a
+    training step's memory goes. Counted by a saved-tensors hook in a forward that is never backpropagated."""
+    import collections
+    import dataclasses
+
+    import torch
+
+    from samvit.config import preset
+    from samvit.modeling.encoder import ImageEncoder
+
+    torch.manual_seed(0)
+    model = ImageEncoder(dataclasses.replace(preset(preset_name), img_size=size)).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept, by_shape = {}, collections.Counter()
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in kept:
+            kept[st.data_ptr()] = st
+            by_shape[tuple(t.shape)] += st.nbytes()
+        return None
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        model(torch.randn(batch, 3, size, size))
+    total = sum(st.nbytes() for st in kept.values()) / 2 ** 20
+    print(f"saved for backward: {total:.0f} MiB in {len(kept)} storages; largest by shape:")
+    for shape, n in by_shape.most_common(6):
+        print(f"  {shape}: {n / 2 ** 20:.0f} MiB")
+
+
 def child(argv) -> None:
     if argv and argv[0] == "--patch":
         if argv[1] != "memeff":
             raise SystemExit(f"unknown --patch {argv[1]}")
         patch_memeff()
         argv = argv[2:]
+    if argv[0] == "saved-for-backward":
+        saved_for_backward(argv[1], int(argv[2]), int(argv[3]))
+        return
     if argv[0] == "encoder-step":
         a = argv[1:]
         encoder_step(a[0], int(a[1]), int(a[2]), a[3], len(a) > 4 and a[4] == "ckpt")

@@ -1,5 +1,5 @@
-"""SAM's interactive rounds backpropagated one at a time (sam_loss: each round's graph freed after its backward)
-give the gradients of the whole session's loss backpropagated at once (the former way), on a tiny SAM: decoder-only
+"""SAM's interactive rounds backpropagated one at a time, and the masks a few at a time (sam_loss: each pass's
+graph freed after its backward) give the gradients of the whole session's loss backpropagated at once (the former way), on a tiny SAM: decoder-only
 from embeddings, and with the encoder training (the rounds' gradient on the embeddings carried into the encoder)."""
 from __future__ import annotations
 
@@ -22,16 +22,23 @@ def _grads(model):
 
 
 def _close(a, b, what):
+    """Each tensor within 1e-5 of its own largest entry, plus 1e-6 of the model's largest (tensors whose gradient is
+    exactly zero in exact arithmetic, as an attention's key bias, hold only rounding noise)."""
     assert a.keys() == b.keys(), what
+    top = max(float(t.abs().max()) for t in a.values())
     for n in a:
-        tol = 1e-5 * float(a[n].abs().max()) + 1e-9
+        tol = 1e-5 * float(a[n].abs().max()) + 1e-6 * top
         assert (a[n] - b[n]).abs().max() <= tol, (what, n, float((a[n] - b[n]).abs().max()), tol)
 
 
-def test_rounds_one_at_a_time_give_the_same_gradients():
+def test_rounds_one_at_a_time_give_the_same_gradients(monkeypatch):
+    import samvit.train.finetune as ft
+
     batch = _batch()
-    for train_encoder, scales in ((False, (1.0, 0.5)), (True, (1024.0,))):  # 1/accum, an fp16 grad scale
-        for scale in scales:
+    # 1/accum and an fp16 grad scale; the masks in one pass (8) or 2 at a time (3 passes of the 6 masks)
+    for train_encoder, scale, per_pass in ((False, 1.0, 8), (False, 0.5, 2), (True, 1024.0, 2)):
+        monkeypatch.setattr(ft, "MASKS_PER_PASS", per_pass)
+        if True:
             model = tiny_sam(seed=1).train()
             model.image_encoder.requires_grad_(train_encoder)
             with torch.no_grad():
@@ -57,7 +64,7 @@ def test_rounds_one_at_a_time_give_the_same_gradients():
 
             want_out, want = all_at_once()
             got_out, got = one_at_a_time()
-            what = f"encoder trains: {train_encoder}, scale {scale}"
+            what = f"encoder trains: {train_encoder}, scale {scale}, {per_pass} masks per pass"
             for key in want_out:
                 assert torch.allclose(want_out[key], got_out[key], rtol=1e-6, atol=1e-8), (what, key)
             assert any(n.startswith("mask_decoder.") for n in got)
@@ -101,5 +108,5 @@ def test_graph_memory_does_not_grow_with_the_rounds():
         return n
 
     one, many = held(1, False), held(4, False)
-    assert many <= 1.2 * one, (one, many)
+    assert many <= 1.2 * one, (one, many)  # (8 masks: one pass per round)
     assert held(4, True) >= 2 * held(1, True)
