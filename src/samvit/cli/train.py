@@ -148,7 +148,8 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
                    "processes (FSDP2, per block) instead of DDP; needs torchrun")
     add_device(r, torchrun=True)
     r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
-                   "for synthetic data, else up to 8 per process); the data is the same for any N")
+                   "for synthetic data and for train sam --store, else up to 8 per process; persistent, forked before "
+                   "the model is built); the data is the same for any N")
     g = m.add_argument_group("run directory and logs")
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
                    "(starts at step 0 if it has none)")
@@ -168,9 +169,9 @@ def loop_config(args: argparse.Namespace):
     from ..train.loop import TrainConfig
 
     workers = args.num_workers
-    if workers is None:
-        workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 2) //
-                                                                 int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if workers is None:  # none where a sample is cheap: synthetic data, or embeddings read from a store (train sam)
+        cheap = args.data == "synthetic" or getattr(args, "store", None) is not None
+        workers = 0 if cheap else min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     from ..train.optim import LR_FLOOR
 
     floor = args.lr_floor
