@@ -50,9 +50,10 @@ def test_lr_schedule_is_mae_warmup_then_half_cycle_cosine():
 
 
 def test_lr_in_the_log_follows_the_schedule_per_step(tmp_path):
-    """--epochs: the cosine spans the run (8 images / batch 2 x 3 epochs = 12 steps), warmup 10% of it."""
+    """--epochs: the cosine spans the run (8 images / batch 2 x 3 epochs = 12 steps), warmup 10% of it; with
+    --lr-floor 0 the peak is MAE's rule alone (blr x batch / 256)."""
     out = str(tmp_path / "run")
-    assert main(TINY_RUN + ["--epochs", "3", "--log-every", "1", "--out", out]) == 0
+    assert main(TINY_RUN + ["--epochs", "3", "--log-every", "1", "--lr-floor", "0", "--out", out]) == 0
     with open(os.path.join(out, "log.jsonl")) as fh:
         rows = list(map(json.loads, fh))
     assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["epoch"] == 2

@@ -127,7 +127,10 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
                    "optimizer step (default 1); global batch = B x K x processes")
     o.add_argument("--blr", type=float, default=blr, help=f"base lr: peak lr = blr x global batch / 256 "
                    f"(default {blr_note})")
-    o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
+    o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr and --lr-floor)")
+    o.add_argument("--lr-floor", type=float, default=None, metavar="LR", help="the least peak lr the --blr rule "
+                   "gives, for small batches (default: the task's, printed at the start and listed in "
+                   "docs/training.md; 0: the rule alone)")
     o.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine (default 0)")
     o.add_argument("--warmup-steps", type=int, default=None, metavar="W", help="linear warmup steps (default: "
                    "10%% of the cosine's length, 0 when there is none)")
@@ -147,7 +150,8 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
                    "processes (FSDP2, per block) instead of DDP; needs torchrun")
     add_device(r, torchrun=True)
     r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
-                   "for synthetic data, else up to 8 per process); the data is the same for any N")
+                   "for synthetic data and for train sam --store, else up to 8 per process; persistent, forked before "
+                   "the model is built); the data is the same for any N")
     g = m.add_argument_group("run directory and logs")
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
                    "(starts at step 0 if it has none)")
@@ -167,11 +171,19 @@ def loop_config(args: argparse.Namespace):
     from ..train.loop import TrainConfig
 
     workers = args.num_workers
-    if workers is None:
-        workers = 0 if args.data == "synthetic" else min(8, max(1, (os.cpu_count() or 2) //
-                                                                 int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if workers is None:  # none where a sample is cheap: synthetic data, or embeddings read from a store (train sam)
+        cheap = args.data == "synthetic" or getattr(args, "store", None) is not None
+        workers = 0 if cheap else min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    from ..train.optim import LR_FLOOR
+
+    floor = args.lr_floor
+    if floor is None:
+        task = args.train_command
+        if task == "sam" and "encoder" in [p.strip() for p in args.train.split(",")]:
+            task = "sam_encoder"
+        floor = LR_FLOOR.get(task)
     return TrainConfig(out=args.out, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
-                       accum=args.accum, lr=args.lr, blr=args.blr, min_lr=args.min_lr,
+                       accum=args.accum, lr=args.lr, blr=args.blr, lr_floor=floor, min_lr=args.min_lr,
                        warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, weight_decay=args.weight_decay,
                        clip_grad=args.clip_grad, precision=args.precision, checkpointing=args.checkpointing,
                        fsdp=args.fsdp, seed=args.seed, resume=args.resume, log_every=args.log_every,

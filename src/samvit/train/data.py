@@ -166,7 +166,11 @@ class EpochSampler(DistributedSampler):
 
 class Batches:
     """An endless stream of batches over epochs; (epoch, pos) is where it stands (pos = batches already taken
-    in this epoch, on each process), and a stream built with the same (epoch, pos) continues identically."""
+    in this epoch, on each process), and a stream built with the same (epoch, pos) continues identically.
+
+    With num_workers > 0 the DataLoader's worker processes are persistent: forked once, by start() (the loop calls
+    it before the model is built), so that they never inherit the memory the training steps grow (samvit's
+    allocator keeps freed memory mapped, and a worker forked later would hold a copy of it)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
                  num_workers: int = 0, epoch: int = 0, pos: int = 0, pin_memory: bool = False) -> None:
@@ -178,25 +182,44 @@ class Batches:
             raise ValueError(f"the training data holds {len(dataset)} images, fewer than one batch "
                              f"({batch_size} per process x {world} processes)")
         self.epoch, self.pos = epoch, pos
+        self._loader: Optional[DataLoader] = None
         self._it = None
+        self._at: Optional[Tuple[int, int]] = None  # (epoch, pos) where the current iterator started
+        self._taken = 0  # batches taken from the current iterator
 
     def __iter__(self) -> "Batches":
         return self
 
+    def start(self) -> "Batches":
+        """Fork the worker processes now (and start reading at (epoch, pos)); a no-op without workers."""
+        if self.num_workers and self._it is None:
+            self._open()
+        return self
+
+    def _open(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = min(self.pos, self.per_epoch) * self.batch_size
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = DataLoader(self.dataset, self.batch_size, sampler=self.sampler, drop_last=True,
+                                      num_workers=workers, pin_memory=self.pin_memory,
+                                      persistent_workers=workers > 0)
+        self._it = iter(self._loader)  # persistent workers: the same processes, reset to the new indices
+        self._at, self._taken = (self.epoch, self.pos), 0
+
     def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._it is not None and self._taken == 0 and self._at != (self.epoch, self.pos):
+            self._it = None  # started early, then moved (a resume): read from the new position
         if self._it is None:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.start = min(self.pos, self.per_epoch) * self.batch_size
-            self._it = iter(DataLoader(self.dataset, self.batch_size, sampler=self.sampler, drop_last=True,
-                                       num_workers=self.num_workers, pin_memory=self.pin_memory))
+            self._open()
         try:
             batch = next(self._it)
         except StopIteration:
             self.epoch, self.pos, self._it = self.epoch + 1, 0, None
             return next(self)
         self.pos += 1
+        self._taken += 1
         return batch
-
 
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     """Every tensor of a batch dict on `device`."""

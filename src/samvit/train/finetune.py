@@ -35,6 +35,9 @@ TRAIN_PARTS = {"encoder": "image_encoder", "prompt": "prompt_encoder", "decoder"
 SKIPPED_FILE = "skipped.jsonl"  # images and annotations skipped during the run
 SKIPPED_ON_OPEN_FILE = "skipped_on_open.jsonl"  # those skipped when --data was opened
 FINAL_PTH, FINAL_SAFETENSORS = "final.pth", "final.safetensors"
+# Masks decoded (and backpropagated) together in a training step's rounds: the step's graph holds this many masks
+# x one round (a ViT-B decoder pass over 8 masks keeps about 1 GB for its backward at 1024).
+MASKS_PER_PASS = 8
 
 
 # ---- the model ----
@@ -104,78 +107,108 @@ def correction_clicks(logits: torch.Tensor, targets: torch.Tensor, generators: S
 
 
 def sam_loss(iterations: int, img_size: int):
-    """loss_fn(model, batch) for the loop: SAM's simulated interactive session (see the module docstring), run
-    inside one forward of the model (Sam.forward's `session`)."""
+    """loss_fn(model, batch, grad_scale) for the loop: SAM's simulated interactive session (see the module
+    docstring), run inside one forward of the model (Sam.forward's `session`). Each round but the last is
+    backpropagated as soon as it is computed (the rounds are linked only through detached masks and clicks), so a
+    step holds one round's graph, not all of them; the gradients are those of the whole session's loss."""
     if iterations < 0:
         raise ValueError(f"--iterations must be 0 or more, got {iterations}")
 
-    def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def loss_fn(model: nn.Module, batch: Dict[str, torch.Tensor], grad_scale: Optional[float] = None
+                ) -> Dict[str, torch.Tensor]:
         def session(emb: torch.Tensor, decode) -> Dict[str, torch.Tensor]:
-            return interactive_rounds(decode, emb, batch, iterations, img_size)
+            return interactive_rounds(decode, emb, batch, iterations, img_size, grad_scale)
 
         if "embedding" in batch:
             return model(image_embeddings=batch["embedding"], session=session)
         return model(images=batch["image"], session=session)
 
+    loss_fn.backward_inside = True
     return loss_fn
 
 
-def interactive_rounds(decode, emb: torch.Tensor, batch: Dict[str, torch.Tensor], iterations: int, img_size: int
-                       ) -> Dict[str, torch.Tensor]:
+def interactive_rounds(decode, emb: torch.Tensor, batch: Dict[str, torch.Tensor], iterations: int, img_size: int,
+                       grad_scale: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """The first prompt and `iterations` correction rounds on a batch's valid masks: decode(embeddings, points,
     boxes, mask_inputs) -> (logits of all mask tokens, IoU predictions). Returns the mean losses ('loss',
-    'focal_dice', 'iou_mse') and the IoU of the first and last predictions ('iou_first', 'iou_last')."""
+    'focal_dice', 'iou_mse') and the IoU of the first and last predictions ('iou_first', 'iou_last').
+
+    With grad_scale (under autograd) the masks go MASKS_PER_PASS at a time (they are independent), and every round
+    of every part but the very last runs (its loss x grad_scale).backward() at once and frees its graph; the
+    gradient they leave on the image embeddings is carried into the returned loss (emb . g), so that its backward
+    (scaled by grad_scale by the caller) completes the session's gradient, through the encoder too when it trains.
+    The returned values are those of the whole session either way."""
     b, k = batch["valid"].shape
     idx = batch["valid"].flatten().nonzero()[:, 0]
     image_of = idx // k
     n_valid = batch["valid"].sum(1).clamp(min=1)
     weight = 1.0 / (n_valid[image_of].float() * b)  # mean over an image's masks, then over the images
     targets = batch["targets"].flatten(0, 1)[idx].float()
-    emb = emb[image_of]
+    early = grad_scale is not None and torch.is_grad_enabled()
+    n = len(idx)
+    step = MASKS_PER_PASS if early else max(n, 1)
+    parts = [torch.arange(c, min(n, c + step), device=idx.device) for c in range(0, n, step)] or [idx[:0]]
+    emb_full = emb
+    # every pass but the very last backpropagates at once; to a detached leaf when the embeddings need a gradient
+    leaf = emb.detach().requires_grad_(True) if early and emb.requires_grad and (iterations or len(parts) > 1) \
+        else None
     first_point = batch["point"].flatten(0, 1)[idx]
     boxes = batch["box"].flatten(0, 1)[idx]
     use_box = batch["use_box"].flatten()[idx]
     gens = [torch.Generator().manual_seed(int(s)) for s in batch["click_seed"].flatten()[idx].tolist()]
-    groups = [(g, box) for g, box in ((torch.nonzero(~use_box)[:, 0], False), (torch.nonzero(use_box)[:, 0], True))
-              if len(g)]  # point-first and box-first prompts
-    n = len(idx)
-    clicks = first_point.new_zeros(n, 0, 2)
-    click_labels = torch.zeros(n, 0, dtype=torch.int32, device=idx.device)
-    prev: Optional[torch.Tensor] = None
     sums = {"focal_dice": 0.0, "iou_mse": 0.0}
-    ious: List[torch.Tensor] = []
-    for it in range(iterations + 1):
-        chosen = targets.new_zeros(targets.shape)
-        per_mask = targets.new_zeros(n)
-        per_iou = targets.new_zeros(n)
-        for sel, box_group in groups:
-            masks_in = None if prev is None else prev[sel]
-            if box_group:
-                points = (clicks[sel], click_labels[sel]) if it else None
-                low, iou_pred = decode(emb[sel], points, boxes[sel], masks_in)
-            else:
-                coords = torch.cat([first_point[sel, None], clicks[sel]], 1)
-                labels = torch.cat([click_labels.new_ones(len(sel), 1), click_labels[sel]], 1)
-                low, iou_pred = decode(emb[sel], (coords, labels), None, masks_in)
-            multimask = it == 0 and not box_group  # one point: ambiguous, the best of the 3 masks trains
-            low, iou_pred = (low[:, 1:], iou_pred[:, 1:]) if multimask else (low[:, :1], iou_pred[:, :1])
-            t = targets[sel, None].expand_as(low)
-            losses = mask_loss(low, t)  # (n_sel, M)
-            best = losses.argmin(1)
-            rows = torch.arange(len(sel), device=sel.device)
-            per_mask[sel] = losses[rows, best].to(per_mask.dtype)
-            per_iou[sel] = iou_loss(iou_pred, low, t).mean(1).to(per_iou.dtype)
-            chosen[sel] = low[rows, best].float()
-        sums["focal_dice"] = sums["focal_dice"] + (weight * per_mask).sum()
-        sums["iou_mse"] = sums["iou_mse"] + (weight * per_iou).sum()
-        ious.append((weight * mask_iou(chosen, targets)).sum())
-        if it < iterations:
-            xy, lab = correction_clicks(chosen, targets, gens, img_size)
-            clicks = torch.cat([clicks, xy[:, None]], 1)
-            click_labels = torch.cat([click_labels, lab[:, None]], 1)
-            prev = chosen.detach()[:, None]
+    ious: List = [0.0] * (iterations + 1)
+    for pi, part in enumerate(parts):  # the masks are independent: a part of them at a time, all rounds each
+        w_p, t_p, img_p, gens_p = weight[part], targets[part], image_of[part], [gens[i] for i in part.tolist()]
+        pt_p, box_p, ub_p = first_point[part], boxes[part], use_box[part]
+        groups = [(g, box) for g, box in ((torch.nonzero(~ub_p)[:, 0], False), (torch.nonzero(ub_p)[:, 0], True))
+                  if len(g)]  # point-first and box-first prompts
+        m = len(part)
+        clicks = pt_p.new_zeros(m, 0, 2)
+        click_labels = torch.zeros(m, 0, dtype=torch.int32, device=idx.device)
+        prev: Optional[torch.Tensor] = None
+        for it in range(iterations + 1):
+            backward_now = early and not (pi == len(parts) - 1 and it == iterations)
+            # each pass indexes the embeddings itself: a graph of its own, freed by its backward
+            emb_it = (leaf if backward_now and leaf is not None else emb_full)[img_p]
+            chosen = t_p.new_zeros(t_p.shape)
+            per_mask = t_p.new_zeros(m)
+            per_iou = t_p.new_zeros(m)
+            for sel, box_group in groups:
+                masks_in = None if prev is None else prev[sel]
+                if box_group:
+                    points = (clicks[sel], click_labels[sel]) if it else None
+                    low, iou_pred = decode(emb_it[sel], points, box_p[sel], masks_in)
+                else:
+                    coords = torch.cat([pt_p[sel, None], clicks[sel]], 1)
+                    labels = torch.cat([click_labels.new_ones(len(sel), 1), click_labels[sel]], 1)
+                    low, iou_pred = decode(emb_it[sel], (coords, labels), None, masks_in)
+                multimask = it == 0 and not box_group  # one point: ambiguous, the best of the 3 masks trains
+                low, iou_pred = (low[:, 1:], iou_pred[:, 1:]) if multimask else (low[:, :1], iou_pred[:, :1])
+                t = t_p[sel, None].expand_as(low)
+                losses = mask_loss(low, t)  # (n_sel, M)
+                best = losses.argmin(1)
+                rows = torch.arange(len(sel), device=sel.device)
+                per_mask[sel] = losses[rows, best].to(per_mask.dtype)
+                per_iou[sel] = iou_loss(iou_pred, low, t).mean(1).to(per_iou.dtype)
+                chosen[sel] = low[rows, best].float()
+            fd, im = (w_p * per_mask).sum(), (w_p * per_iou).sum()
+            if backward_now and fd.requires_grad:
+                ((fd + im) / (iterations + 1) * grad_scale).backward()
+                fd, im = fd.detach(), im.detach()
+            sums["focal_dice"] = sums["focal_dice"] + fd
+            sums["iou_mse"] = sums["iou_mse"] + im
+            ious[it] = ious[it] + (w_p * mask_iou(chosen.detach(), t_p)).sum()
+            if it < iterations:
+                xy, lab = correction_clicks(chosen, t_p, gens_p, img_size)
+                clicks = torch.cat([clicks, xy[:, None]], 1)
+                click_labels = torch.cat([click_labels, lab[:, None]], 1)
+                prev = chosen.detach()[:, None]
     out = {k: v / (iterations + 1) for k, v in sums.items()}
     out["loss"] = out["focal_dice"] + out["iou_mse"]
+    if leaf is not None and leaf.grad is not None:  # the earlier passes' gradient on the embeddings, on its way
+        carry = (emb_full * (leaf.grad / grad_scale).to(emb_full.dtype)).sum()
+        out["loss"] = out["loss"] + (carry - carry.detach())  # adds the gradient, not the value
     out["iou_first"], out["iou_last"] = ious[0], ious[-1]
     return out
 

@@ -27,7 +27,12 @@ from .launch import (Processes, all_gather, autocast, barrier, check_fsdp, check
 from .log import LOG_FILE, Logger, peak_memory_mib, truncate_log
 from .optim import LRSchedule, build_optimizer, scaled_lr
 
-LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], Union[torch.Tensor, Dict[str, torch.Tensor]]]
+# loss_fn(model, batch) -> loss, or a dict with "loss" and other scalars to log. A loss_fn with the attribute
+# `backward_inside = True` is called as loss_fn(model, batch, grad_scale=s) and may run backward on parts of its
+# loss itself, as (part * s).backward(), s being the factor the loop applies to the returned loss (the fp16 grad
+# scale / accum): it returns the full loss's value, whose own backward adds the gradient of the rest (SAM's
+# interactive rounds: one round's graph at a time, samvit.train.finetune).
+LossFn = Callable[..., Union[torch.Tensor, Dict[str, torch.Tensor]]]
 Hook = Callable[[int, nn.Module], None]  # hook(step, model) after every optimizer step, on every process
 CONFIG_FILE = "config.json"
 log = logging.getLogger("samvit.train")
@@ -43,8 +48,9 @@ class TrainConfig:
     steps: Optional[int] = None  # train up to this optimizer step (or give epochs)
     epochs: Optional[int] = None
     accum: int = 1
-    lr: Optional[float] = None  # absolute peak lr; default blr x global batch / 256
+    lr: Optional[float] = None  # absolute peak lr; default max(blr x global batch / 256, lr_floor)
     blr: float = 1.5e-4
+    lr_floor: Optional[float] = None  # the least default peak lr: small batches still learn (the task's default)
     min_lr: float = 0.0
     warmup_steps: Optional[int] = None  # default: 10% of the cosine's length, 0 without a cosine
     decay_steps: Optional[int] = None  # the cosine reaches min_lr here; default: the --epochs length, else no decay
@@ -66,8 +72,8 @@ class TrainConfig:
     inputs: Tuple[str, ...] = ()  # RUN_DIR entries the task wrote before the loop (distill's teacher store)
 
     # the fields that must match when a run is resumed (the others only say how far and how it is watched)
-    IDENTITY = ("batch_size", "accum", "lr", "blr", "min_lr", "warmup_steps", "decay_steps", "weight_decay",
-                "betas", "clip_grad", "precision", "seed", "task")
+    IDENTITY = ("batch_size", "accum", "lr", "blr", "lr_floor", "min_lr", "warmup_steps", "decay_steps",
+                "weight_decay", "betas", "clip_grad", "precision", "seed", "task")
 
     def __post_init__(self) -> None:
         def positive(name: str, v, allow_none: bool = False, kind=int) -> None:
@@ -85,6 +91,8 @@ class TrainConfig:
         positive("decay_steps", self.decay_steps, True)
         for name in ("lr", "clip_grad"):
             positive(name, getattr(self, name), True, (int, float))
+        if self.lr_floor is not None and (not isinstance(self.lr_floor, (int, float)) or self.lr_floor < 0):
+            raise ValueError(f"--lr-floor must be 0 or more, got {self.lr_floor!r}")
         positive("blr", self.blr, kind=(int, float))
         if self.min_lr < 0 or self.weight_decay < 0 or self.num_workers < 0:
             raise ValueError("--min-lr, --weight-decay and --num-workers must not be negative")
@@ -103,6 +111,18 @@ class TrainConfig:
         return json.loads(json.dumps({k: getattr(self, k) for k in self.IDENTITY}))
 
 
+def peak_lr(cfg: TrainConfig, global_batch: int) -> Tuple[float, str]:
+    """(peak lr, where it comes from): --lr, else blr x global batch / 256 (MAE's and SAM's scaling rule), raised
+    to cfg.lr_floor when the batch is small enough to fall below it."""
+    if cfg.lr is not None:
+        return cfg.lr, "--lr"
+    rule = scaled_lr(cfg.blr, global_batch)
+    rule_txt = f"blr {cfg.blr:g} x batch {global_batch} / 256"
+    if cfg.lr_floor and rule < cfg.lr_floor:
+        return cfg.lr_floor, f"{rule_txt} = {rule:.3g}, raised to the task's floor {cfg.lr_floor:g}; --lr sets it"
+    return rule, rule_txt
+
+
 def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
     """Create RUN_DIR with its config.json, or check that an existing run is the same run (only with --resume)."""
     path = os.path.join(cfg.out, CONFIG_FILE)
@@ -111,7 +131,8 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         with open(path, encoding="utf-8") as fh:
             saved = json.load(fh).get("identity", {})
         now = cfg.identity()
-        diff = [f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+        diff = [f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]
+                and not (k == "lr_floor" and k not in saved and now["lr"] is not None)]  # before the floor existed
         if not cfg.resume:
             what = f" with a different config ({'; '.join(diff)})" if diff else ""
             raise ValueError(f"--out {cfg.out}: already holds a run{what}; pass --resume to continue it, or choose "
@@ -148,7 +169,7 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
     lock = None  # RUN_DIR/train.lock, held by the main process while it trains: a second one is refused
     try:
         batches = Batches(dataset, cfg.batch_size, procs.world, procs.rank, cfg.seed, cfg.num_workers,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda").start()  # workers forked before the model exists
         check_fsdp(procs, cfg.fsdp)
         if procs.main and os.path.isfile(os.path.join(cfg.out, CONFIG_FILE)):  # a run: lock before looking at it
             lock = lock_run_dir(cfg.out)
@@ -175,7 +196,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
                              f"with --accum {cfg.accum}")
         decay = cfg.decay_steps if cfg.decay_steps is not None else (total if cfg.epochs is not None else None)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (round(0.1 * decay) if decay else 0)
-        schedule = LRSchedule(cfg.lr or scaled_lr(cfg.blr, global_batch), warmup, decay, cfg.min_lr)
+        peak, lr_source = peak_lr(cfg, global_batch)
+        schedule = LRSchedule(peak, warmup, decay, cfg.min_lr)
         optimizer = build_optimizer(unwrap(model), schedule.peak, cfg.weight_decay, cfg.betas)  # names as unwrapped
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -207,8 +229,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
         if procs.main and not cfg.quiet:
             mode = "FSDP2" if cfg.fsdp else ("DDP" if procs.distributed else "1 process")
             print(f"samvit train: steps {step} -> {total}, global batch {global_batch} ({cfg.batch_size} x "
-                  f"{cfg.accum} accum x {procs.world} proc), peak lr {schedule.peak:.3g}, {cfg.precision}, {mode}, "
-                  f"{device}, run dir {cfg.out}")
+                  f"{cfg.accum} accum x {procs.world} proc), peak lr {schedule.peak:.3g} ({lr_source}), "
+                  f"{cfg.precision}, {mode}, {device}, run dir {cfg.out}")
 
         # -- the loop
         values: Dict[str, float] = {}
@@ -220,7 +242,10 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
                 batch = to_device(next(batches), device)
                 with gradient_sync(model, micro == cfg.accum - 1):
                     with autocast(device, cfg.precision):
-                        out = loss_fn(model, batch)
+                        if getattr(loss_fn, "backward_inside", False):  # see LossFn
+                            out = loss_fn(model, batch, grad_scale=scaler.get_scale() / cfg.accum)
+                        else:
+                            out = loss_fn(model, batch)
                     out = out if isinstance(out, dict) else {"loss": out}
                     stop_if_not_finite(out["loss"], step + 1, cfg.out, procs)
                     scaler.scale(out["loss"] / cfg.accum).backward()

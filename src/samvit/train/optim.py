@@ -33,6 +33,21 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     return [groups[k] for k in sorted(groups, key=lambda k: (-k[1], not k[0]))]
 
 
+# Default peak lrs for small batches (peak lr = max(blr x global batch / 256, floor); `--lr` overrides both). The
+# scaling rule's blr comes from the paper of each recipe; below a few hundred images per step it gives lrs under
+# which a run barely moves (MAE's 1.5e-4 x 8 / 256 = 4.7e-6), so each task has a floor, from where it comes:
+LR_FLOOR = {
+    # MAE: its own rule gives 2.4e-3 at its batch 4096; docs/experiments.md's MAE runs learn at 1.5e-3, batch 32
+    "mae": 1e-3,
+    # SAM, frozen encoder (prompt encoder + mask decoder, or LoRA): MedSAM's AdamW lr 1e-4 (docs/finetune.md recipes)
+    "sam": 1e-4,
+    # SAM with the encoder's own weights training: micro-sam's lr 1e-5 (docs/finetune.md's full fine-tuning recipe)
+    "sam_encoder": 1e-5,
+    # distillation: docs/experiments.md's distillation runs learn at 2e-3 (batch 8); half of it as the floor
+    "distill": 1e-3,
+}
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
                     betas: Tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW over param_groups(model)."""
