@@ -89,24 +89,12 @@ def _sam_fast_encoder(cfg: EncoderConfig) -> Tuple[torch.nn.Module, bool]:
         return enc, True
 
 
-def _samvit_kernel(name: str) -> str:
-    """The registered kernel name; "flex" is registered here from samvit.modeling.flex_attention if the registry
-    does not hold it yet."""
-    from samvit.modeling import attention
-
-    if name == "flex" and "flex" not in getattr(attention, "KERNELS", {}):
-        from samvit.modeling.flex_attention import flex_kernel
-
-        attention.register_kernel("flex")(flex_kernel)
-    return name
-
-
 def build(impl: str, cfg: EncoderConfig, sd: Dict[str, torch.Tensor], compile_mode: str, device: torch.device
           ) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """(forward, note) for one implementation on `device`, weights in the implementation's dtype."""
     _, dtype, _ = IMPLS[impl]
     if impl.startswith("samvit"):
-        kernel = _samvit_kernel("flex" if "flex" in impl else "sdpa_chunked")
+        kernel = "flex" if "flex" in impl else "sdpa_chunked"
         enc = ImageEncoder(cfg, kernel=kernel)
         enc.load_state_dict(sd)
         enc = enc.eval().to(device, dtype)

@@ -111,9 +111,10 @@ def test_attention_probs_is_the_reference_softmax():
 def test_auto_chooses_from_the_declarations(monkeypatch):
     monkeypatch.setattr(kernels, "KERNELS", dict(KERNELS))
     cpu = torch.device("cpu")
-    # the built-in rule: the blocked kernel on the CPU without autograd, SDPA for training and tracing
+    # the built-in rule: the blocked kernel on the CPU without autograd, the memory-efficient one for training on
+    # the CPU, SDPA for tracing and on GPUs
     assert choose_kernel("auto", cpu, torch.float32, grad=False, tracing=False).name == "matmul_blocked"
-    assert choose_kernel("auto", cpu, torch.float32, grad=True, tracing=False).name == "sdpa_chunked"
+    assert choose_kernel("auto", cpu, torch.float32, grad=True, tracing=False).name == "memeff"
     assert choose_kernel("auto", cpu, torch.bfloat16, grad=False, tracing=True).name == "sdpa_chunked"
     assert choose_kernel("auto", torch.device("cuda"), torch.float32, grad=False, tracing=False).name == "sdpa_chunked"
 
@@ -122,7 +123,7 @@ def test_auto_chooses_from_the_declarations(monkeypatch):
         raise AssertionError("not called")
 
     assert choose_kernel("auto", torch.device("cuda"), torch.float16, True, False).name == "gpu_only"
-    assert choose_kernel("auto", cpu, torch.float32, True, False).name == "sdpa_chunked"  # not on the CPU
+    assert choose_kernel("auto", cpu, torch.float32, True, False).name == "memeff"  # not on the CPU
     assert choose_kernel("gpu_only", cpu, torch.float32, True, False).name == "gpu_only"  # named: no questions
     with pytest.raises(ValueError, match="reserved"):
         register_kernel("auto")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import (DEFAULT_KERNEL, KERNEL_ALIASES, KERNELS, AttnInputs, Kernel, attention_probs,  # noqa: F401
-from ..errors import ParameterError
                       choose_kernel, register_kernel, resolve_kernel_name)
+from ..errors import ParameterError
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -94,18 +94,3 @@ def flex_rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
         compiled = q.device.type == "cuda"
     out = _flex(compiled)(q, k, v, score_mod=score_mod, scale=scale)
     return out[0] if len(lead) == 1 else out
-
-
-def flex_kernel(attn: "torch.nn.Module", qkv: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """An attention kernel in the registry's form (attention module, qkv (B, N, 3, heads, hd), (H, W)) ->
-    (B, N, heads*hd): the bias terms computed in float32 from q (as the other kernels), then flex_rel_attention."""
-    from .attention import rel_pos_terms
-
-    B, N = qkv.shape[:2]
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd) strided views
-    rel_h = rel_w = None
-    if attn.use_rel_pos:
-        rel_h, rel_w = rel_pos_terms(q.float(), attn.rel_pos_h, attn.rel_pos_w, hw)  # (B, heads, H, W, H|W)
-        rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)
-    out = flex_rel_attention(q, k, v, rel_h, rel_w, attn.scale)
-    return out.transpose(1, 2).reshape(B, N, -1)

@@ -15,8 +15,10 @@ the highest one that supports the call (device, dtype, autograd, tracing). A ker
 Every registered kernel is tested against "reference" (tests/test_kernels.py, parametrized over KERNELS).
 
 Registered here: "reference" (the official arithmetic: full score matrix; the oracle), "sdpa_chunked" (SDPA with
-the bias built in cache-sized chunks) and "matmul_blocked" (scores GEMM onto the bias chunk, softmax in place,
-GEMM with v; the CPU inference kernel).
+the bias built in cache-sized chunks), "matmul_blocked" (scores GEMM onto the bias chunk, softmax in place,
+GEMM with v; the CPU inference kernel), "memeff" (attention_memeff: a custom autograd function that keeps only
+q, k, v, the rel-pos terms and a log-sum-exp per query for backward; "auto" under autograd on the CPU) and "flex"
+(flex_attention: FlexAttention with a rel-pos score_mod; the GPU kernel, chosen by name).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .attention_memeff import memeff_attention
+from .flex_attention import flex_rel_attention
 from .workspace import Workspace
 from ..errors import ParameterError
 
@@ -293,3 +297,17 @@ def _chunking(batch: int, heads: int, rows: int, row_len: int, n_keys: int, max_
         return 1, heads, rows // (max_elems // (heads * per_row))
     nh = max(1, max_elems // (rmin * per_row))
     return 1, nh, rows // max(rmin, max_elems // (nh * per_row))
+
+
+@register_kernel("memeff", autograd=True, devices=("cpu",), priority=15)
+def memeff_attention_kernel(inp: AttnInputs) -> torch.Tensor:
+    """The memory-efficient autograd kernel: backward recomputes the probabilities chunk by chunk, so training
+    keeps O(queries) per head instead of the (queries x keys) probability matrix (attention_memeff)."""
+    return memeff_attention(inp.q, inp.k, inp.v, inp.rel_h, inp.rel_w, inp.scale, hw=inp.key_hw)
+
+
+@register_kernel("flex", devices=("cuda", "cpu"))
+def flex_attention_kernel(inp: AttnInputs) -> torch.Tensor:
+    """FlexAttention with the rel-pos bias as a score_mod (flex_attention; compiled on CUDA, eager on the CPU, where
+    it has no backward: declared without autograd, though on CUDA it is differentiable when named)."""
+    return flex_rel_attention(inp.q, inp.k, inp.v, inp.rel_h, inp.rel_w, inp.scale)
