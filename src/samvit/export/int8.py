@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
+from ..masks.automatic import mask_iou
 from ..modeling.encoder import ImageEncoder
 from ..modeling.sam import SamDecoder
-from .onnx import DEFAULT_OPSET, export_onnx, onnx_session
+from .onnx import DEFAULT_OPSET, export_onnx, float32_cpu, onnx_session
+from .openvino import openvino_compile
 
 BACKENDS = ("onnxruntime", "openvino")
 
@@ -85,26 +87,15 @@ class Int8Encoder:
         self.config, self.device, self.dtype = encoder.config, torch.device("cpu"), torch.float32
         self.backend, self.weights = backend, weights
         threads = threads or torch.get_num_threads()
-        src = encoder
-        if encoder.dtype != torch.float32 or encoder.device.type != "cpu":  # export a float32 CPU copy
-            src = ImageEncoder(encoder.config).eval()
-            src.load_state_dict({k: v.float().cpu() for k, v in encoder.state_dict().items()})
         with tempfile.TemporaryDirectory(prefix="samvit-int8-") as tmp:  # the runtimes hold the model once loaded
-            fp32 = export_onnx(src, os.path.join(tmp, "fp32.onnx"), dynamic_batch=False, check=False)
+            fp32 = export_onnx(float32_cpu(encoder), os.path.join(tmp, "fp32.onnx"), dynamic_batch=False, check=False)
             path = quantize_onnx_int8(fp32, os.path.join(tmp, "int8.onnx"), weights)
             if backend == "onnxruntime":
                 sess = onnx_session(path, threads)
                 name = sess.get_inputs()[0].name
                 self._run = lambda x: sess.run(None, {name: x})[0]
             else:
-                try:
-                    import openvino as ov
-                except ImportError:
-                    raise ImportError("the OpenVINO backend needs the openvino package: pip install openvino") \
-                        from None
-                compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                                 "PERFORMANCE_HINT": "LATENCY",
-                                                                 "INFERENCE_PRECISION_HINT": "f32"})
+                compiled = openvino_compile(path, threads)
                 request = compiled.create_infer_request()
                 self._run = lambda x: request.infer({0: x})[compiled.output(0)].copy()
 
@@ -143,17 +134,15 @@ def mask_agreement(decoder: SamDecoder, emb: torch.Tensor, emb_ref: torch.Tensor
     if points is None:
         points = grid_prompts(decoder.config.input_image_size)
     labels = torch.ones(points.shape[:2], dtype=torch.int64)
-    masks, ious = [], []
+    masks = []
     for e in (emb, emb_ref):
         logits, _ = decoder(e.float(), (points, labels))  # (P, M, 4h, 4w)
         masks.append(logits > 0)
     a, b = masks
-    inter = (a & b).flatten(2).sum(-1).double()
-    union = (a | b).flatten(2).sum(-1).double()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    ious = iou.flatten().tolist()
+    ious = mask_iou(a, b).flatten().tolist()
+    empty = ~(a | b).flatten(2).any(-1)
     return {"iou": ious, "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
-            "both_empty": int((union == 0).sum()), "masks": len(ious),
+            "both_empty": int(empty.sum()), "masks": len(ious),
             "fraction_ge_0.98": float(np.mean([i >= 0.98 for i in ious]))}
 
 

@@ -35,6 +35,15 @@ def needs_external_data(encoder: torch.nn.Module) -> bool:
     return parameter_bytes(encoder) > EXTERNAL_DATA_THRESHOLD
 
 
+def float32_cpu(encoder: ImageEncoder) -> ImageEncoder:
+    """The encoder itself when it is float32 on the CPU, else a float32 CPU copy (what the exporters read)."""
+    if encoder.dtype == torch.float32 and encoder.device.type == "cpu":
+        return encoder
+    src = ImageEncoder(encoder.config).eval()
+    src.load_state_dict({k: v.float().cpu() for k, v in encoder.state_dict().items()})
+    return src
+
+
 def _require_exporter() -> None:
     try:
         import onnx  # noqa: F401

@@ -9,7 +9,23 @@ import torch
 
 from ..errors import ParameterError
 from ..modeling.encoder import ImageEncoder
-from .onnx import export_onnx
+from .onnx import export_onnx, float32_cpu
+
+
+def _require_openvino():
+    """The openvino module, or an ImportError that says how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ImportError("the OpenVINO backend needs the openvino package: pip install openvino") from None
+    return openvino
+
+
+def openvino_compile(path: str, threads: Optional[int] = None, precision: str = "f32"):
+    """An ONNX file compiled by OpenVINO for the CPU, for latency (threads: None gives torch's thread count)."""
+    options = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+               "INFERENCE_PRECISION_HINT": precision}
+    return _require_openvino().Core().compile_model(path, "CPU", options)
 
 
 class OpenVINOEncoder:
@@ -23,25 +39,15 @@ class OpenVINOEncoder:
         dynamic_batch: any batch size (else batch 1 only)."""
         import tempfile
 
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ImportError("the OpenVINO backend needs the openvino package: pip install openvino") from None
+        _require_openvino()  # before the export, which takes minutes for the large models
         if precision not in ("f32", "bf16"):
             raise ParameterError(f"precision must be 'f32' or 'bf16', got {precision!r}")
         self.config, self.device, self.dtype = encoder.config, torch.device("cpu"), torch.float32
         self.precision = precision
-        src = encoder
-        if encoder.dtype != torch.float32 or encoder.device.type != "cpu":  # export a float32 CPU copy
-            src = ImageEncoder(encoder.config).eval()
-            src.load_state_dict({k: v.float().cpu() for k, v in encoder.state_dict().items()})
-        threads = threads or torch.get_num_threads()
         with tempfile.TemporaryDirectory(prefix="samvit-openvino-") as tmp:  # OpenVINO holds the model once compiled
             path = os.path.join(tmp, "encoder.onnx")
-            export_onnx(src, path, dynamic_batch=dynamic_batch, check=False)
-            self._compiled = ov.Core().compile_model(path, "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": precision})
+            export_onnx(float32_cpu(encoder), path, dynamic_batch=dynamic_batch, check=False)
+            self._compiled = openvino_compile(path, threads, precision)
         self._request = self._compiled.create_infer_request()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
