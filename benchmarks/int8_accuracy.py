@@ -5,7 +5,7 @@ embeddings, same decoder, same prompts) on scikit-image's photos; bfloat16 besid
     python benchmarks/int8_accuracy.py --checkpoint sam_vit_b_01ec64.pth ...   # real weights: the meaningful run
 
 Variants: bf16 (samvit bfloat16 weights, what dtype="auto" picks on AMX), ort_int8 / ort_uint8 (onnxruntime dynamic
-int8 of the linear layers, int8 or uint8 weights: samvit.quantize.Int8Encoder), ov_int8 (OpenVINO running the
+int8 of the linear layers, int8 or uint8 weights: samvit.export.Int8Encoder), ov_int8 (OpenVINO running the
 same int8 file), torch_int8 (torch.ao quantize_dynamic of nn.Linear). Prompts: a 4x4 grid of single foreground
 points per image, the 3 multimask outputs per prompt, low-resolution masks (logits > 0).
 
@@ -30,7 +30,7 @@ import torch
 
 import samvit
 from samvit.bench.runner import machine_info
-from samvit.quantize import Int8Encoder, cosine, grid_prompts, mask_agreement, summarise, torch_dynamic_int8
+from samvit.export import Int8Encoder, cosine, grid_prompts, mask_agreement, summarise, torch_dynamic_int8
 
 IMAGES = ("astronaut", "coffee", "chelsea")
 VARIANTS = ("bf16", "ort_int8", "ort_uint8", "ov_int8", "torch_int8")

@@ -70,3 +70,19 @@ def test_embed_errors(tmp_path, capsys):
     env = {k: v for k, v in os.environ.items() if k != "SAMVIT_CHECKPOINT"}
     r = subprocess.run([sys.executable, "-m", "samvit", "embed", str(img)], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_preset_lists_in_the_help_come_from_the_config(capsys):
+    from samvit.config import NO_RELEASED_WEIGHTS, PRESET_ALIASES, PRESETS, TINYVIT_PRESETS
+
+    every = [*PRESETS, *TINYVIT_PRESETS, *PRESET_ALIASES]
+    for argv, names in ((["embed", "--help"], every), (["info", "--help"], every),
+                        (["train", "distill", "--help"], every), (["export", "onnx", "--help"], list(PRESETS)),
+                        (["download", "--help"], [n for n in PRESETS if n not in NO_RELEASED_WEIGHTS])):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+        out = " ".join(capsys.readouterr().out.split())
+        assert all(name in out for name in names), (argv, [n for n in names if n not in out])
+    assert "vit_h_spec" not in out  # download lists only the released checkpoints

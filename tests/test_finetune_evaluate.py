@@ -58,9 +58,10 @@ class OraclePredictor:
                 x, y = point_coords[i, 0].long().tolist()
                 k = next(k for k, m in enumerate(self.masks) if m[y, x])
             else:
-                from samvit.train.evaluate import mask_box
+                from samvit.masks.automatic import masks_to_boxes
 
-                k = next(k for k, m in enumerate(self.masks) if mask_box(m) == boxes[i].tolist())
+                k = next(k for k, m in enumerate(self.masks)
+                         if masks_to_boxes(torch.from_numpy(m[None]).bool())[0].tolist() == boxes[i].tolist())
             picked.append(self._pick(self.masks[k]))
         full = torch.from_numpy(np.stack(picked))[:, None]
         m = 3 if multimask_output else 1

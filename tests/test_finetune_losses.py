@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from samvit.train.losses import dice_loss, focal_loss, iou_loss, mask_iou, mask_loss
+from samvit.masks.automatic import mask_iou
+from samvit.train.losses import dice_loss, focal_loss, iou_loss, mask_loss
 
 
 def random_case(seed: int = 0):
@@ -41,11 +42,11 @@ def test_iou_and_iou_loss_equal_reference_formula():
         for j in range(5):
             p, t = logits[i, j] > 0, targets[i, j] > 0.5
             ref[i, j] = (p & t).sum() / (p | t).sum()
-    torch.testing.assert_close(mask_iou(logits, targets).double(), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mask_iou(logits > 0, targets), ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(iou_loss(pred_iou, logits, targets).double(), (pred_iou - ref) ** 2, rtol=0,
                                atol=1e-6)
     empty = torch.zeros(1, 4, 4)
-    assert mask_iou(empty - 1, empty).item() == 1.0  # nothing predicted, nothing there
+    assert mask_iou(empty > 0, empty).item() == 1.0  # nothing predicted, nothing there
 
 
 def test_mask_loss_is_20_focal_plus_dice_and_backpropagates():

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from samvit.train.finetune import correction_clicks
-from samvit.train.masks_data import MaskSamples, ShapeMasks, mask_box, noisy_box
+from samvit.masks.automatic import masks_to_boxes
+from samvit.train.masks_data import MaskSamples, ShapeMasks, noisy_box
 
 
 def test_first_points_lie_in_their_masks_and_boxes_stay_near_the_mask_box():
@@ -22,7 +23,7 @@ def test_first_points_lie_in_their_masks_and_boxes_stay_near_the_mask_box():
                 torch.from_numpy(ds_target(ds, masks[k])), s["targets"][j]))
             x, y = (s["point"][j] * 96 / 128).round().long().tolist()
             assert masks[k][y, x], (i, j)
-            tight = torch.tensor(mask_box(masks[k])) * 128 / 96
+            tight = masks_to_boxes(torch.from_numpy(masks[k][None]).bool())[0].double() * 128 / 96
             cap = 20 * 128 / 1024
             assert (s["box"][j] - tight).abs().max() <= cap + 1e-4
             n_points += 1

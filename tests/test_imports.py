@@ -209,7 +209,7 @@ def _entry(module: str, depth: int) -> str:
 
 
 # folders whose files the README lists as layers (each file imports only files listed above it)
-LAYERED_FOLDERS = ("modeling/", "checkpoints/", "embeddings/", "inspect/")
+LAYERED_FOLDERS = ("modeling/", "checkpoints/", "embeddings/", "inspect/", "export/")
 
 
 def test_imports_point_down_the_readme_layout():

@@ -1,11 +1,11 @@
-"""samvit.quantize: int8 encoders stay close to float32; mask agreement measures what it says."""
+"""samvit.export.int8: int8 encoders stay close to float32; mask agreement measures what it says."""
 import importlib.util
 
 import pytest
 import torch
 
 import samvit
-from samvit.quantize import Int8Encoder, cosine, grid_prompts, mask_agreement, summarise, torch_dynamic_int8
+from samvit.export import Int8Encoder, cosine, grid_prompts, mask_agreement, summarise, torch_dynamic_int8
 
 TINY = samvit.EncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
                             out_chans=16, name="tiny")

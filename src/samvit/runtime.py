@@ -182,6 +182,16 @@ def distributed_env() -> Optional[Tuple[int, int, int]]:
         raise ParameterError(f"incomplete torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK): {e}") from None
 
 
+def is_main_process() -> bool:
+    """Rank 0 of torch.distributed while its process group is up, else RANK 0 in torchrun's environment (a plain
+    process included): the one process that writes shared outputs and prints."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: Optional[str] = None) -> Tuple["torch.device", Optional[Tuple[int, int, int]]]:
     """Initialise torch.distributed when run under torchrun: nccl on cuda:LOCAL_RANK, gloo on CPU.
 

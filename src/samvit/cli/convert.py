@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_cache, add_quiet
+from .options import RELEASED, add_cache, add_quiet
 
 HELP = "convert a checkpoint between the official, transformers, timm and samvit layouts"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="IN", help="checkpoint file (.pth/.bin/.safetensors; official, transformers or "
-                   "timm layout, detected from the keys) or a registry name (vit_b, vit_l, vit_h)")
+                   f"timm layout, detected from the keys) or a registry name ({', '.join(RELEASED)})")
     p.add_argument("output", metavar="OUT", help="file to write: safetensors if it ends in .safetensors, "
                    "else a torch.save dict of tensors")
     p.add_argument("--to", default="safetensors", choices=["safetensors", "official", "transformers", "timm"],

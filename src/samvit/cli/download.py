@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_cache, add_quiet
+from .options import RELEASED, add_cache, add_quiet
 
 HELP = "fetch the official SAM checkpoints into the verified cache (resumable)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="checkpoints to fetch: vit_b, vit_l, vit_h or all; none: list them and their cache state")
+                   help=f"checkpoints to fetch: {', '.join(RELEASED)} or all; none: list them and their cache state")
     add_cache(p)
     p.add_argument("--force", action="store_true", help="delete the cached file and fetch it again")
     add_quiet(p, "no progress bar")

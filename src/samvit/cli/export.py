@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import add_checkpoint, add_model, add_quiet
+from .options import VIT_PRESETS, add_checkpoint, add_model, add_quiet
 
 HELP = "export the image encoder (or --decoder the prompt decoder) to ONNX, --verify in onnxruntime"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=["onnx"], help="output format (onnx)")
-    add_model(p)
+    add_model(p, VIT_PRESETS)
     add_checkpoint(p)
     p.add_argument("--out", default=None, help="output file (default: ./encoder.onnx, with --decoder ./decoder.onnx)")
     p.add_argument("--decoder", action="store_true",

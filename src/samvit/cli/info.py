@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import TINYVIT_PRESETS
+from .options import ENCODER_PRESETS
+
 HELP = "print a preset's or a checkpoint's architecture and parameter count"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="preset name (vit_b, vit_l, vit_h, vit_h_spec, vit_t, vit_s; "
-                   "tinyvit_5m: MobileSAM's TinyViT encoder, alias vit_tiny)")
+    p.add_argument("--model", default=None, help=f"preset name ({ENCODER_PRESETS}; {', '.join(TINYVIT_PRESETS)}: "
+                   "MobileSAM's TinyViT encoder)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file to describe instead of a preset")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", nargs="?", const="auto", default=None, metavar="DEVICE",

@@ -5,14 +5,14 @@ import argparse
 import os
 import sys
 
-from .options import add_checkpoint, add_device, add_dtype, add_model, add_quiet
+from .options import VIT_PRESETS, add_checkpoint, add_device, add_dtype, add_model, add_quiet
 
 HELP = "attention maps per head, mean attention distance per head and block, feature PCA (PNG)"
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     add_checkpoint(p)
-    add_model(p)
+    add_model(p, VIT_PRESETS)
     p.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: the --model preset with random weights (a demo of structure only; the "
                    "picture says so)")
@@ -71,7 +71,7 @@ def _encoder(args: argparse.Namespace):
         if args.checkpoint:
             raise UserError("--random-weights and --checkpoint exclude each other")
         if not args.model:
-            raise UserError("--random-weights needs --model PRESET (vit_b, vit_l, vit_h, vit_h_spec)")
+            raise UserError(f"--random-weights needs --model PRESET ({VIT_PRESETS})")
         torch.manual_seed(args.seed)
         cfg = preset(args.model)
         return load_encoder(cfg, device=device, dtype=dtype), f"{cfg.name}, RANDOM WEIGHTS (seed {args.seed}): structure only"

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
-REGISTRY = "a registry name (vit_b, vit_l, vit_h: fetched into the verified cache)"
+from ..config import NO_RELEASED_WEIGHTS, PRESET_ALIASES, PRESETS, TINYVIT_PRESETS
+
+
+def _listed(names: Iterable[str]) -> str:
+    """Preset names for a help text, each followed by its aliases: "tinyvit_5m (alias vit_tiny)"."""
+    aliases = {n: [a for a, target in PRESET_ALIASES.items() if target == n] for n in names}
+    return ", ".join(n + (f" (alias {', '.join(aliases[n])})" if aliases[n] else "") for n in names)
+
+
+# The preset lists of the help texts, from samvit.config (the released ones are the registry's names).
+RELEASED = [n for n in PRESETS if n not in NO_RELEASED_WEIGHTS]
+VIT_PRESETS = _listed(PRESETS)
+ENCODER_PRESETS = _listed([*PRESETS, *TINYVIT_PRESETS])
+SAM_PRESETS = _listed([*RELEASED, *TINYVIT_PRESETS])
+REGISTRY = f"a registry name ({', '.join(RELEASED)}: fetched into the verified cache)"
 ENCODER_FILE = "checkpoint file (official, transformers or timm layout; .pth/.bin/.safetensors)"
 SAM_FILE = "full SAM checkpoint (official .pth, transformers SamModel file or folder, .safetensors)"
-ENCODER_PRESETS = "vit_b, vit_l, vit_h, vit_h_spec"
-SAM_PRESETS = "vit_b, vit_l, vit_h"
 DTYPES = ["float32", "bfloat16", "float16"]
 AUTO_DTYPE = ("auto: bfloat16 where the device computes it natively, i.e. CUDA with bf16 or a CPU with "
               "AVX512-BF16/AMX, else float32")

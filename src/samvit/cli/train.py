@@ -11,11 +11,13 @@ import argparse
 import os
 from typing import Tuple
 
-from .options import SAM_FILE, add_checkpoint, add_device, add_model, add_quiet, encoder_spec
+from ..config import MAE_PRESETS
+from .options import (ENCODER_PRESETS, RELEASED, SAM_FILE, VIT_PRESETS, add_checkpoint, add_device,
+                      add_model, add_quiet, encoder_spec)
+
+MAE_MODELS = tuple(MAE_PRESETS)
 
 HELP = "MAE pre-training, distillation, fine-tuning SAM on masks (one process or torchrun); export to SAM"
-
-MAE_MODELS = ("mae_vit_b", "mae_vit_l", "mae_vit_h", "mae_tiny")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,11 +84,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "no augmentation (it would invalidate them). Writes RUN_DIR/student.safetensors (loads with "
                        "samvit.load_encoder) and RUN_DIR/sam_student.pth (the student with the teacher's prompt "
                        "encoder and mask decoder, official layout), besides the loop's log.jsonl and checkpoints.")
-    d.add_argument("--teacher", required=True, metavar="vit_h|PATH", help="the teacher: a registry name (vit_b, "
-                   "vit_l, vit_h) or a full SAM checkpoint file (an encoder-only file gives no sam_student.pth)")
-    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help="student preset (vit_t, vit_s: "
-                   "ViTs; tinyvit: MobileSAM's TinyViT-5M; ...) or a JSON file of EncoderConfig or TinyViTConfig "
-                   "fields (default vit_t); its input size is the teacher's")
+    d.add_argument("--teacher", required=True, metavar="vit_h|PATH", help="the teacher: a registry name "
+                   f"({', '.join(RELEASED)}) or a full SAM checkpoint file (an encoder-only file gives no "
+                   "sam_student.pth)")
+    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help=f"student preset ({ENCODER_PRESETS}; "
+                   "tinyvit: tinyvit_5m, MobileSAM's) or a JSON file of EncoderConfig or TinyViTConfig fields "
+                   "(default vit_t); its input size is the teacher's")
     d.add_argument("--data", required=True, metavar="DIR|synthetic", help="folder of training images (searched "
                    "recursively), or 'synthetic' (shapes, written once to RUN_DIR/images)")
     d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "
@@ -106,8 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("src", metavar="SRC", help="a `samvit train mae` run directory (its newest checkpoint), one of "
                    "its ckpt_*.pt files, or an MAE checkpoint (official mae_pretrain_vit_*.pth, transformers "
                    "ViTMAEForPreTraining)")
-    e.add_argument("--preset", required=True, help="SAM encoder preset of the result (vit_b, vit_l, vit_h, "
-                   "vit_h_spec), or a JSON file of EncoderConfig fields (for other widths, e.g. a mae_tiny run)")
+    e.add_argument("--preset", required=True, help="SAM encoder preset of the result "
+                   f"({VIT_PRESETS}), or a JSON file of EncoderConfig fields (for other widths, e.g. a mae_tiny run)")
     e.add_argument("--out", required=True, metavar="PATH", help="output .safetensors file")
     e.add_argument("--force", action="store_true", help="replace --out if it exists (refused otherwise)")
 

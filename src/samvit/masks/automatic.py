@@ -63,6 +63,14 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return out * ~((right < left) | (bottom < top))[:, None]
 
 
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of masks (..., H, W) (nonzero = inside), pair by pair along the leading dims: exact integer counts divided
+    in float64; 1 where both are empty."""
+    a, b = a.bool().flatten(-2), b.bool().flatten(-2)
+    inter, union = (a & b).sum(-1), (a | b).sum(-1)
+    return torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 1.0)
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of XYXY boxes (areas as (x1-x0)*(y1-y0), as torchvision)."""
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])

@@ -31,7 +31,8 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x.to(self.lin1.weight.dtype))))
+        w = self.lin1.weight  # a method, not a tensor, in torch.ao's dynamically quantised Linear (float input)
+        return self.lin2(self.act(self.lin1(x if callable(w) else x.to(w.dtype))))
 
 
 class DropPath(nn.Module):

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..checkpoints.files import atomic_write
+
 FORMAT = "samvit-train-checkpoint"
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 
@@ -81,25 +83,19 @@ def save_checkpoint(state: Dict, run_dir: str, step: int, keep_last: int = 3) ->
     newest keep_last checkpoints and any temporary file a killed save left behind. A failed write (a full disk)
     removes the temporary file and raises OSError naming the checkpoint; the older checkpoints stay."""
     path = checkpoint_path(run_dir, step)
-    tmp = f"{path}.tmp-{os.getpid()}"
     sink = None
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_write(path) as tmp, open(tmp, "wb") as fh:  # the temporary file is removed on any failure
             sink = _Writes(fh)
             torch.save(dict(state, format=FORMAT, step=step), sink)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         err = e if isinstance(e, OSError) else getattr(sink, "error", None)
         if err is not None:
             raise OSError(err.errno, f"cannot write the checkpoint ({err.strerror or err}); the temporary file was "
                           "removed, the older checkpoints are kept", path) from None
         raise
-    os.replace(tmp, path)
     dir_fd = os.open(run_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -29,6 +29,7 @@ from ..data.preprocess import preprocess
 from ..data.sources import collect_inputs
 from ..embeddings.pipeline import StoreSink, embed
 from ..embeddings.store import EmbeddingStore
+from ..runtime import is_main_process
 from .ckpt import latest_checkpoint
 from .loop import CONFIG_FILE, TrainConfig, train
 from .shapes import SyntheticShapes
@@ -68,8 +69,8 @@ def synthetic_images(folder: str, n: int, size: int, seed: int = 0) -> None:
     for i in range(n):
         path = os.path.join(folder, f"shapes_{i:06d}.png")
         if not os.path.exists(path):
-            Image.fromarray(shapes.load(i)).save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)
+            with atomic_write(path) as tmp:
+                Image.fromarray(shapes.load(i)).save(tmp, format="PNG")
 
 
 class DistillImages(Dataset):
@@ -197,7 +198,7 @@ def distill(cfg: TrainConfig, teacher: str, student: Union[str, AnyEncoderConfig
     cfg = dataclasses.replace(cfg, task=task, inputs=made)
     result = train(cfg, lambda: build_encoder(scfg), DistillImages(items, store, scfg.img_size),
                    distill_loss(cosine_weight))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():  # the loop's process group is gone once train() returns
         result["outputs"] = write_outputs(out, scfg, teacher_path, teacher_sha)
         if not cfg.quiet:
             print("samvit train distill: wrote " + ", ".join(result["outputs"]))

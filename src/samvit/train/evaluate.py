@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..masks.automatic import mask_iou, masks_to_boxes
+
 SIZE_BINS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, float("inf")))  # COCO
 DEFAULT_CLICKS = (1, 3, 5)
 
@@ -49,16 +51,6 @@ def next_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[int, int, int]:
     return (xn, yn, 1) if dn >= dp else (xp, yp, 0)
 
 
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    union = np.logical_or(pred, gt).sum()
-    return float(np.logical_and(pred, gt).sum() / union) if union else 1.0
-
-
-def mask_box(mask: np.ndarray) -> List[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
-
-
 def size_bin(area: int) -> str:
     return next(name for name, lo, hi in SIZE_BINS if lo <= area < hi)
 
@@ -81,11 +73,11 @@ def evaluate_image(predictor, rgb: np.ndarray, masks: np.ndarray, clicks: Sequen
         r = torch.arange(n)
         pred = full[r, best].cpu().numpy()
         low = low[r, best][:, None]
-        res = [{"area": int(m.sum()), "point1": iou(p, m)} for p, m in zip(pred, gts)]
-        boxes = torch.tensor([mask_box(m) for m in gts], dtype=torch.float32)
-        bfull, _, _ = predictor.predict_torch(boxes=boxes, multimask_output=False)
-        for row, p, m in zip(res, bfull[:, 0].cpu().numpy(), gts):
-            row["box"] = iou(p, m)
+        gt = torch.from_numpy(np.asarray(gts)).bool()
+        res = [{"area": int(m.sum()), "point1": v} for m, v in zip(gts, mask_iou(torch.from_numpy(pred), gt).tolist())]
+        bfull, _, _ = predictor.predict_torch(boxes=masks_to_boxes(gt).float(), multimask_output=False)
+        for row, v in zip(res, mask_iou(bfull[:, 0].cpu(), gt).tolist()):
+            row["box"] = v
         for c in range(1, n_clicks + 1):
             new = [next_click(p, m) for p, m in zip(pred, gts)]
             coords = torch.cat([coords, torch.tensor([[[x, y]] for x, y, _ in new], dtype=torch.float32)], 1)
@@ -93,8 +85,8 @@ def evaluate_image(predictor, rgb: np.ndarray, masks: np.ndarray, clicks: Sequen
             full, _, low = predictor.predict_torch(coords, labels, mask_input=low, multimask_output=False)
             pred = full[:, 0].cpu().numpy()
             if c in clicks:
-                for row, p, m in zip(res, pred, gts):
-                    row[f"clicks{c}"] = iou(p, m)
+                for row, v in zip(res, mask_iou(torch.from_numpy(pred), gt).tolist()):
+                    row[f"clicks{c}"] = v
         rows.extend(res)
     return rows
 

@@ -24,11 +24,13 @@ from torch import nn
 
 from ..checkpoints.files import CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, write_tensors
 from ..checkpoints.load import load_sam
+from ..masks.automatic import mask_iou
 from ..modeling.lora import LORA_TARGETS, add_lora, merge_lora
 from ..modeling.sam import Sam
+from ..runtime import is_main_process
 from .launch import barrier, setup, teardown
 from .loop import TrainConfig, train
-from .losses import iou_loss, mask_iou, mask_loss
+from .losses import iou_loss, mask_loss
 from .masks_data import MaskSamples, open_masks
 
 TRAIN_PARTS = {"encoder": "image_encoder", "prompt": "prompt_encoder", "decoder": "mask_decoder"}
@@ -198,7 +200,7 @@ def interactive_rounds(decode, emb: torch.Tensor, batch: Dict[str, torch.Tensor]
                 fd, im = fd.detach(), im.detach()
             sums["focal_dice"] = sums["focal_dice"] + fd
             sums["iou_mse"] = sums["iou_mse"] + im
-            ious[it] = ious[it] + (w_p * mask_iou(chosen.detach(), t_p)).sum()
+            ious[it] = ious[it] + (w_p * mask_iou(chosen.detach() > 0, t_p).to(w_p.dtype)).sum()
             if it < iterations:
                 xy, lab = correction_clicks(chosen, t_p, gens_p, img_size)
                 clicks = torch.cat([clicks, xy[:, None]], 1)
@@ -313,11 +315,11 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
     opened = ensure_store(store, source, checkpoint, model, cfg.device, quiet=cfg.quiet) if store else None
     dataset = MaskSamples(source, img_size, low_res, masks_per_image, cfg.seed, opened,
                           report=os.path.join(cfg.out, SKIPPED_FILE))
-    if source.problems and not cfg.quiet and _main_process():
+    if source.problems and not cfg.quiet and is_main_process():
         print(f"samvit train: skipped while reading --data: {dict(source.problems)}")
     hooks = [_ReportProblems(source, cfg.out)] if source.missing else []
     result = train(cfg, build, dataset, sam_loss(iterations, img_size), hooks)
-    if _main_process():
+    if is_main_process():
         from .ckpt import latest_checkpoint
 
         state = latest_checkpoint(cfg.out)
@@ -327,11 +329,6 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
         if not cfg.quiet:
             print(f"samvit train: wrote {result['final_pth']} and {result['final_safetensors']}")
     return result
-
-
-def _main_process() -> bool:
-    """Rank 0 under torchrun, or a plain process (the loop's process group is gone once train() returns)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class _ReportProblems:
@@ -346,7 +343,7 @@ class _ReportProblems:
         if self.done:
             return
         self.done = True
-        if _main_process():
+        if is_main_process():
             import json
 
             from ..checkpoints.files import atomic_write

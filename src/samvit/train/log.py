@@ -11,6 +11,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..checkpoints.files import atomic_write
+
 LOG_FILE = "log.jsonl"
 
 
@@ -35,9 +37,8 @@ def truncate_log(run_dir: str, step: int) -> None:
                 kept.append(ln)
         except json.JSONDecodeError:  # a line cut by a kill
             pass
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def _tensorboard(run_dir: str):

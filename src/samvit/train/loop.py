@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoints.files import atomic_write
 from ..errors import TrainingDivergedError
 from .ckpt import (LOCK_FILE, latest_checkpoint, list_checkpoints, lock_run_dir, rng_state, save_checkpoint,
                    set_rng_state, unlock_run_dir)
@@ -152,9 +153,8 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
         os.makedirs(cfg.out, exist_ok=True)
         record = {"identity": cfg.identity(), "config": dataclasses.asdict(cfg), "processes": procs.world,
                   "samvit": __version__}
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=2)
-        os.replace(path + ".tmp", path)
     barrier(procs)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..masks.automatic import mask_iou
+
 FOCAL_WEIGHT = 20.0
 DICE_WEIGHT = 1.0
 IOU_WEIGHT = 1.0
@@ -41,16 +43,6 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> 
     return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
 
 
-@torch.no_grad()
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """IoU of the binarised prediction (logits > threshold) with the target, per mask; 1 when both are empty."""
-    pred = (logits > threshold).flatten(-2)
-    t = targets.bool().flatten(-2)
-    inter = (pred & t).sum(-1).float()
-    union = (pred | t).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """20 x focal + 1 x dice per mask: (..., H, W) -> (...)."""
     return FOCAL_WEIGHT * focal_loss(logits, targets) + DICE_WEIGHT * dice_loss(logits, targets)
@@ -58,4 +50,4 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def iou_loss(iou_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(IoU prediction - real IoU of the predicted mask)^2 per mask; the real IoU is a constant target."""
-    return (_wide(iou_pred) - mask_iou(logits, targets).to(_wide(iou_pred).dtype)) ** 2
+    return (_wide(iou_pred) - mask_iou(logits.detach() > 0, targets).to(_wide(iou_pred).dtype)) ** 2

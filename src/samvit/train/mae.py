@@ -18,10 +18,12 @@ from torch import nn
 
 import torch.nn.functional as F
 
+from ..checkpoints.files import atomic_write
 from ..config import mae_preset
 from ..data.preprocess import PIXEL_MEAN, PIXEL_STD
 from ..modeling.encoder import ImageEncoder
 from ..modeling.mae import MaskedAutoencoder
+from ..runtime import is_main_process
 from .data import IMAGENET_MEAN, IMAGENET_STD, TrainImages, open_source
 from .launch import autocast, check_precision
 from .loop import TrainConfig, train
@@ -139,10 +141,10 @@ class ReconstructionPictures:
             self.images = torch.stack([s["image"] for s in samples])
             self.noise = torch.stack([s["noise"] for s in samples])
         picture = reconstruction_picture(model, self.images, self.noise, self.mask_ratio, self.precision)
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if is_main_process():
             path = os.path.join(self.run_dir, f"recon_{step:08d}.png")
-            picture.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)
+            with atomic_write(path) as tmp:
+                picture.save(tmp, format="PNG")
 
 
 def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthetic",

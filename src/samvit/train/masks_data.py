@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from ..data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from ..data.preprocess import get_preprocess_shape, prepare
 from ..errors import InputError, ParameterError
+from ..masks.automatic import masks_to_boxes
 from .data import sample_generator
 from .shapes import SyntheticShapes
 
@@ -316,12 +317,6 @@ def low_res_targets(masks: np.ndarray, img_size: int, low_res: int) -> np.ndarra
     return out
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """The tight box x0, y0, x1, y1 of a (H,W) mask, in pixel indices (x1, y1 inclusive, as SAM's mask-to-box)."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
-
-
 def sample_point(mask: np.ndarray, g: torch.Generator) -> np.ndarray:
     """A pixel (x, y) drawn uniformly from the mask's pixels."""
     ys, xs = np.nonzero(mask)
@@ -387,10 +382,11 @@ class MaskSamples(Dataset):
                   "click_seed": torch.zeros(k, dtype=torch.int64), "index": torch.tensor(index)}
         sample["targets"][:len(chosen)] = torch.from_numpy(low_res_targets(masks[chosen], self.img_size,
                                                                            self.low_res))
+        boxes = masks_to_boxes(torch.from_numpy(masks[chosen]).bool()).double().numpy()  # x1, y1 inclusive
         for j, m in enumerate(masks[chosen]):
             sample["valid"][j] = bool(sample["targets"][j].any())  # too small for the low-res grid: not trained
             sample["point"][j] = torch.from_numpy(sample_point(m, g) * scale[:2])
-            sample["box"][j] = torch.from_numpy(noisy_box(mask_box(m) * scale, input_hw, self.img_size, g))
+            sample["box"][j] = torch.from_numpy(noisy_box(boxes[j] * scale, input_hw, self.img_size, g))
             sample["use_box"][j] = bool(torch.rand(1, generator=g) < 0.5)
             sample["click_seed"][j] = int(torch.randint(2 ** 62, (1,), generator=g))
         if self.store is not None:

@@ -1,9 +1,11 @@
 """int8 encoders for the CPU (VNNI / AMX-INT8) and the measures that decide whether int8 may be offered: the
 embedding's cosine to float32 and the agreement of the masks a decoder makes from int8 and float32 embeddings.
 
-- Int8Encoder: the encoder exported to ONNX, its linear layers dynamically quantised by onnxruntime
-  (samvit.export.quantize_onnx_int8; activations uint8 per tensor at run time, weights int8 or uint8; attention,
-  norms and convolutions stay float32), run by onnxruntime or by OpenVINO reading the same file.
+- quantize_onnx_int8 / export_onnx_int8: an exported file's linear layers dynamically quantised by onnxruntime
+  (`samvit export onnx --int8`).
+- Int8Encoder: the encoder exported to ONNX, its linear layers quantised by quantize_onnx_int8 (activations uint8
+  per tensor at run time, weights int8 or uint8; attention, norms and convolutions stay float32), run by
+  onnxruntime or by OpenVINO reading the same file.
 - torch_dynamic_int8: torch.ao's quantize_dynamic of every nn.Linear (x86 engine), on the reference path.
 - mask_agreement: IoU of the decoder's masks from two embeddings of the same image with the same prompts.
 """
@@ -11,16 +13,64 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .export import export_onnx, onnx_session, quantize_onnx_int8
-from .modeling.encoder import ImageEncoder
-from .modeling.sam import SamDecoder
+from ..errors import ParameterError
+from ..masks.automatic import mask_iou
+from ..modeling.encoder import ImageEncoder
+from ..modeling.sam import SamDecoder
+from .onnx import DEFAULT_OPSET, export_onnx, float32_cpu, onnx_session
+from .openvino import openvino_compile
 
 BACKENDS = ("onnxruntime", "openvino")
+
+
+def quantize_onnx_int8(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], weights: str = "uint8") -> str:
+    """Dynamic int8 quantisation of an exported file's linear layers with onnxruntime; returns dst.
+
+    Activations are uint8 (per tensor, quantised at run time); weights uint8, or signed int8 with
+    weights="int8" (onnxruntime's U8S8 kernels: the fast ones on CPUs with VNNI, whose u8 x s8 products
+    saturate int16 on CPUs without it). Attention, norms and convolutions stay float32.
+    """
+    if weights not in ("uint8", "int8"):
+        raise ParameterError(f"weights must be 'uint8' or 'int8', got {weights!r}")
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise ImportError("int8 export needs onnxruntime; install it with `pip install samvit[onnx]`") from None
+    import logging
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice about pre-processing on the root logger
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+    return dst
+
+
+def export_onnx_int8(encoder: ImageEncoder, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
+                     dynamic_batch: bool = True, weights: str = "uint8") -> str:
+    """Export the encoder and quantise its linear layers to int8 (quantize_onnx_int8) into one file; returns it.
+
+    The float32 export goes to a temporary folder beside `path` (it may be large) and is removed afterwards; an
+    int8 file is always written whole (vit_h: about 0.65 GB), so a side file left by an earlier float32 export
+    to the same name is removed. weights: "uint8" or "int8" (see quantize_onnx_int8).
+    """
+    path = os.fspath(path)
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        fp32 = export_onnx(encoder, os.path.join(tmp, "fp32.onnx"), opset=opset, dynamic_batch=dynamic_batch)
+        return quantize_onnx_int8(fp32, path, weights)
 
 
 class Int8Encoder:
@@ -37,26 +87,15 @@ class Int8Encoder:
         self.config, self.device, self.dtype = encoder.config, torch.device("cpu"), torch.float32
         self.backend, self.weights = backend, weights
         threads = threads or torch.get_num_threads()
-        src = encoder
-        if encoder.dtype != torch.float32 or encoder.device.type != "cpu":  # export a float32 CPU copy
-            src = ImageEncoder(encoder.config).eval()
-            src.load_state_dict({k: v.float().cpu() for k, v in encoder.state_dict().items()})
         with tempfile.TemporaryDirectory(prefix="samvit-int8-") as tmp:  # the runtimes hold the model once loaded
-            fp32 = export_onnx(src, os.path.join(tmp, "fp32.onnx"), dynamic_batch=False, check=False)
+            fp32 = export_onnx(float32_cpu(encoder), os.path.join(tmp, "fp32.onnx"), dynamic_batch=False, check=False)
             path = quantize_onnx_int8(fp32, os.path.join(tmp, "int8.onnx"), weights)
             if backend == "onnxruntime":
                 sess = onnx_session(path, threads)
                 name = sess.get_inputs()[0].name
                 self._run = lambda x: sess.run(None, {name: x})[0]
             else:
-                try:
-                    import openvino as ov
-                except ImportError:
-                    raise ImportError("the OpenVINO backend needs the openvino package: pip install openvino") \
-                        from None
-                compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                                 "PERFORMANCE_HINT": "LATENCY",
-                                                                 "INFERENCE_PRECISION_HINT": "f32"})
+                compiled = openvino_compile(path, threads)
                 request = compiled.create_infer_request()
                 self._run = lambda x: request.infer({0: x})[compiled.output(0)].copy()
 
@@ -95,17 +134,15 @@ def mask_agreement(decoder: SamDecoder, emb: torch.Tensor, emb_ref: torch.Tensor
     if points is None:
         points = grid_prompts(decoder.config.input_image_size)
     labels = torch.ones(points.shape[:2], dtype=torch.int64)
-    masks, ious = [], []
+    masks = []
     for e in (emb, emb_ref):
         logits, _ = decoder(e.float(), (points, labels))  # (P, M, 4h, 4w)
         masks.append(logits > 0)
     a, b = masks
-    inter = (a & b).flatten(2).sum(-1).double()
-    union = (a | b).flatten(2).sum(-1).double()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    ious = iou.flatten().tolist()
+    ious = mask_iou(a, b).flatten().tolist()
+    empty = ~(a | b).flatten(2).any(-1)
     return {"iou": ious, "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
-            "both_empty": int((union == 0).sum()), "masks": len(ious),
+            "both_empty": int(empty.sum()), "masks": len(ious),
             "fraction_ge_0.98": float(np.mean([i >= 0.98 for i in ious]))}
 
 
