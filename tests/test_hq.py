@@ -343,3 +343,54 @@ def test_download_refuses_hq_names_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no sha256 is published for sam_hq_vit_h.pth" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_hq(tmp_path_factory, coffee):
+    """segment-anything-hq's `vit_tiny` (TinyViT-5M + the HQ decoder fusing TinyViT's layers[1] output, 160 wide),
+    random weights saved as the official .pth; the official HQ SamPredictor on the photo."""
+    import warnings
+
+    from samvit.bench.weights import randomize_tinyvit_
+
+    with warnings.catch_warnings():  # the reference imports timm's deprecated module paths
+        warnings.simplefilter("ignore")
+        from segment_anything_hq import SamPredictor, sam_model_registry
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_tiny"]()
+    randomize_(sam, 0)
+    randomize_tinyvit_(sam.image_encoder, 0)
+    liven_decoder_(sam)
+    sam.eval()  # after the weights: the official TinyViT attention caches its bias table in eval()
+    path = str(tmp_path_factory.mktemp("hq_tiny") / "sam_hq_vit_tiny.pth")
+    torch.save(sam.state_dict(), path)
+    official = SamPredictor(sam)
+    official.set_image(coffee)
+    ours = Predictor.from_checkpoint(path, dtype=torch.float32)
+    ours.set_image(coffee)
+    return official, ours, path
+
+
+@pytest.mark.parametrize("hq_token_only", [False, True])
+def test_vit_tiny_matches_official(tiny_hq, hq_token_only):
+    """Predictor.from_checkpoint(sam_hq_vit_tiny.pth): TinyViT inferred from the tensors, its stage-1 output as the
+    early features; logits and scores as the official HQ SamPredictor's (points and box, multimask both ways)."""
+    official, ours, _ = tiny_hq
+    assert ours.is_hq and ours.early_block == 1 and ours.model_name == "tinyvit_5m"
+    assert ours.decoder.config.hq_vit_dim == 160
+    assert ours.early_features.shape == (1, 160, 64, 64)
+    close(ours.early_features.numpy(), official.interm_features[0].permute(0, 3, 1, 2).numpy(), "early features")
+    close(ours.features.numpy(), official.features.numpy(), "embedding")
+    for case in CASES:
+        for multimask in (True, False):
+            kw = dict(CASES[case], multimask_output=multimask, hq_token_only=hq_token_only)
+            f0, i0, l0 = official.predict(**kw, return_logits=True)
+            f1, i1, l1 = ours.predict(**kw, return_logits=True)
+            close(l1, l0, f"low-res logits ({case}, multimask {multimask})")
+            close(f1, f0, f"logits ({case}, multimask {multimask})")
+            close(i1, i0, f"IoU ({case}, multimask {multimask})")
+    # not vacuous: hq_token_only changes the official logits, which have both signs
+    a = official.predict(**CASES["box"], hq_token_only=True)[2]
+    b = official.predict(**CASES["box"], hq_token_only=False)[2]
+    assert np.abs(a - b).max() > 100 * TOL and (a > 0).any() and (a < 0).any()
