@@ -394,3 +394,24 @@ def test_vit_tiny_matches_official(tiny_hq, hq_token_only):
     a = official.predict(**CASES["box"], hq_token_only=True)[2]
     b = official.predict(**CASES["box"], hq_token_only=False)[2]
     assert np.abs(a - b).max() > 100 * TOL and (a > 0).any() and (a < 0).any()
+
+
+def test_info_says_hq_sam(small, tiny_hq, capsys):
+    """`samvit info --checkpoint` names HQ-SAM and the early features it fuses (vit_b's block 2, TinyViT's stage 1);
+    a plain SAM checkpoint has hq_sam null."""
+    from conftest import TINY, official_tiny_sam
+
+    from samvit.cli import main
+
+    for path, block, dim, unit in ((small[2], 2, 768, "block"), (tiny_hq[2], 1, 160, "stage")):
+        assert main(["info", "--checkpoint", path]) == 0
+        assert f"HQ-SAM (segment-anything-hq): HQ mask decoder fusing the encoder's {unit} {block}" in \
+            capsys.readouterr().out
+        assert main(["info", "--checkpoint", path, "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["hq_sam"]["early_block"] == block and d["hq_sam"]["early_features"][0] == dim
+    plain = str(small[2]).replace("sam_hq_small", "plain")
+    save_file({k: v.contiguous() for k, v in official_tiny_sam().state_dict().items()}, plain,
+              metadata={"samvit_config": TINY.to_json()})
+    assert main(["info", "--checkpoint", plain, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hq_sam"] is None

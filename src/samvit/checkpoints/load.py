@@ -379,8 +379,13 @@ def save_encoder(encoder: Encoder, path: PathLike, metadata: Optional[Dict[str, 
 def checkpoint_info(checkpoint: PathLike) -> Dict[str, object]:
     """Config, parameter count and dtypes of a checkpoint's encoder, without building the model on real memory."""
     sd, metadata, source = read_official(checkpoint)
+    hq = hq_vit_dim(sd)
     sd = _encoder_part(sd)
     cfg = encoder_config(None, metadata, sd, source)
     n = _tinyvit.num_parameters(sd) if isinstance(cfg, TinyViTConfig) else sum(v.numel() for v in sd.values())
-    return {"config": cfg, "num_parameters": n,
-            "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata)}
+    info = {"config": cfg, "num_parameters": n,
+            "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata), "hq": None}
+    if hq:  # HQ-SAM: its decoder also takes the encoder's early features
+        check_hq_fits(cfg, DecoderConfig(hq_vit_dim=hq), source)
+        info["hq"] = {"early_block": hq_early_block(cfg), "early_features": [hq, cfg.grid_size, cfg.grid_size]}
+    return info
