@@ -493,3 +493,45 @@ def test_store_keeps_early_features(small, tmp_path, coffee, capsys):
     capsys.readouterr()
     assert main(["store", "verify", store_path]) != 0
     assert "early-feature checksum" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_serve_with_an_hq_store(small, coffee, tmp_path):
+    """`samvit serve --store` on HQ-SAM: the first server writes each embedding with its early features behind; a
+    second server on the same store reads both back (no encoder pass) and gives the official HQ-SAM output."""
+    import base64
+    import io
+
+    import httpx
+    from _serve_utils import running
+
+    from samvit import EmbeddingStore
+    from samvit.serve import ServeConfig, create_app
+    from samvit.serve.cache import open_store, store_hq
+
+    official, _, path = small
+    predictor = Predictor.from_checkpoint(path, dtype=torch.float32, kernel="reference")
+    buf = io.BytesIO()
+    Image.fromarray(coffee).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    store_path = str(tmp_path / "serve.zarr")
+    _, i0, l0 = official.predict(**CASES["box"], multimask_output=True, hq_token_only=True)
+    for run in range(2):
+        store, writer = open_store(store_path, predictor.encoder.config, "ab" * 32, "float32",
+                                   hq=store_hq(predictor))
+        app = create_app(predictor, ServeConfig(model_name="vit_b"), store, writer)
+        with running(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+            r = client.post("/v1/segment", json={"image": image, "box": [60, 40, 420, 350], "multimask": True,
+                                                 "hq_token_only": True})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            low = np.frombuffer(base64.b64decode(got["low_res_logits"]["data"]), np.float32).reshape(1, 64, 64)
+            close(low, l0, f"service low-res logits (run {run})")
+            close([m["score"] for m in got["masks"]], i0, f"service IoU (run {run})")
+            if run == 1:  # read from the store, not encoded again
+                hits = [ln for ln in client.get("/metrics").text.splitlines()
+                        if ln.startswith("samvit_cache_hits_total") and 'tier="store"' in ln]
+                assert hits and float(hits[0].split()[-1]) == 1.0, hits
+        s = EmbeddingStore.open(store_path)
+        assert len(s) == 1 and s.identity["hq"]["hq_early_block"] == 2
+        close(s.early_features(s.keys()[0]).numpy(), official.interm_features[0][0].permute(2, 0, 1).numpy(),
+              "early features in the store")
