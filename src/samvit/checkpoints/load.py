@@ -272,8 +272,8 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
 def load_encoder_hq(model: ModelSpec, checkpoint: PathLike, device: Device = None, dtype: DtypeArg = "auto",
                     kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None, img_size: Optional[int] = None
                     ) -> Tuple[Encoder, Optional[int]]:
-    """load_encoder (same arguments), plus, for an HQ-SAM checkpoint, the encoder block (TinyViT: stage) whose output its decoder
-    also takes (hq_early_block; None for any other checkpoint), from one read of the file."""
+    """load_encoder (same arguments), plus, for an HQ-SAM checkpoint, the encoder block (TinyViT: stage) whose
+    output its decoder also takes (hq_early_block; None for any other checkpoint), from one read of the file."""
     dev = None if device is None else torch.device(device)
     dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
     sd, metadata, source = read_official(checkpoint, progress)
