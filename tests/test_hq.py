@@ -535,3 +535,28 @@ def test_serve_with_an_hq_store(small, coffee, tmp_path):
         assert len(s) == 1 and s.identity["hq"]["hq_early_block"] == 2
         close(s.early_features(s.keys()[0]).numpy(), official.interm_features[0][0].permute(2, 0, 1).numpy(),
               "early features in the store")
+
+
+def test_vit_tiny_embed_store_then_predict(tiny_hq, tmp_path, coffee):
+    """`samvit embed --store` on sam_hq_vit_tiny.pth keeps TinyViT's stage-1 features (160x64x64) beside each
+    embedding; a Predictor without encoder gives the official HQ-SAM output from them."""
+    from samvit import EmbeddingStore
+    from samvit.cli import main
+
+    official, _, path = tiny_hq
+    image = str(tmp_path / "coffee.png")
+    Image.fromarray(coffee).save(image)
+    store_path = str(tmp_path / "tiny.zarr")
+    assert main(["embed", image, "--checkpoint", path, "--store", store_path, "--store-dtype", "float32", "--quiet",
+                 "--workers", "0", "--dtype", "float32"]) == 0
+    store = EmbeddingStore.open(store_path)
+    assert store.identity["hq"] == {"hq_early_block": 1, "early_shape": [160, 64, 64]}
+    emb, early, meta = store.hq_image_embedding(store.keys()[0])
+    close(early.numpy(), official.interm_features[0][0].permute(2, 0, 1).numpy(), "stage-1 features in the store")
+    p = Predictor.from_checkpoint(path, with_encoder=False)
+    p.set_embedding(emb, meta["original_size"], meta.get("input_size"), metadata=meta, early_features=early)
+    for hq_only in (True, False):
+        _, i0, l0 = official.predict(**CASES["points"], hq_token_only=hq_only)
+        _, i1, l1 = p.predict(**CASES["points"], hq_token_only=hq_only)
+        close(l1, l0, "low-res logits from the store")
+        close(i1, i0, "IoU from the store")
