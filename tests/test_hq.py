@@ -268,7 +268,7 @@ def test_registry_names_hq_checkpoints_without_downloading(tmp_path, monkeypatch
 
 def test_embed_then_segment_with_the_embedding_file(small, tmp_path, coffee):
     """`samvit embed` on the HQ checkpoint writes the early features beside the embedding (metadata names the
-    block); `samvit segment --embedding` then gives the official HQ mask; a store is refused in one line."""
+    block); `samvit segment --embedding` then gives the official HQ mask."""
     from samvit.cli import main
     from samvit.embeddings.files import load_embedding_hq
 
@@ -300,13 +300,11 @@ def test_embed_then_segment_with_the_embedding_file(small, tmp_path, coffee):
         got = np.asarray(Image.open(mask)) > 0
         assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
         assert got.any() and not got.all()
-    assert main(["embed", image, "--checkpoint", path, "--store", str(tmp_path / "store"), "--quiet",
-                 "--workers", "0"]) == 2
 
 
 def test_serve_segment_matches_official(small, coffee):
     """`samvit serve` on the HQ checkpoint: /v1/segment gives the official HQ-SAM logits and IoU, hq_token_only both
-    ways; a store is refused for HQ-SAM."""
+    ways."""
     import base64
     import io
 
@@ -331,8 +329,6 @@ def test_serve_segment_matches_official(small, coffee):
             low = np.frombuffer(base64.b64decode(got["low_res_logits"]["data"]), np.float32).reshape(1, 64, 64)
             close(low, l0, "service low-res logits")
             close([m["score"] for m in got["masks"]], i0, "service IoU")
-    with pytest.raises(ValueError, match="store"):
-        create_app(predictor, ServeConfig(model_name="vit_b"), store=object())
 
 
 def test_download_refuses_hq_names_in_one_line(tmp_path, monkeypatch, capsys):
@@ -343,3 +339,224 @@ def test_download_refuses_hq_names_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no sha256 is published for sam_hq_vit_h.pth" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_hq(tmp_path_factory, coffee):
+    """segment-anything-hq's `vit_tiny` (TinyViT-5M + the HQ decoder fusing TinyViT's layers[1] output, 160 wide),
+    random weights saved as the official .pth; the official HQ SamPredictor on the photo."""
+    import warnings
+
+    from samvit.bench.weights import randomize_tinyvit_
+
+    with warnings.catch_warnings():  # the reference imports timm's deprecated module paths
+        warnings.simplefilter("ignore")
+        from segment_anything_hq import SamPredictor, sam_model_registry
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_tiny"]()
+    randomize_(sam, 0)
+    randomize_tinyvit_(sam.image_encoder, 0)
+    liven_decoder_(sam)
+    sam.eval()  # after the weights: the official TinyViT attention caches its bias table in eval()
+    path = str(tmp_path_factory.mktemp("hq_tiny") / "sam_hq_vit_tiny.pth")
+    torch.save(sam.state_dict(), path)
+    official = SamPredictor(sam)
+    official.set_image(coffee)
+    ours = Predictor.from_checkpoint(path, dtype=torch.float32)
+    ours.set_image(coffee)
+    return official, ours, path
+
+
+@pytest.mark.parametrize("hq_token_only", [False, True])
+def test_vit_tiny_matches_official(tiny_hq, hq_token_only):
+    """Predictor.from_checkpoint(sam_hq_vit_tiny.pth): TinyViT inferred from the tensors, its stage-1 output as the
+    early features; logits and scores as the official HQ SamPredictor's (points and box, multimask both ways)."""
+    official, ours, _ = tiny_hq
+    assert ours.is_hq and ours.early_block == 1 and ours.model_name == "tinyvit_5m"
+    assert ours.decoder.config.hq_vit_dim == 160
+    assert ours.early_features.shape == (1, 160, 64, 64)
+    close(ours.early_features.numpy(), official.interm_features[0].permute(0, 3, 1, 2).numpy(), "early features")
+    close(ours.features.numpy(), official.features.numpy(), "embedding")
+    for case in CASES:
+        for multimask in (True, False):
+            kw = dict(CASES[case], multimask_output=multimask, hq_token_only=hq_token_only)
+            f0, i0, l0 = official.predict(**kw, return_logits=True)
+            f1, i1, l1 = ours.predict(**kw, return_logits=True)
+            close(l1, l0, f"low-res logits ({case}, multimask {multimask})")
+            close(f1, f0, f"logits ({case}, multimask {multimask})")
+            close(i1, i0, f"IoU ({case}, multimask {multimask})")
+    # not vacuous: hq_token_only changes the official logits, which have both signs
+    a = official.predict(**CASES["box"], hq_token_only=True)[2]
+    b = official.predict(**CASES["box"], hq_token_only=False)[2]
+    assert np.abs(a - b).max() > 100 * TOL and (a > 0).any() and (a < 0).any()
+
+
+def test_info_says_hq_sam(small, tiny_hq, capsys):
+    """`samvit info --checkpoint` names HQ-SAM and the early features it fuses (vit_b's block 2, TinyViT's stage 1);
+    a plain SAM checkpoint has hq_sam null."""
+    from conftest import TINY, official_tiny_sam
+
+    from samvit.cli import main
+
+    for path, block, dim, unit in ((small[2], 2, 768, "block"), (tiny_hq[2], 1, 160, "stage")):
+        assert main(["info", "--checkpoint", path]) == 0
+        assert f"HQ-SAM (segment-anything-hq): HQ mask decoder fusing the encoder's {unit} {block}" in \
+            capsys.readouterr().out
+        assert main(["info", "--checkpoint", path, "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["hq_sam"]["early_block"] == block and d["hq_sam"]["early_features"][0] == dim
+    plain = str(small[2]).replace("sam_hq_small", "plain")
+    save_file({k: v.contiguous() for k, v in official_tiny_sam().state_dict().items()}, plain,
+              metadata={"samvit_config": TINY.to_json()})
+    assert main(["info", "--checkpoint", plain, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hq_sam"] is None
+
+
+def test_store_keeps_early_features(small, tmp_path, coffee, capsys):
+    """`samvit embed --store` on an HQ-SAM checkpoint: each item keeps the early features beside its embedding
+    (equal to the embedding file's, max abs 0), the identity and metadata record the block and shape; Predictor,
+    `samvit segment --store`, the service's cache and `store verify` read them; a plain SAM predictor refuses the HQ
+    store and the HQ predictor a plain store (typed errors)."""
+    from conftest import TINY, official_tiny_sam
+
+    from samvit import EmbeddingStore
+    from samvit.cli import main
+    from samvit.embeddings.files import load_embedding_hq
+    from samvit.embeddings.store import StoreError, StoreMismatchError
+    from samvit.serve import ServeConfig, create_app
+    from samvit.serve.cache import EmbeddingCache, check_store_fits, open_store, store_hq
+
+    official, ours, path = small
+    image = str(tmp_path / "coffee.png")
+    Image.fromarray(coffee).save(image)
+    common = ["--checkpoint", path, "--quiet", "--workers", "0", "--dtype", "float32"]
+    assert main(["embed", image, "--out", str(tmp_path / "files")] + common) == 0
+    store_path = str(tmp_path / "store.zarr")
+    assert main(["embed", image, "--store", store_path, "--store-dtype", "float32"] + common) == 0
+    (f,) = list((tmp_path / "files").glob("*.safetensors"))
+    emb_f, early_f, _ = load_embedding_hq(str(f))
+    store = EmbeddingStore.open(store_path)
+    (key,) = store.keys()
+    assert store.identity["hq"] == {"hq_early_block": 2, "early_shape": [768, 16, 16]}
+    assert store.metadata(key)["hq_early_block"] == "2"
+    assert (store.get(key) - emb_f).abs().max().item() == 0
+    assert (store.early_features(key) - early_f).abs().max().item() == 0
+    assert store.verify().ok
+    # the predictor (no encoder) and `samvit segment --store` from the store: the official HQ-SAM output
+    p = Predictor.from_checkpoint(path, with_encoder=False)
+    emb, early, meta = store.hq_image_embedding(key)
+    p.set_embedding(emb, meta["original_size"], meta.get("input_size"), metadata=meta, early_features=early)
+    for hq_only in (True, False):
+        close(p.predict(**CASES["box"], hq_token_only=hq_only)[2],
+              official.predict(**CASES["box"], hq_token_only=hq_only)[2], "from the store")
+    mask = str(tmp_path / "mask.png")
+    assert main(["segment", image, "--checkpoint", path, "--store", store_path, "--key", key, "--box",
+                 "60,40,420,350", "--out", mask, "--quiet", "--hq-token-only"]) == 0
+    m0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=True)
+    f0, _, _ = official.predict(**CASES["box"], multimask_output=False, hq_token_only=True, return_logits=True)
+    got = np.asarray(Image.open(mask)) > 0
+    assert not ((got != m0[0]) & (np.abs(f0[0]) > 1e-3)).any()
+    # the service's cache reads the early features back from the store (by the file's sha256)
+    cache = EmbeddingCache(1 << 30, store)
+    hit = cache.get(store.record(key)["sha256"])
+    assert hit is not None and torch.equal(hit.early_features, early_f.float())
+    # a plain SAM predictor refuses the HQ store; the HQ predictor refuses a plain store
+    sam = official_tiny_sam()
+    ckpt = str(tmp_path / "tiny.safetensors")
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, ckpt,
+              metadata={"samvit_config": TINY.to_json()})
+    plain = Predictor.from_checkpoint(ckpt, dtype=torch.float32)
+    with pytest.raises(StoreMismatchError, match="HQ-SAM embeddings .* this predictor is plain SAM"):
+        check_store_fits(plain, store)
+    with pytest.raises(ProvenanceError, match="made for HQ-SAM"):
+        plain.set_embedding(torch.zeros(TINY.out_chans, TINY.grid_size, TINY.grid_size), (H, W),
+                            metadata=store.metadata(key), allow_mismatch=True)
+    plain_store = EmbeddingStore.create(str(tmp_path / "plain.zarr"), model="tiny", config=TINY.to_dict(),
+                                        embedding_shape=(256, 16, 16), checkpoint_sha256="ab" * 32, dtype="float32")
+    hq_pred = Predictor.from_checkpoint(path, dtype=torch.float32, kernel="reference")
+    with pytest.raises(StoreMismatchError, match="plain SAM embeddings, but this predictor is HQ-SAM"):
+        create_app(hq_pred, ServeConfig(model_name="vit_b"), store=plain_store)
+    with pytest.raises(StoreMismatchError, match="HQ-SAM"):  # an HQ-SAM run refuses a plain store, and vice versa
+        open_store(str(tmp_path / "plain.zarr"), ours.encoder.config, "ab" * 32, "float32", hq=store_hq(hq_pred))
+    with pytest.raises(StoreMismatchError):
+        EmbeddingStore.create(store_path, model=store.identity["model"], config=store.identity["config"],
+                              embedding_shape=store.shape, checkpoint_sha256=store.identity["checkpoint_sha256"])
+    with pytest.raises(StoreError, match="early features given for a plain SAM store"):
+        plain_store.writer(model="tiny", checkpoint_sha256="ab" * 32, samvit_version="t", compute_dtype="float32"
+                           ).put("k", torch.zeros(256, 16, 16), sha256="k", original_size=(H, W),
+                                 early_features=torch.zeros(768, 16, 16))
+    # `store verify` finds a damaged early-feature row
+    rec = store.record(key)
+    chunk = tmp_path / "store.zarr" / "data" / (rec["array"] + ".early") / f"c.{rec['row']}.0.0.0"
+    chunk.write_bytes(bytes(len(chunk.read_bytes())))
+    capsys.readouterr()
+    assert main(["store", "verify", store_path]) != 0
+    assert "early-feature checksum" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_serve_with_an_hq_store(small, coffee, tmp_path):
+    """`samvit serve --store` on HQ-SAM: the first server writes each embedding with its early features behind; a
+    second server on the same store reads both back (no encoder pass) and gives the official HQ-SAM output."""
+    import base64
+    import io
+
+    import httpx
+    from _serve_utils import running
+
+    from samvit import EmbeddingStore
+    from samvit.serve import ServeConfig, create_app
+    from samvit.serve.cache import open_store, store_hq
+
+    official, _, path = small
+    predictor = Predictor.from_checkpoint(path, dtype=torch.float32, kernel="reference")
+    buf = io.BytesIO()
+    Image.fromarray(coffee).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    store_path = str(tmp_path / "serve.zarr")
+    _, i0, l0 = official.predict(**CASES["box"], multimask_output=True, hq_token_only=True)
+    for run in range(2):
+        store, writer = open_store(store_path, predictor.encoder.config, "ab" * 32, "float32",
+                                   hq=store_hq(predictor))
+        app = create_app(predictor, ServeConfig(model_name="vit_b"), store, writer)
+        with running(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+            r = client.post("/v1/segment", json={"image": image, "box": [60, 40, 420, 350], "multimask": True,
+                                                 "hq_token_only": True})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            low = np.frombuffer(base64.b64decode(got["low_res_logits"]["data"]), np.float32).reshape(1, 64, 64)
+            close(low, l0, f"service low-res logits (run {run})")
+            close([m["score"] for m in got["masks"]], i0, f"service IoU (run {run})")
+            if run == 1:  # read from the store, not encoded again
+                hits = [ln for ln in client.get("/metrics").text.splitlines()
+                        if ln.startswith("samvit_cache_hits_total") and 'tier="store"' in ln]
+                assert hits and float(hits[0].split()[-1]) == 1.0, hits
+        s = EmbeddingStore.open(store_path)
+        assert len(s) == 1 and s.identity["hq"]["hq_early_block"] == 2
+        close(s.early_features(s.keys()[0]).numpy(), official.interm_features[0][0].permute(2, 0, 1).numpy(),
+              "early features in the store")
+
+
+def test_vit_tiny_embed_store_then_predict(tiny_hq, tmp_path, coffee):
+    """`samvit embed --store` on sam_hq_vit_tiny.pth keeps TinyViT's stage-1 features (160x64x64) beside each
+    embedding; a Predictor without encoder gives the official HQ-SAM output from them."""
+    from samvit import EmbeddingStore
+    from samvit.cli import main
+
+    official, _, path = tiny_hq
+    image = str(tmp_path / "coffee.png")
+    Image.fromarray(coffee).save(image)
+    store_path = str(tmp_path / "tiny.zarr")
+    assert main(["embed", image, "--checkpoint", path, "--store", store_path, "--store-dtype", "float32", "--quiet",
+                 "--workers", "0", "--dtype", "float32"]) == 0
+    store = EmbeddingStore.open(store_path)
+    assert store.identity["hq"] == {"hq_early_block": 1, "early_shape": [160, 64, 64]}
+    emb, early, meta = store.hq_image_embedding(store.keys()[0])
+    close(early.numpy(), official.interm_features[0][0].permute(2, 0, 1).numpy(), "stage-1 features in the store")
+    p = Predictor.from_checkpoint(path, with_encoder=False)
+    p.set_embedding(emb, meta["original_size"], meta.get("input_size"), metadata=meta, early_features=early)
+    for hq_only in (True, False):
+        _, i0, l0 = official.predict(**CASES["points"], hq_token_only=hq_only)
+        _, i1, l1 = p.predict(**CASES["points"], hq_token_only=hq_only)
+        close(l1, l0, "low-res logits from the store")
+        close(i1, i0, "IoU from the store")

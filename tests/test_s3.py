@@ -249,3 +249,37 @@ def test_commit_segments_are_never_overwritten(s3):
 def test_per_file_outputs_stay_local(tmp_path, s3, ckpt, capsys):
     assert main(["embed", f"s3://{BUCKET}/photos/", "--checkpoint", ckpt, "--out", f"s3://{BUCKET}/out/"]) == 2
     assert "--store URL" in capsys.readouterr().err
+
+
+def test_hq_store_keeps_early_features_on_s3(s3):
+    """An HQ-SAM store on object storage: the early features are a second array per writer (data/<writer>.early),
+    read back exactly; verify checks them (a damaged early-feature object is an error); a plain store's identity
+    is refused for it."""
+    from samvit.embeddings.store import StoreError, StoreMismatchError
+
+    url = f"s3://{BUCKET}/hq.zarr"
+    hq = {"hq_early_block": 2, "early_shape": [12, TINY.grid_size, TINY.grid_size]}
+    store = EmbeddingStore.create(url, **_identity(), hq=hq)
+    with pytest.raises(StoreMismatchError, match="plain SAM embeddings vs HQ-SAM|HQ-SAM .* vs plain SAM"):
+        EmbeddingStore.create(url, **_identity())
+    rng = np.random.default_rng(1)
+    w = _writer(store, "hq")
+    w.commit_seconds = 0
+    emb = rng.standard_normal(store.shape).astype(np.float32)
+    early = rng.standard_normal(tuple(hq["early_shape"])).astype(np.float32)
+    with pytest.raises(StoreError, match="no early features"):
+        w.put("x", emb, sha256="x", original_size=(10, 20), input_size=(8, 16))
+    w.put("k", emb, sha256="k", original_size=(10, 20), input_size=(8, 16), early_features=early)
+    w.close()
+    s = EmbeddingStore.open(url)
+    assert s.early_shape == tuple(hq["early_shape"]) and s.metadata("k")["hq_early_block"] == "2"
+    assert np.array_equal(s.get("k").numpy(), emb) and np.array_equal(s.early_features("k").numpy(), early)
+    assert s.verify().ok
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    rec = s.record("k")
+    chunk = f"{BUCKET}/hq.zarr/data/{rec['array']}.early/c.{rec['row']}.0.0.0"
+    fs.pipe_file(chunk, bytes(len(fs.cat_file(chunk))))
+    rep = EmbeddingStore.open(url).verify()
+    assert not rep.ok and any("k" in e and "early-feature checksum" in e for e in rep.errors), rep.errors

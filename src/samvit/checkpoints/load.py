@@ -152,22 +152,33 @@ def hq_vit_dim(sd: StateDict) -> int:
     return 0 if w is None else int(w.shape[0])
 
 
-def hq_early_block(cfg: EncoderConfig) -> int:
+def hq_early_block(cfg: AnyEncoderConfig) -> int:
     """The encoder block whose output HQ-SAM's decoder fuses: the first global-attention block (as the official
-    code, which keeps every global block's output and uses the first)."""
+    code, which keeps every global block's output and uses the first); for TinyViT (HQ-SAM's vit_tiny) the stage
+    (1, the official `layers[1]`, after its patch merging)."""
+    if isinstance(cfg, TinyViTConfig):
+        return 1
     if not cfg.global_attn_indexes:
         raise CheckpointError(f"model {cfg.name!r} has no global-attention block, whose output HQ-SAM's decoder "
                               "takes")
     return min(cfg.global_attn_indexes)
 
 
-def check_hq_fits(cfg: Optional[EncoderConfig], dec: DecoderConfig, source: str = "checkpoint") -> None:
-    """CheckpointError unless an HQ-SAM decoder's early-feature width is the encoder's width."""
+def hq_early_dim(cfg: AnyEncoderConfig) -> int:
+    """The width of the early features HQ-SAM's decoder takes from this encoder (hq_early_block's output)."""
+    if isinstance(cfg, TinyViTConfig):  # stage 1 ends with the patch merging to stage 2's width
+        return cfg.embed_dims[min(hq_early_block(cfg) + 1, len(cfg.embed_dims) - 1)]
+    return cfg.embed_dim
+
+
+def check_hq_fits(cfg: Optional[AnyEncoderConfig], dec: DecoderConfig, source: str = "checkpoint") -> None:
+    """CheckpointError unless an HQ-SAM decoder's early-feature width is that of the encoder's early features."""
     if dec.hq_vit_dim and cfg is not None:
         hq_early_block(cfg)
-        if cfg.embed_dim != dec.hq_vit_dim:
+        if hq_early_dim(cfg) != dec.hq_vit_dim:
             raise CheckpointError(f"{source}: HQ-SAM's decoder takes {dec.hq_vit_dim}-wide encoder features, but "
-                                  f"the encoder ({cfg.name}) is {cfg.embed_dim} wide")
+                                  f"the encoder's ({cfg.name}, block/stage {hq_early_block(cfg)}) are "
+                                  f"{hq_early_dim(cfg)} wide")
 
 
 def check_decoder_state_dict(sd: StateDict, cfg: DecoderConfig, source: str = "checkpoint") -> None:
@@ -260,9 +271,9 @@ def load_encoder(model: ModelSpec = None, checkpoint: Union[PathLike, None] = No
 
 def load_encoder_hq(model: ModelSpec, checkpoint: PathLike, device: Device = None, dtype: DtypeArg = "auto",
                     kernel: str = DEFAULT_KERNEL, progress: Optional[bool] = None, img_size: Optional[int] = None
-                    ) -> Tuple[ImageEncoder, Optional[int]]:
-    """load_encoder (same arguments), plus, for an HQ-SAM checkpoint, the encoder block whose output its decoder
-    also takes (hq_early_block; None for any other checkpoint), from one read of the file."""
+                    ) -> Tuple[Encoder, Optional[int]]:
+    """load_encoder (same arguments), plus, for an HQ-SAM checkpoint, the encoder block (TinyViT: stage) whose
+    output its decoder also takes (hq_early_block; None for any other checkpoint), from one read of the file."""
     dev = None if device is None else torch.device(device)
     dtype = resolve_dtype(dtype, dev or torch.device("cpu"))
     sd, metadata, source = read_official(checkpoint, progress)
@@ -368,8 +379,13 @@ def save_encoder(encoder: Encoder, path: PathLike, metadata: Optional[Dict[str, 
 def checkpoint_info(checkpoint: PathLike) -> Dict[str, object]:
     """Config, parameter count and dtypes of a checkpoint's encoder, without building the model on real memory."""
     sd, metadata, source = read_official(checkpoint)
+    hq = hq_vit_dim(sd)
     sd = _encoder_part(sd)
     cfg = encoder_config(None, metadata, sd, source)
     n = _tinyvit.num_parameters(sd) if isinstance(cfg, TinyViTConfig) else sum(v.numel() for v in sd.values())
-    return {"config": cfg, "num_parameters": n,
-            "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata)}
+    info = {"config": cfg, "num_parameters": n,
+            "dtypes": sorted({str(v.dtype) for v in sd.values()}), "metadata": json.dumps(metadata), "hq": None}
+    if hq:  # HQ-SAM: its decoder also takes the encoder's early features
+        check_hq_fits(cfg, DecoderConfig(hq_vit_dim=hq), source)
+        info["hq"] = {"early_block": hq_early_block(cfg), "early_features": [hq, cfg.grid_size, cfg.grid_size]}
+    return info

@@ -127,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         encoder, early_block = load_encoder_hq(args.model, checkpoint, device=device, dtype=dtype,
                                                img_size=args.img_size)
-        if early_block is not None and (args.store is not None or args.backend != "torch"):
+        if early_block is not None and (args.tile is not None or args.backend != "torch"):
             raise UserError(f"{args.checkpoint} is HQ-SAM, whose decoder also needs the encoder's early features: "
-                            "they are written to embedding files (--out) by the torch backend only; an "
-                            "embedding store and --backend openvino do not keep them yet")
+                            "they are kept by the torch backend for whole images only (no --tile, no --backend "
+                            "openvino)")
         if args.backend == "openvino":
             from ..export import OpenVINOEncoder
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         hq_meta = {} if early_block is None else {"hq_early_block": str(early_block)}
         sink = FileSink(args.out, sha, hq_meta, force=args.force, protected=protected) if args.store is None else \
             StoreSink(args.store, sha, dtype=args.store_dtype, report_path=args.report, protected=protected,
-                      allow_mixed_dtypes=bool(args.allow_mixed_dtypes))
+                      allow_mixed_dtypes=bool(args.allow_mixed_dtypes), early_block=early_block)
         with TqdmProgress("embed" + (f" (rank 0 of {env[1]})" if env else ""), "img",
                           enabled=False if quiet else None) as bar:
             report = embed(encoder, items, sink, batch_size=args.batch_size, workers=args.workers, tile=args.tile,

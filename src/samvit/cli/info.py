@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  instruction sets: {feats}")
         print(f"  native bfloat16: {'yes' if d['native_bfloat16'] else 'no'}; --dtype auto -> {d['auto_dtype']}")
         return 0
+    info = None
     if args.checkpoint:
         info = checkpoint_info(args.checkpoint)
         cfg = info["config"]
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     d = describe(cfg, enc.num_parameters(), enc.num_parameters(include_pos_embed=False))
     if not args.checkpoint:
         d["released_weights"] = cfg.name not in NO_RELEASED_WEIGHTS
+    else:  # HQ-SAM (segment-anything-hq): None for plain SAM / MobileSAM / an encoder-only file
+        d["hq_sam"] = info["hq"]
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -97,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         print()
     print(f"model: {cfg.name}" + (f"  (checkpoint {args.checkpoint})" if args.checkpoint else "")
           + ("  (no released weights: for training)" if not args.checkpoint and cfg.name in NO_RELEASED_WEIGHTS else ""))
+    if info is not None and info["hq"]:
+        hq, unit = info["hq"], "stage" if isinstance(cfg, TinyViTConfig) else "block"
+        print(f"  HQ-SAM (segment-anything-hq): HQ mask decoder fusing the encoder's {unit} {hq['early_block']} "
+              f"output ({'x'.join(str(v) for v in hq['early_features'])} early features); predict(hq_token_only=...)")
     if isinstance(cfg, TinyViTConfig):
         print_tinyvit(cfg, d)
         return 0

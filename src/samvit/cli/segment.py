@@ -129,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             key = args.key or os.path.basename(args.image)
             emb, original_size, input_size = store.image_embedding(key)
+            early = store.early_features(key) if store.early_shape is not None else None  # HQ-SAM
             predictor.set_embedding(emb, original_size, input_size, metadata=store.metadata(key),
-                                    allow_mismatch=args.allow_mismatch, source=f"{args.store} (key {key!r})")
+                                    allow_mismatch=args.allow_mismatch, source=f"{args.store} (key {key!r})",
+                                    early_features=early)
         if predictor.original_size != rgb.shape[:2]:
             raise UserError(f"{precomputed} holds the embedding of an image of size {predictor.original_size} "
                             f"(H, W), but {args.image} is {rgb.shape[:2]}")

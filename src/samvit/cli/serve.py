@@ -102,17 +102,12 @@ def run(args: argparse.Namespace) -> int:
           f"({'asked for' if args.dtype else 'the default'}; the prompt decoder runs in float32)", file=sys.stderr)
     predictor = Predictor.from_checkpoint(checkpoint, args.model, device=resolve_device(args.device), dtype=dtype)
     cfg = predictor.encoder.config
-    if args.store and predictor.is_hq:
-        from . import UserError
-
-        raise UserError(f"{args.checkpoint} is HQ-SAM: an embedding store does not keep its early encoder features; "
-                        "serve it without --store")
     store = writer = None
     if args.store:
-        from ..serve.cache import open_store
+        from ..serve.cache import open_store, store_hq
 
         store, writer = open_store(args.store, cfg, checkpoint_sha256(checkpoint), str(dtype).replace("torch.", ""),
-                                   args.store_dtype)
+                                   args.store_dtype, hq=store_hq(predictor))
     config = ServeConfig(max_batch=args.workers_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                          timeout_s=args.timeout, cache_bytes=int(args.cache_mb * 2**20), token=args.token,

@@ -188,8 +188,9 @@ class StoreSink:
 
     def __init__(self, path: str, checkpoint_sha256: str, dtype: Optional[str] = None,
                  report_path: Optional[str] = None, durable: bool = True, protected: Sequence[str] = (),
-                 allow_mixed_dtypes: bool = False) -> None:
+                 allow_mixed_dtypes: bool = False, early_block: Optional[int] = None) -> None:
         self.path, self.checkpoint_sha256, self.dtype = path, checkpoint_sha256, dtype
+        self.early_block = early_block  # HQ-SAM: the store keeps this block's output beside each embedding
         self.allow_mixed_dtypes = allow_mixed_dtypes  # add items computed in another dtype than the store holds
         self.report_path, self.durable = report_path, durable
         self.protected = {os.path.realpath(p) for p in protected}
@@ -219,10 +220,16 @@ class StoreSink:
                 or (is_url(self.path) and any(p.startswith(self.path.rstrip("/") + "/") for p in protected)):
             raise OutputError(f"{self.path}: the store would replace one of this run's inputs")
         cfg = encoder.config
+        hq = None
+        if self.early_block is not None:
+            from ..checkpoints.load import hq_early_dim
+
+            hq = {"hq_early_block": int(self.early_block),
+                  "early_shape": [hq_early_dim(cfg), cfg.grid_size, cfg.grid_size]}
         self.store = EmbeddingStore.create(
             self.path, model=cfg.name, config=cfg.to_dict(), embedding_shape=embedding_shape(cfg),
             checkpoint_sha256=self.checkpoint_sha256, dtype=self.dtype,
-            tile=None if tile is None else {"size": int(tile), "halo": int(halo)})
+            tile=None if tile is None else {"size": int(tile), "halo": int(halo)}, hq=hq)
         self.out_dtype = torch.float16 if self.store.identity["dtype"] == "float16" else torch.float32
         self.writer = self.store.writer(model=cfg.name, checkpoint_sha256=self.checkpoint_sha256,
                                         samvit_version=__version__,
@@ -327,7 +334,7 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
         progress: a callback progress(done, total, failed=n), or None/True/False for a tqdm bar by the rule of
             samvit.runtime.progress_enabled; shown on rank 0 only.
         early_block: HQ-SAM: also keep the output of this encoder block (checkpoints.load.hq_early_block) as each
-            file's `early_features` (FileSink only, no tiles).
+            file's `early_features`, or in the store beside each embedding (StoreSink(..., early_block=...)); no tiles.
     Returns:
         the report of all ranks together. Under torch.distributed (initialised by the caller, see
         samvit.runtime.init_distributed) each rank takes items[rank::world_size].
@@ -336,8 +343,10 @@ def embed(encoder: ImageEncoder, items: Sequence[Item], sink: Sink, *, batch_siz
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if halo and tile is None:
         raise ValueError("halo needs tile: pass a tile size as well")
-    if early_block is not None and (tile is not None or not isinstance(sink, FileSink)):
-        raise ValueError("HQ-SAM's early encoder features are written to embedding files only (no store, no tiles)")
+    if early_block is not None and tile is not None:
+        raise ValueError("HQ-SAM's early encoder features are not kept for tiled embeddings (no --tile)")
+    if isinstance(sink, StoreSink) and sink.early_block != early_block:
+        raise ValueError("embed: the StoreSink's early_block and embed's early_block differ")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1

@@ -52,6 +52,7 @@ STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 MAX_ROWS_PER_ITEM = 1 << 20  # tiles of one item: a bound on what an index line may claim
 MAX_ROW_ELEMENTS = 1 << 28  # values in one embedding (1 GiB in float32): a bound on the store's shape
 MAX_SIDE = 1 << 20  # pixels a side in an index line's sizes
+EARLY_SUFFIX = ".early"  # HQ-SAM: data/<writer>.early holds the early features of data/<writer>
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # writer and array names: never a path
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 PathLike = Union[str, os.PathLike]
@@ -137,6 +138,9 @@ class EmbeddingStore:
         self.identity = _read_identity(self.path)
         self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
         self.shape = tuple(self.identity["embedding_shape"])
+        hq = self.identity.get("hq")
+        # HQ-SAM: the shape of the early encoder features kept beside each embedding; None for plain SAM
+        self.early_shape: Optional[Tuple[int, ...]] = None if hq is None else tuple(hq["early_shape"])
         self._arrays: Dict[str, Any] = {}
         self.refresh()
 
@@ -153,20 +157,21 @@ class EmbeddingStore:
     @classmethod
     def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
                checkpoint_sha256: str, dtype: Optional[str] = None, tile: Optional[Dict[str, int]] = None,
-               exist_ok: bool = True) -> "EmbeddingStore":
+               exist_ok: bool = True, hq: Optional[Dict[str, Any]] = None) -> "EmbeddingStore":
         """Create a store, or open the existing one after checking it was made with the same model and settings.
 
         dtype None means float16 for a new store and whatever an existing store holds. Raises StoreMismatchError
-        when an existing store differs in model, config, checkpoint, dtype or tiling. An object-storage URL
-        creates the store there (embeddings.objstore: conditional writes instead of renames).
+        when an existing store differs in model, config, checkpoint, dtype, tiling or HQ-SAM's early features. An
+        object-storage URL creates the store there (embeddings.objstore: conditional writes instead of renames).
+        hq: for HQ-SAM, {"hq_early_block": int, "early_shape": [C, h, w]}: each item also keeps those features.
         """
         if _is_url(path) and cls is EmbeddingStore:
             return ObjectEmbeddingStore.create(
                 os.fspath(path), model=model, config=config, embedding_shape=embedding_shape,
-                checkpoint_sha256=checkpoint_sha256, dtype=dtype, tile=tile, exist_ok=exist_ok)
+                checkpoint_sha256=checkpoint_sha256, dtype=dtype, tile=tile, exist_ok=exist_ok, hq=hq)
         path = os.path.abspath(os.fspath(path))
         want = {"model": model, "config": config, "embedding_shape": [int(s) for s in embedding_shape],
-                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile}
+                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile, "hq": _check_hq(hq, tile)}
         if dtype is not None and dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
         if not _is_store(path):
@@ -178,10 +183,13 @@ class EmbeddingStore:
         return store
 
     def check_compatible(self, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
-                         checkpoint_sha256: str, dtype: Optional[str], tile: Optional[Dict[str, int]]) -> None:
+                         checkpoint_sha256: str, dtype: Optional[str], tile: Optional[Dict[str, int]],
+                         hq: Optional[Dict[str, Any]] = None) -> None:
         """Raise StoreMismatchError unless new items made this way belong in this store."""
         have = self.identity
         diffs = []
+        if have.get("hq") != hq:
+            diffs.append(f"{_hq_str(have.get('hq'))} vs {_hq_str(hq)}")
         if have["checkpoint_sha256"] != checkpoint_sha256:
             diffs.append(f"checkpoint sha256 {have['checkpoint_sha256'][:16]}... vs {checkpoint_sha256[:16]}...")
         if have["config"] != config or have["model"] != model:
@@ -253,6 +261,8 @@ class EmbeddingStore:
         for k in ("model", "checkpoint_sha256", "samvit_version", "compute_dtype"):
             meta[k] = head.get(k)
         meta["dtype"] = self.identity["dtype"]
+        if self.identity.get("hq") is not None:
+            meta["hq_early_block"] = str(self.identity["hq"]["hq_early_block"])
         if self.identity["config"].get("img_size") is not None:
             meta["img_size"] = self.identity["config"]["img_size"]
         return meta
@@ -312,6 +322,53 @@ class EmbeddingStore:
                              f"expected (N, *{self.shape}) in chunks {want} of {self.dtype}")
         return arr[rec["row"]:rec["row"] + rec["rows"]]
 
+    def _early_rows(self, rec: Dict[str, Any]) -> np.ndarray:
+        """HQ-SAM: the early features of an item (1,*early_shape), from data/<array>.early."""
+        if self.early_shape is None:
+            raise StoreError(f"store {self.path} holds plain SAM embeddings, no HQ-SAM early features")
+        arr = self._array(rec["array"] + EARLY_SUFFIX)
+        want = (1,) + self.early_shape
+        if tuple(arr.shape[1:]) != self.early_shape or arr.dtype != self.dtype or tuple(arr.chunks) != want:
+            raise StoreError(f"data/{rec['array']}{EARLY_SUFFIX}: array of shape {arr.shape}, chunks {arr.chunks}, "
+                             f"{arr.dtype}; expected (N, *{self.early_shape}) in chunks {want} of {self.dtype}")
+        return arr[rec["row"]:rec["row"] + rec["rows"]]
+
+    def _check_early(self, rec: Dict[str, Any]) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        """(early rows, None) of an HQ item's intact early features, else (None, what is wrong with them)."""
+        if not isinstance(rec.get("early_sha256"), str):
+            return None, "no early features recorded (the store is HQ-SAM's)"
+        try:
+            rows = self._early_rows(rec)
+        except Exception as e:
+            return None, f"cannot read its early features ({type(e).__name__}: {e})"
+        if data_sha256(rows) != rec["early_sha256"]:
+            name = rec["array"] + EARLY_SUFFIX
+            missing = [r for r in range(rec["row"], rec["row"] + rec["rows"]) if not self._row_exists(name, r)]
+            if missing:
+                return None, f"early-feature rows {missing[:8]} of data/{name} are missing"
+            return None, f"early-feature checksum mismatch (corrupted data in data/{name})"
+        return rows, None
+
+    def early_features(self, key: str) -> torch.Tensor:
+        """HQ-SAM: the early encoder features (C,h,w) kept beside a key's embedding, checked against their recorded
+        sha256 (unless opened with verify=False); StoreError for a plain SAM store."""
+        if self.early_shape is None:
+            raise StoreError(f"store {self.path} holds plain SAM embeddings, no HQ-SAM early features")
+        rec = self.record(key)
+        if not self.verify_reads:
+            try:
+                return torch.from_numpy(self._early_rows(rec)[0])
+            except StoreError:
+                raise
+            except Exception as e:
+                raise StoreCorruptError(f"store {self.path}: item {key!r}: cannot read its early features "
+                                        f"({type(e).__name__}: {e})") from None
+        rows, problem = self._check_early(rec)
+        if problem:
+            raise StoreCorruptError(f"store {self.path}: item {key!r} is damaged: {problem}; run "
+                                    f"`samvit store verify {self.path}`")
+        return torch.from_numpy(rows[0])
+
     def _check_item(self, key: str, rec: Dict[str, Any]) -> Tuple[Optional[np.ndarray], Optional[str]]:
         """(rows, None) of an intact item, else (None, what is wrong with it)."""
         try:
@@ -361,6 +418,13 @@ class EmbeddingStore:
             raise StoreError(f"{key!r} is not in the store {self.path} (see `samvit store ls {self.path}`)")
         emb, meta = self[key]
         return emb, meta["original_size"], meta.get("input_size")
+
+    def hq_image_embedding(self, key: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, Any]]:
+        """(embedding, early features or None for a plain SAM store, metadata) of a whole-image key: what
+        Predictor.set_embedding takes (embedding, metadata["original_size"], ..., early_features=...)."""
+        emb, _orig, _inp = self.image_embedding(key)
+        early = self.early_features(key) if self.early_shape is not None else None
+        return emb, early, self.metadata(key)
 
     def get(self, key: str) -> torch.Tensor:
         """The embedding alone (the store's dtype; a tiled store gives all tiles, (T,*shape))."""
@@ -432,6 +496,9 @@ class EmbeddingStore:
                     rep.errors.append(f"{name}: line {lineno} is corrupt ({why})")
             for rec in recs:
                 referenced.setdefault(rec["array"], set()).update(range(rec["row"], rec["row"] + rec["rows"]))
+                if "early_sha256" in rec:
+                    referenced.setdefault(rec["array"] + EARLY_SUFFIX, set()).update(
+                        range(rec["row"], rec["row"] + rec["rows"]))
         for key in self.keys():
             rec = self._records[key]
             rep.checked += 1
@@ -439,6 +506,11 @@ class EmbeddingStore:
                 _rows, problem = self._check_item(key, rec)
                 if problem is None:
                     problem = nonfinite_problem(_rows)
+                if problem is None and self.early_shape is not None:
+                    _early, problem = self._check_early(rec)
+                    if problem is None:
+                        problem = nonfinite_problem(_early)
+                        problem = problem and f"early features: {problem}"
                 if problem:
                     rep.errors.append(f"{key}: {problem}")
         chunk = re.compile(r"^c\.(\d+)(\.0)*$")
@@ -482,6 +554,7 @@ class StoreWriter:
                        "host": socket.gethostname(), "pid": os.getpid(), "started": utc_now()}
         self.durable = durable
         self._array = None
+        self._early = None  # HQ-SAM: the early features' array, beside the embeddings'
         self._log = None
         self._next_row = 0
         self._pending: List[Dict[str, Any]] = []
@@ -498,21 +571,37 @@ class StoreWriter:
             compressors=None, fill_value=0, chunk_key_encoding={"name": "default", "separator": "."},
             config={"write_empty_chunks": True},  # every committed row has its file: a missing one is damage
             attributes={"samvit_writer": self.header})
+        self._open_early(os.path.join(st.path, "data", self.name + EARLY_SUFFIX))
         log_path = os.path.join(st.path, "index", self.name + ".jsonl")
         self._log = open(log_path, "xb")
         self._log.write(encode_line({"header": self.header}))
         self._sync_log()
         if self.durable:
             _fsync(array_dir, directory=True)
+            if self._early is not None:
+                _fsync(array_dir + EARLY_SUFFIX, directory=True)
             _fsync(os.path.join(st.path, "data"), directory=True)
             _fsync(os.path.join(st.path, "index"), directory=True)
 
-    def _write_rows(self, row: int, rows: np.ndarray) -> None:
-        """Write rows from `row` on, durably (fsynced) when the session is durable."""
-        self._array[row:row + rows.shape[0]] = rows
+    def _open_early(self, location: Any) -> None:
+        """HQ-SAM: create the early features' array (data/<writer>.early) at `location`, as the embeddings'."""
+        st = self.store
+        if st.early_shape is None:
+            return
+        import zarr
+
+        self._early = zarr.create_array(
+            store=location, shape=(ROW_CAPACITY,) + st.early_shape, chunks=(1,) + st.early_shape, dtype=st.dtype,
+            compressors=None, fill_value=0, chunk_key_encoding={"name": "default", "separator": "."},
+            config={"write_empty_chunks": True}, attributes={"samvit_writer": self.header})
+
+    def _write_rows(self, row: int, rows: np.ndarray, early: bool = False) -> None:
+        """Write rows from `row` on (early: to the early features' array), durably (fsynced) when the session is
+        durable."""
+        (self._early if early else self._array)[row:row + rows.shape[0]] = rows
         if self.durable:
             for r in range(row, row + rows.shape[0]):
-                p = self.store._chunk_path(self.name, r)
+                p = self.store._chunk_path(self.name + (EARLY_SUFFIX if early else ""), r)
                 if os.path.exists(p):  # an all-zero row is not written (zarr's empty-chunk rule)
                     _fsync(p)
 
@@ -520,6 +609,8 @@ class StoreWriter:
         """Commit: the rows' folder is synced first, then the log lines are appended and synced."""
         if self.durable:
             _fsync(os.path.join(self.store.path, "data", self.name), directory=True)
+            if self._early is not None:
+                _fsync(os.path.join(self.store.path, "data", self.name + EARLY_SUFFIX), directory=True)
         self._log.write(lines)
         self._sync_log()
 
@@ -530,8 +621,10 @@ class StoreWriter:
 
     def put(self, key: str, embedding: Union[torch.Tensor, np.ndarray], *, sha256: str,
             original_size: Sequence[int], input_size: Optional[Sequence[int]] = None,
-            tiles: Optional[List[Dict[str, Sequence[int]]]] = None) -> None:
-        """Write an item's rows now (untiled: one embedding; tiled: (T,*shape) with T tile dicts); commit() later."""
+            tiles: Optional[List[Dict[str, Sequence[int]]]] = None,
+            early_features: Union[torch.Tensor, np.ndarray, None] = None) -> None:
+        """Write an item's rows now (untiled: one embedding; tiled: (T,*shape) with T tile dicts); commit() later.
+        An HQ-SAM store also takes the early encoder features (C,h,w) of its identity's early_shape."""
         st = self.store
         if not isinstance(embedding, torch.Tensor):
             embedding = torch.from_numpy(np.asarray(embedding))
@@ -549,18 +642,37 @@ class StoreWriter:
         problem = nonfinite_problem(rows)
         if problem:
             raise NonFiniteError(f"{key!r}: {problem}; not written to the store {st.path}")
+        early = None
+        if (early_features is None) != (st.early_shape is None):
+            raise StoreError(f"{key!r}: " + ("no early features given for an HQ-SAM store" if early_features is None
+                                             else "early features given for a plain SAM store"))
+        if early_features is not None:
+            if not isinstance(early_features, torch.Tensor):
+                early_features = torch.from_numpy(np.asarray(early_features))
+            early = early_features.detach().to(device="cpu", dtype=torch_dtype).contiguous().numpy()
+            if early.shape == st.early_shape:
+                early = early[None]
+            if early.shape != (1,) + st.early_shape:
+                raise StoreError(f"{key!r}: early features of shape {early_features.shape} do not fit the store's "
+                                 f"{st.early_shape}")
+            problem = nonfinite_problem(early)
+            if problem:
+                raise NonFiniteError(f"{key!r}: early features: {problem}; not written to the store {st.path}")
         with self._lock:
             if self._array is None:
                 self._open()
             row = self._next_row
             self._next_row += rows.shape[0]
             self._write_rows(row, rows)
+            if early is not None:
+                self._write_rows(row, early, early=True)
             self._pending.append({
                 "key": key, "sha256": sha256, "original_size": [int(v) for v in original_size],
                 "input_size": None if input_size is None else [int(v) for v in input_size],
                 "tiles": None if tiles is None else [{k: [int(x) for x in v] for k, v in t.items()} for t in tiles],
                 "writer": self.name, "array": self.name, "row": row, "rows": int(rows.shape[0]),
-                "data_sha256": data_sha256(rows), "time": utc_now()})
+                "data_sha256": data_sha256(rows), "time": utc_now(),
+                **({} if early is None else {"early_sha256": data_sha256(early)})})
 
     def put_alias(self, key: str, source_key: str) -> None:
         """Commit `key` as pointing at the rows of an already committed item with the same file content."""
@@ -632,13 +744,16 @@ class ObjectEmbeddingStore(EmbeddingStore):
         self.identity = _parse_identity(data or b"", self.path, self.path + "/zarr.json")
         self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
         self.shape = tuple(self.identity["embedding_shape"])
+        hq = self.identity.get("hq")
+        # HQ-SAM: the shape of the early encoder features kept beside each embedding; None for plain SAM
+        self.early_shape: Optional[Tuple[int, ...]] = None if hq is None else tuple(hq["early_shape"])
         self._arrays: Dict[str, Any] = {}
         self.refresh()
 
     @classmethod
     def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
                checkpoint_sha256: str, dtype: Optional[str] = None, tile: Optional[Dict[str, int]] = None,
-               exist_ok: bool = True) -> "ObjectEmbeddingStore":
+               exist_ok: bool = True, hq: Optional[Dict[str, Any]] = None) -> "ObjectEmbeddingStore":
         """EmbeddingStore.create at a URL: the group objects first, the identity last by a conditional create; a
         store another process created first is opened and checked like an existing one."""
         import tempfile
@@ -650,7 +765,7 @@ class ObjectEmbeddingStore(EmbeddingStore):
 
         bucket = Bucket(os.fspath(path))
         want = {"model": model, "config": config, "embedding_shape": [int(s) for s in embedding_shape],
-                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile}
+                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype, "tile": tile, "hq": _check_hq(hq, tile)}
         if dtype is not None and dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
         if bucket.exists("zarr.json"):
@@ -718,11 +833,12 @@ class ObjectStoreWriter(StoreWriter):
             chunks=(1,) + st.shape, dtype=st.dtype, compressors=None, fill_value=0,
             chunk_key_encoding={"name": "default", "separator": "."}, config={"write_empty_chunks": True},
             attributes={"samvit_writer": self.header})
+        self._open_early(st.bucket.zarr_store(f"data/{self.name}{EARLY_SUFFIX}", read_only=False))
         self._last_commit = time.monotonic()
         self._append_log(encode_line({"header": self.header}))
 
-    def _write_rows(self, row: int, rows: np.ndarray) -> None:
-        self._array[row:row + rows.shape[0]] = rows  # one PUT per row, answered once stored
+    def _write_rows(self, row: int, rows: np.ndarray, early: bool = False) -> None:
+        (self._early if early else self._array)[row:row + rows.shape[0]] = rows  # one PUT per row, once stored
 
     def _append_log(self, lines: bytes) -> None:
         import time
@@ -816,7 +932,33 @@ def _identity_problem(ident: Dict[str, Any]) -> Optional[str]:
     if tile is not None and not (isinstance(tile, dict) and _is_int(tile.get("size"), 1, MAX_SIDE)
                                  and _is_int(tile.get("halo"), 0, MAX_SIDE)):
         return f"tile {str(tile)[:60]} is not {{'size': >= 1, 'halo': >= 0}}"
+    hq = ident.get("hq")
+    if hq is not None:
+        shape = hq.get("early_shape") if isinstance(hq, dict) else None
+        if not (isinstance(hq, dict) and _is_int(hq.get("hq_early_block"), 0, 65536) and isinstance(shape, list)
+                and len(shape) == 3 and all(_is_int(v, 1, MAX_ROW_ELEMENTS) for v in shape)
+                and int(np.prod(shape)) <= MAX_ROW_ELEMENTS):
+            return f"hq {str(hq)[:60]} is not {{'hq_early_block': int, 'early_shape': [C, h, w]}}"
     return None
+
+
+def _check_hq(hq: Optional[Dict[str, Any]], tile: Optional[Dict[str, int]]) -> Optional[Dict[str, Any]]:
+    """The `hq` identity field in its canonical form (None for plain SAM); StoreError for a bad one."""
+    if hq is None:
+        return None
+    try:
+        out = {"hq_early_block": int(hq["hq_early_block"]), "early_shape": [int(v) for v in hq["early_shape"]]}
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"hq {str(hq)[:60]}: expected {{'hq_early_block': int, 'early_shape': [C, h, w]}}") from None
+    if tile is not None:
+        raise StoreError("HQ-SAM's early features are not kept for tiled embeddings (large images): embed whole "
+                         "images for HQ-SAM")
+    return out
+
+
+def _hq_str(hq: Optional[Dict[str, Any]]) -> str:
+    return "plain SAM embeddings" if hq is None else \
+        f"HQ-SAM embeddings (early features of block {hq['hq_early_block']}, {tuple(hq['early_shape'])})"
 
 
 def _pair(v: Any) -> bool:
@@ -846,6 +988,8 @@ def _record_problem(rec: Dict[str, Any], writer: str) -> Optional[str]:
                 f"(1 to {MAX_ROWS_PER_ITEM} rows below {ROW_CAPACITY})")
     if not isinstance(rec.get("data_sha256"), str) or not SHA256_HEX.match(rec["data_sha256"]):
         return "data_sha256 is not 64 hex digits"
+    if "early_sha256" in rec and not (isinstance(rec["early_sha256"], str) and SHA256_HEX.match(rec["early_sha256"])):
+        return "early_sha256 is not 64 hex digits"
     if not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("time"), str):
         return "sha256 or time missing"
     if not _pair(rec.get("original_size")) or not (rec.get("input_size") is None or _pair(rec["input_size"])):

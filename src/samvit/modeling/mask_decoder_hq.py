@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .common import LayerNorm2d
 from .mask_decoder import MLP, MaskDecoder, masks_from
+from .tinyvit import TinyViT
 from .transformer import TwoWayTransformer
 from ..errors import ParameterError
 
@@ -78,8 +79,12 @@ class MaskDecoderHQ(MaskDecoder):
 
 def encode_hq(encoder: nn.Module, x: Tensor, early_block: int) -> Tuple[Tensor, Tensor]:
     """Images (B,3,S,S) -> (embeddings (B,C,h,w), early features (B,C_vit,h,w)): the encoder's output and, for
-    HQ-SAM's decoder, the residual stream after block early_block (ImageEncoder.forward_intermediates)."""
-    out, (early,) = encoder.forward_intermediates(x, blocks=[early_block])
+    HQ-SAM's decoder, the residual stream after block early_block (ImageEncoder.forward_intermediates), or for
+    TinyViT (HQ-SAM's vit_tiny) the output of stage early_block (TinyViT.forward_intermediates)."""
+    if isinstance(encoder, TinyViT):
+        out, (early,) = encoder.forward_intermediates(x, stages=[early_block])
+    else:
+        out, (early,) = encoder.forward_intermediates(x, blocks=[early_block])
     return out, early.permute(0, 3, 1, 2)
 
 

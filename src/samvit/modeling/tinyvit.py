@@ -273,9 +273,9 @@ class TinyViT(nn.Module):
     def set_kernel(self, name: str) -> "TinyViT":
         """TinyViT has one attention arithmetic (windows of at most 14x14 with a learned bias, by
         scaled_dot_product_attention): every kernel name of the ViT encoder is accepted and changes nothing."""
-        from .attention import get_kernel
+        from .kernels import resolve_kernel_name
 
-        get_kernel(name)  # an unknown name is still an error
+        resolve_kernel_name(name)  # an unknown name is still an error
         return self
 
     def workspace(self) -> None:

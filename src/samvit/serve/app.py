@@ -123,9 +123,10 @@ class Service:
     def __init__(self, predictor, config: ServeConfig, store=None, store_writer=None) -> None:
         if predictor.encoder is None:
             raise ValueError("the service needs a Predictor with its image encoder")
-        if getattr(predictor, "is_hq", False) and (store is not None or store_writer is not None):
-            raise ValueError("an embedding store does not keep HQ-SAM's early encoder features: serve an HQ-SAM "
-                             "checkpoint without --store")
+        if store is not None or store_writer is not None:
+            from .cache import check_store_fits
+
+            check_store_fits(predictor, store if store is not None else store_writer.store)
         self.config = config
         self.predictor = predictor
         self.img_size = predictor.encoder.config.img_size

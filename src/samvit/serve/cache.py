@@ -75,13 +75,15 @@ class EmbeddingCache:
             except KeyError:  # committed by this server after the store's index was read
                 self.store.refresh()
                 emb, meta = self.store[store_key]
+            early = None if self.store.early_shape is None else self.store.early_features(store_key).float()
         except Exception as e:  # an unreadable item is encoded again rather than failing the request
             log.error("reading embedding %s from the store failed: %s", key[:16], e)
             self._by_sha.pop(key, None)  # so has(key) is False and the image is admitted for encoding
             return None
         hit = Embedded(emb.float().contiguous(), tuple(meta["original_size"]), tuple(meta["input_size"]),
-                       str(meta.get("compute_dtype") or "unknown"))
-        if not torch.isfinite(hit.embedding).all():  # e.g. a float16 store that overflowed: encode again
+                       str(meta.get("compute_dtype") or "unknown"), early)
+        # e.g. a float16 store that overflowed: encode again
+        if not torch.isfinite(hit.embedding).all() or (early is not None and not torch.isfinite(early).all()):
             log.error("embedding %s in the store holds NaN or infinite values; encoding it again", key[:16])
             self._by_sha.pop(key, None)
             return None
@@ -124,7 +126,7 @@ class EmbeddingCache:
     def _write(self, key: str, item: Embedded) -> None:
         try:
             self._writer.put(key, item.embedding, sha256=key, original_size=item.original_size,
-                             input_size=item.input_size)
+                             input_size=item.input_size, early_features=item.early_features)
             self._writer.commit()
             self._by_sha[key] = key  # readable from the store only once committed
         except Exception as e:  # a full disk must not stop the service: the memory cache still holds it
@@ -140,8 +142,29 @@ class EmbeddingCache:
             self._writer.close()
 
 
+def store_hq(predictor) -> Optional[dict]:
+    """The store identity's `hq` field for a predictor: HQ-SAM's early block and early-feature shape, else None."""
+    if not getattr(predictor, "is_hq", False):
+        return None
+    c = predictor.decoder.config
+    return {"hq_early_block": int(predictor.early_block),
+            "early_shape": [c.hq_vit_dim, c.image_embedding_size, c.image_embedding_size]}
+
+
+def check_store_fits(predictor, store) -> None:
+    """StoreMismatchError unless the store holds what the predictor's decoder takes: HQ-SAM's early features for
+    an HQ-SAM predictor (the same block and shape), none for plain SAM."""
+    from ..embeddings.store import StoreMismatchError, _hq_str
+
+    want, have = store_hq(predictor), store.identity.get("hq")
+    if want != have:
+        kind = "HQ-SAM" if want is not None else "plain SAM"
+        raise StoreMismatchError(f"store {store.path} holds {_hq_str(have)}, but this predictor is {kind} and takes "
+                                 f"{_hq_str(want)}: use a store made with this checkpoint")
+
+
 def open_store(path: str, encoder_config, checkpoint_sha256: str, compute_dtype: str,
-               store_dtype: Optional[str] = None):
+               store_dtype: Optional[str] = None, hq: Optional[dict] = None):
     """The EmbeddingStore at path (created when missing, float32 unless store_dtype says float16) and a writer.
 
     An existing store must have been made with the same model and checkpoint (StoreMismatchError otherwise); a store
@@ -155,7 +178,7 @@ def open_store(path: str, encoder_config, checkpoint_sha256: str, compute_dtype:
     shape = (cfg.out_chans, cfg.grid_size, cfg.grid_size)
     dtype = store_dtype if os.path.exists(path) else (store_dtype or "float32")
     store = samvit.EmbeddingStore.create(path, model=cfg.name, config=cfg.to_dict(), embedding_shape=shape,
-                                         checkpoint_sha256=checkpoint_sha256, dtype=dtype, tile=None)
+                                         checkpoint_sha256=checkpoint_sha256, dtype=dtype, tile=None, hq=hq)
     writer = store.writer(model=cfg.name, checkpoint_sha256=checkpoint_sha256, samvit_version=samvit.__version__,
                           compute_dtype=compute_dtype, name="serve")
     return store, writer
