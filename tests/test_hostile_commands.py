@@ -339,8 +339,9 @@ def test_embed_and_the_cvat_route_give_the_same_embedding_by_default(tmp_path, c
     assert rc == 0, err
     apps = []
     # `samvit serve` with its defaults, up to the point where it would start listening
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
-    assert samvit.cli.main(["serve", "--checkpoint", ckpt]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(uvicorn.Server, "run", lambda self, sockets=None: apps.append(self.config.app))
+        assert samvit.cli.main(["serve", "--checkpoint", ckpt]) == 0
     with running(apps[0]) as url, httpx.Client(base_url=url, timeout=60) as client:
         r = client.post("/v1/cvat/embedding", json={"image": base64.b64encode(data).decode()})
     assert r.status_code == 200, r.text
