@@ -64,3 +64,13 @@ def coffee() -> np.ndarray:
     from skimage import data
 
     return data.coffee()
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> str:
+    """A TINY encoder with random weights (seed 1) as samvit safetensors; modules may define their own `ckpt`."""
+    from samvit.modeling.encoder import ImageEncoder
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    samvit.save_encoder(randomize_(ImageEncoder(TINY), seed=1), path)
+    return str(path)

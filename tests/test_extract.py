@@ -45,13 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the arithmetic of the one-
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    samvit.save_encoder(randomize_(ImageEncoder(TINY), seed=1), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def encoder(ckpt):
     return load_encoder(None, ckpt)
 

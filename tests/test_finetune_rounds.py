@@ -8,7 +8,7 @@ import torch
 from samvit.train.finetune import interactive_rounds, sam_loss
 from samvit.train.masks_data import MaskSamples, ShapeMasks
 
-from _finetune_utils import tiny_sam
+from tests._finetune_utils import tiny_sam
 
 
 def _batch(n: int = 2, k: int = 3):

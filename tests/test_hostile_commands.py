@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _hostile_utils import cli, small_fs, snapshot, write_image
-from conftest import TINY
+from tests._hostile_utils import cli, small_fs, snapshot, write_image
+from tests.helpers import TINY
 from PIL import Image
 
 import samvit
@@ -166,7 +166,7 @@ def _mask_folder(root, mask_shape=(64, 64), square=(10, 50)):
 
 @pytest.fixture(scope="module")
 def sam_ckpt(tmp_path_factory):
-    from _hostile_utils import tiny_sam_checkpoint
+    from tests._hostile_utils import tiny_sam_checkpoint
 
     return tiny_sam_checkpoint(tmp_path_factory.mktemp("sam") / "sam.safetensors")
 
@@ -327,7 +327,7 @@ def test_embed_and_the_cvat_route_give_the_same_embedding_by_default(tmp_path, c
     httpx = pytest.importorskip("httpx")
     import base64
 
-    from _serve_utils import object_image, official_tiny_sam_1024, png_bytes, running, save_full_checkpoint
+    from tests._serve_utils import object_image, official_tiny_sam_1024, png_bytes, running, save_full_checkpoint
     from safetensors.torch import load_file
 
     monkeypatch.delenv("SAMVIT_DTYPE", raising=False)  # the real defaults of both commands

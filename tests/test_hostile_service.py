@@ -37,7 +37,7 @@ from samvit.serve.cache import Embedded  # noqa: E402
 from samvit.serve.metrics import METHODS, STATUSES  # noqa: E402
 from samvit.serve.schemas import MAX_POINTS, MAX_POINTS_PER_BATCH, MAX_POINTS_PER_SIDE  # noqa: E402
 
-from _serve_utils import (OBJECT, free_port, object_image, official_tiny_sam_1024, png_bytes, running,  # noqa: E402
+from tests._serve_utils import (OBJECT, free_port, object_image, official_tiny_sam_1024, png_bytes, running,  # noqa: E402
                           save_full_checkpoint)
 
 

@@ -8,8 +8,8 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from _masks_utils import liven_decoder_
-from conftest import randomize_
+from tests._masks_utils import liven_decoder_
+from tests.helpers import randomize_
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -170,7 +170,7 @@ def test_embedding_file_round_trip_and_refusals(small, tmp_path, coffee):
 
 
 def test_plain_sam_refuses_hq_embeddings(tmp_path, small):
-    from conftest import TINY, official_tiny_sam
+    from tests.helpers import TINY, official_tiny_sam
 
     from samvit.embeddings.files import save_embedding
 
@@ -216,7 +216,7 @@ def test_hq_checkpoint_refusals(small, tmp_path):
 
 def test_segment_cli_refuses_hq_token_only_on_plain_sam(tmp_path, coffee):
     """--hq-token-only on a plain SAM checkpoint: exit 2, one line (the HQ path: test_embed_then_segment...)."""
-    from conftest import TINY, official_tiny_sam
+    from tests.helpers import TINY, official_tiny_sam
 
     from samvit.cli import main
 
@@ -309,7 +309,7 @@ def test_serve_segment_matches_official(small, coffee):
     import io
 
     import httpx
-    from _serve_utils import running
+    from tests._serve_utils import running
 
     from samvit.serve import ServeConfig, create_app
 
@@ -395,7 +395,7 @@ def test_vit_tiny_matches_official(tiny_hq, hq_token_only):
 def test_info_says_hq_sam(small, tiny_hq, capsys):
     """`samvit info --checkpoint` names HQ-SAM and the early features it fuses (vit_b's block 2, TinyViT's stage 1);
     a plain SAM checkpoint has hq_sam null."""
-    from conftest import TINY, official_tiny_sam
+    from tests.helpers import TINY, official_tiny_sam
 
     from samvit.cli import main
 
@@ -418,7 +418,7 @@ def test_store_keeps_early_features(small, tmp_path, coffee, capsys):
     (equal to the embedding file's, max abs 0), the identity and metadata record the block and shape; Predictor,
     `samvit segment --store`, the service's cache and `store verify` read them; a plain SAM predictor refuses the HQ
     store and the HQ predictor a plain store (typed errors)."""
-    from conftest import TINY, official_tiny_sam
+    from tests.helpers import TINY, official_tiny_sam
 
     from samvit import EmbeddingStore
     from samvit.cli import main
@@ -502,7 +502,7 @@ def test_serve_with_an_hq_store(small, coffee, tmp_path):
     import io
 
     import httpx
-    from _serve_utils import running
+    from tests._serve_utils import running
 
     from samvit import EmbeddingStore
     from samvit.serve import ServeConfig, create_app

@@ -12,13 +12,12 @@ import pytest
 from PIL import Image
 
 import samvit
-from samvit import EmbeddingStore, ImageEncoder, load_encoder
+from samvit import EmbeddingStore, load_encoder
 from samvit.checkpoints.registry import checkpoint_sha256
 from samvit.cli import main
 from samvit.data.sources import collect_inputs
 from samvit.embeddings.pipeline import StoreSink, embed
 
-from conftest import TINY, randomize_
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,13 +35,6 @@ def cluster():
         yield
     finally:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    samvit.save_encoder(randomize_(ImageEncoder(TINY), seed=1), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import samvit
-from samvit import EmbeddingStore, ImageEncoder, load_encoder
+from samvit import EmbeddingStore, load_encoder
 from samvit.checkpoints.registry import checkpoint_sha256
 from samvit.cli import main
 from samvit.data.sources import collect_inputs
 from samvit.embeddings.pipeline import StoreSink, embed
 
-from _torchrun_utils import one_thread_env
-from conftest import TINY, randomize_
+from tests._torchrun_utils import one_thread_env
+from tests.helpers import TINY
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -55,13 +54,6 @@ def s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    samvit.save_encoder(randomize_(ImageEncoder(TINY), seed=1), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

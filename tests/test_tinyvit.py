@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from _masks_utils import liven_decoder_
-from conftest import TINY, official_tiny_sam, randomize_
+from tests._masks_utils import liven_decoder_
+from tests.helpers import TINY, official_tiny_sam, randomize_
 from samvit.bench.weights import randomize_tinyvit_
 from samvit import Predictor, load_encoder
 from samvit.checkpoints.files import CONFIG_METADATA_KEY, CheckpointError, write_tensors
@@ -331,7 +331,7 @@ def test_serve_runs_a_tinyvit(tmp_path):
 
     from PIL import Image
 
-    from _serve_utils import object_image, png_bytes, running
+    from tests._serve_utils import object_image, png_bytes, running
     from samvit.serve import ServeConfig, create_app
 
     sam = liven_decoder_(official_tiny_sam(TINY, seed=4))

@@ -14,7 +14,7 @@ from samvit.cli import main
 from samvit.train.masks_data import ShapeMasks, save_mask_folder
 from samvit.train.optim import LR_FLOOR
 
-from _finetune_utils import write_tiny_checkpoint
+from tests._finetune_utils import write_tiny_checkpoint
 
 STEPS = 200
 COMMON = ["--steps", str(STEPS), "--log-every", "1", "--quiet", "--device", "cpu"]

@@ -135,10 +135,14 @@ class EmbeddingStore:
     def __init__(self, path: PathLike, verify: bool = True) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.verify_reads = verify
-        self.identity = _read_identity(self.path)
-        self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
-        self.shape = tuple(self.identity["embedding_shape"])
-        hq = self.identity.get("hq")
+        self._start(_read_identity(self.path))
+
+    def _start(self, identity: Dict[str, Any]) -> None:
+        """Take the store's identity (dtype, shapes) and read its index."""
+        self.identity = identity
+        self.dtype = np.dtype(STORE_DTYPES[identity["dtype"]])
+        self.shape = tuple(identity["embedding_shape"])
+        hq = identity.get("hq")
         # HQ-SAM: the shape of the early encoder features kept beside each embedding; None for plain SAM
         self.early_shape: Optional[Tuple[int, ...]] = None if hq is None else tuple(hq["early_shape"])
         self._arrays: Dict[str, Any] = {}
@@ -741,14 +745,7 @@ class ObjectEmbeddingStore(EmbeddingStore):
         data = self.bucket.read("zarr.json")
         if data is None and not self.bucket.find():
             raise FileNotFoundError(f"{self.path}: no such embedding store")
-        self.identity = _parse_identity(data or b"", self.path, self.path + "/zarr.json")
-        self.dtype = np.dtype(STORE_DTYPES[self.identity["dtype"]])
-        self.shape = tuple(self.identity["embedding_shape"])
-        hq = self.identity.get("hq")
-        # HQ-SAM: the shape of the early encoder features kept beside each embedding; None for plain SAM
-        self.early_shape: Optional[Tuple[int, ...]] = None if hq is None else tuple(hq["early_shape"])
-        self._arrays: Dict[str, Any] = {}
-        self.refresh()
+        self._start(_parse_identity(data or b"", self.path, self.path + "/zarr.json"))
 
     @classmethod
     def create(cls, path: PathLike, *, model: str, config: Dict[str, Any], embedding_shape: Sequence[int],
