@@ -95,8 +95,9 @@ def test_gradients_equal_reference_cuda():
 
 
 def test_equals_samvit_reference_kernel():
-    """Fed the terms samvit computes (rel_pos_terms), it equals the registered "reference" kernel on a module."""
-    from samvit.modeling.attention import Attention, rel_pos_terms, reference_attention
+    """Fed the terms samvit computes (rel_pos_terms), it equals the registered "reference" kernel."""
+    from samvit.modeling.attention import Attention, rel_pos_terms
+    from samvit.modeling.kernels import KERNELS, AttnInputs
 
     torch.manual_seed(0)
     attn = Attention(32, 2, use_rel_pos=True, input_size=(5, 6))
@@ -105,10 +106,13 @@ def test_equals_samvit_reference_kernel():
         attn.rel_pos_w.normal_(0, 0.5)
     qkv = torch.randn(2, 30, 3, 2, 16)
     with torch.no_grad():
-        ref = reference_attention(attn, qkv, (5, 6))  # (B, N, heads*hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd)
         rel_h, rel_w = rel_pos_terms(q, attn.rel_pos_h, attn.rel_pos_w, (5, 6))  # (B, heads, 5, 6, 5|6)
-        out = flex_rel_attention(q, k, v, rel_h.flatten(2, 3), rel_w.flatten(2, 3), attn.scale)
+        rel_h, rel_w = rel_h.flatten(2, 3), rel_w.flatten(2, 3)
+        inp = AttnInputs(q.reshape(4, 30, 16), k.reshape(4, 30, 16), v.reshape(4, 30, 16), rel_h.reshape(4, 30, 5),
+                         rel_w.reshape(4, 30, 6), (5, 6), attn.scale, heads=2)
+        ref = KERNELS["reference"](inp)  # (B, N, heads*hd)
+        out = flex_rel_attention(q, k, v, rel_h, rel_w, attn.scale)
     assert (out.transpose(1, 2).reshape(2, 30, 32) - ref).abs().max() <= 1e-5
 
 
