@@ -179,13 +179,7 @@ class Predictor:
             if not allow_mismatch:
                 self.check_provenance(metadata, source)
         c = self.decoder.config
-        emb = embedding[None] if embedding.ndim == 3 else embedding
-        want = (1, c.embed_dim, c.image_embedding_size, c.image_embedding_size)
-        if tuple(emb.shape) != want:
-            raise ProvenanceError(f"{source}: expected shape {want[1:]} (or with a leading 1) for this model, got "
-                                  f"{tuple(embedding.shape)}")
-        if not torch.isfinite(emb).all():
-            raise NonFiniteError(f"{source}: the embedding holds NaN or infinite values")
+        emb = _one_map(embedding, c.embed_dim, c.image_embedding_size, "embedding", source)
         early = self._check_early(early_features, metadata, source)
         if original_size is None:
             raise ValueError("original_size (H, W) of the embedded image is needed")
@@ -223,14 +217,7 @@ class Predictor:
         if not isinstance(early, torch.Tensor):
             raise TypeError(f"early_features: expected a torch.Tensor, got {type(early).__name__}")
         c = self.decoder.config
-        e = early[None] if early.ndim == 3 else early
-        want = (1, c.hq_vit_dim, c.image_embedding_size, c.image_embedding_size)
-        if tuple(e.shape) != want:
-            raise ProvenanceError(f"{source}: early features of shape {tuple(early.shape)}; this HQ-SAM model "
-                                  f"expects {want[1:]} (or with a leading 1)")
-        if not torch.isfinite(e).all():
-            raise NonFiniteError(f"{source}: the early encoder features hold NaN or infinite values")
-        return e
+        return _one_map(early, c.hq_vit_dim, c.image_embedding_size, "early features", source)
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, (1,C,h,w)."""
@@ -365,3 +352,15 @@ class Predictor:
         low, iou = self.decode(points, boxes, masks, multimask_output, hq_token_only)
         full = self.postprocess_masks(low)
         return (full if return_logits else full > self.mask_threshold), iou, low
+
+
+def _one_map(t: torch.Tensor, channels: int, size: int, what: str, source: str) -> torch.Tensor:
+    """t as (1, channels, size, size): ProvenanceError for another shape (made for another model), NonFiniteError
+    for NaN or infinite values."""
+    m = t[None] if t.ndim == 3 else t
+    if tuple(m.shape) != (1, channels, size, size):
+        raise ProvenanceError(f"{source}: {what} of shape {tuple(t.shape)}; expected shape {(channels, size, size)} "
+                              "(or with a leading 1) for this model")
+    if not torch.isfinite(m).all():
+        raise NonFiniteError(f"{source}: {what}: NaN or infinite values")
+    return m

@@ -132,8 +132,8 @@ def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def _check_input(x: torch.Tensor, cfg: EncoderConfig) -> None:
-    """A clear error for an input the encoder cannot take."""
+def check_input(x: torch.Tensor, cfg) -> None:
+    """A clear error for an input the encoder cannot take (cfg: an EncoderConfig or a TinyViTConfig)."""
     if x.ndim != 4 or x.shape[1] != cfg.in_chans or not x.is_floating_point():
         raise ParameterError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
                              f"got {x.dtype} of shape {tuple(x.shape)}")
@@ -332,7 +332,7 @@ class ImageEncoder(nn.Module):
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
         """x checked (a float (B,3,H,W), sides multiples of the patch size; float16 where allowed) and cast to the
         weights' dtype."""
-        _check_input(x, self.config)
+        check_input(x, self.config)
         if self.dtype == torch.float16:
             check_float16(self.config, x.device)
         return x.to(self.dtype)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import TinyViTConfig
 from ..errors import ParameterError
 from .common import LayerNorm2d
-from .encoder import check_float16
+from .encoder import check_float16, check_input
 
 
 class Conv2dBN(nn.Sequential):
@@ -232,12 +232,7 @@ class TinyViT(nn.Module):
     def _stages(self, x: torch.Tensor, take) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The final stage's (B,h,w,C) tokens and those of the stages in `take`."""
         cfg, dtype = self.config, self.dtype
-        if x.ndim != 4 or x.shape[1] != cfg.in_chans or not x.is_floating_point():
-            raise ParameterError(f"encoder input: expected a float tensor (B,{cfg.in_chans},H,W), "
-                             f"got {x.dtype} of shape {tuple(x.shape)}")
-        if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
-            raise ParameterError(f"encoder input: height and width must be multiples of {cfg.patch_size}, "
-                             f"got {tuple(x.shape[2:])}")
+        check_input(x, cfg)
         if dtype == torch.float16:
             check_float16(cfg, x.device)
         x = self.patch_embed(x.to(dtype))  # (B,C,h,w) between stages
