@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import MetadataError, NonFiniteError, SamvitError, open_regular
+from ..errors import NonFiniteError, SamvitError, open_regular
 
 FORMAT = "samvit-embedding-store"
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ correctness checks) or compiled (inductor's CPU template; slower than samvit's b
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from ..errors import ParameterError
