@@ -355,3 +355,20 @@ def test_serve_runs_a_tinyvit(tmp_path):
     assert len(got["masks"]) == 3 and got["best"] == int(np.argmax(scores)) and 0 < masks.sum() < masks.size
     for m, ref_mask in zip(got["masks"], masks):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(m["png"])))) > 127, ref_mask)
+
+
+@pytest.mark.parametrize("what", ["pca", "distance"])
+def test_inspect_refuses_a_tinyvit_in_one_line(what, tmp_path, capsys):
+    """samvit inspect reads a ViT's attention blocks: on a TinyViT it is a usage error naming the model (exit 2),
+    not a crash."""
+    from PIL import Image
+
+    path = str(tmp_path / "small.safetensors")
+    save_encoder(randomize_tinyvit_(build_encoder(SMALL), 1), path)
+    image = str(tmp_path / "a.png")
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
+    out = str(tmp_path / ("p.png" if what == "pca" else "d"))
+    rc = main(["inspect", what, image, "--checkpoint", path, "--out", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "'small' (TinyViT)" in err and "ViT checkpoint" in err, err
+    assert not os.path.exists(out)

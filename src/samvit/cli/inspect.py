@@ -79,6 +79,9 @@ def _encoder(args: argparse.Namespace):
         raise UserError("no weights: pass --checkpoint PATH (or set SAMVIT_CHECKPOINT); for a demo of structure "
                         "only, --model PRESET --random-weights")
     enc = load_encoder(args.model, args.checkpoint, device=device, dtype=dtype)
+    from ..inspect.capture import require_vit
+
+    require_vit(enc)  # a TinyViT checkpoint: a usage error before any image is read
     return enc, f"{enc.config.name}, {os.path.basename(os.fspath(args.checkpoint))}"
 
 

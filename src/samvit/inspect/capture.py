@@ -134,6 +134,15 @@ def block_chunks(encoder: ImageEncoder, index: int, x: torch.Tensor,
                 del chunk  # the next chunk's tensors are built after this one's are freed
 
 
+def require_vit(encoder) -> None:
+    """ParameterError unless `encoder` is a ViT ImageEncoder: the capture walks its attention blocks (TinyViT's
+    stages are another architecture)."""
+    if not isinstance(encoder, ImageEncoder):
+        name = getattr(getattr(encoder, "config", None), "name", type(encoder).__name__)
+        raise ParameterError(f"samvit.inspect reads a ViT encoder's attention blocks; model {name!r} "
+                             f"({type(encoder).__name__}) has none: use a ViT checkpoint (vit_b, vit_l, vit_h, ...)")
+
+
 @torch.no_grad()
 def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
          reducers: Sequence[Callable[[Chunk], None]], chunk_elems: int = CHUNK_ELEMS,
@@ -142,6 +151,7 @@ def walk(encoder: ImageEncoder, image: torch.Tensor, blocks: Iterable[int],
     each reducer; returns the residual stream after the last block run: the pre-neck features (1,H,W,C) computed
     by the encoder's own path (ImageEncoder.iter_blocks, as forward_features) when `full`, else the stream after
     the last chosen block."""
+    require_vit(encoder)
     wanted = set(blocks)
     last = max(wanted) if wanted else -1
     x = None
@@ -291,6 +301,8 @@ class QueryMaps:
 
 
 def _check_blocks(encoder: ImageEncoder, blocks: Union[None, int, Iterable[int]]) -> List[int]:
+    """The block indices asked for (all when None), checked against the encoder."""
+    require_vit(encoder)
     depth = len(encoder.blocks)
     if blocks is None:
         return list(range(depth))
