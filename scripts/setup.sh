@@ -9,4 +9,5 @@ PY=${PYTHON:-python3}
 spec="."
 [ -n "${1:-}" ] && spec=".[$1]"
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e "$spec"
+# scripts/constraints.txt: versions of the object-storage stack that resolve together (see that file)
+.venv/bin/python -m pip install -q -c scripts/constraints.txt "torch==2.14.1" "torchvision==0.29.1" -e "$spec"
