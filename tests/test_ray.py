@@ -160,16 +160,10 @@ def test_ray_from_and_to_s3_equals_one_process(tmp_path, cluster, images, ckpt, 
     credentials through the environment they inherit)."""
     pytest.importorskip("s3fs")
     import fsspec
-    from moto.server import ThreadedMotoServer
+    pytest.importorskip("moto.server")
+    from tests.helpers.s3 import moto_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with moto_s3():
         ray.shutdown()  # a cluster whose workers inherit the endpoint
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
                  log_to_driver=False)
@@ -181,13 +175,6 @@ def test_ray_from_and_to_s3_equals_one_process(tmp_path, cluster, images, ckpt, 
                      "--quiet"]) == 1
         assert "broken.png" in capsys.readouterr().err
         assert_same_store(reference, url)
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_import_samvit_does_not_import_ray():

@@ -2,8 +2,6 @@
 the same embeddings as from local files, kill -9 + resume equal to a clean run, concurrent writers, verify."""
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import subprocess
 import sys
@@ -22,9 +20,10 @@ from samvit.embeddings.pipeline import StoreSink, embed
 
 from tests._torchrun_utils import one_thread_env
 from tests.helpers import TINY
+from tests.helpers.s3 import moto_s3
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BUCKET = "samvit-test"
@@ -33,27 +32,11 @@ BUCKET = "samvit-test"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 (a free port), its endpoint and test credentials in the environment."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import fsspec
 
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    try:
+    with moto_s3() as env:
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
         yield env
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
