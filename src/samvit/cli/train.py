@@ -166,6 +166,16 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
     add_quiet(g, "no progress bar and no summary lines")
     g.add_argument("--synthetic-size", type=int, default=synthetic_size, metavar="N", help="images in --data "
                    f"synthetic (default {synthetic_size})")
+    v = m.add_argument_group("validation (not part of the run's identity: --resume may add or change it)")
+    v.add_argument("--val-data", default=None, metavar="DIR", help="held-out data, validated on the main process "
+                   "(train sam: a mask folder DIR/images + DIR/masks, `samvit evaluate`'s mIoUs; train mae: a folder "
+                   "of images, the masked-patch loss; train distill: a folder of images, MSE and cosine to the "
+                   "teacher); val_<metric> goes to log.jsonl and TensorBoard, the best model to RUN_DIR/best.* and "
+                   "best.json. Not --data nor inside it, not inside --out")
+    v.add_argument("--val-every", type=int, default=None, metavar="N", help="validate every N steps and at the end "
+                   "(default: at every checkpoint, --ckpt-every, and at the end); needs --val-data")
+    v.add_argument("--val-limit", type=int, default=None, metavar="N", help="validate on the first N images of "
+                   "--val-data (default: all; the other processes wait meanwhile)")
     return o, r, g
 
 
@@ -191,7 +201,8 @@ def loop_config(args: argparse.Namespace):
                        clip_grad=args.clip_grad, precision=args.precision, checkpointing=args.checkpointing,
                        fsdp=args.fsdp, seed=args.seed, resume=args.resume, log_every=args.log_every,
                        ckpt_every=args.ckpt_every, keep_last=args.keep_last, num_workers=workers,
-                       device=args.device, quiet=args.quiet)
+                       device=args.device, quiet=args.quiet, val_data=args.val_data, val_every=args.val_every,
+                       val_limit=args.val_limit)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -255,7 +266,7 @@ def check_run_dir_not_in_inputs(args: argparse.Namespace) -> None:
     from . import UserError
 
     out = os.path.realpath(args.out)
-    for flag in ("data", "images", "teacher_store", "store", "checkpoint", "teacher"):
+    for flag in ("data", "images", "teacher_store", "store", "checkpoint", "teacher", "val_data"):
         value = getattr(args, flag, None)
         if not value or value == "synthetic" or not os.path.exists(value):
             continue

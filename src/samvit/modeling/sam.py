@@ -137,6 +137,14 @@ class Sam(nn.Module):
                 iou = iou + 0.0 * torch.stack(unused).sum().to(iou.dtype)
         return masks, iou
 
+    def as_decoder(self) -> SamDecoder:
+        """A SamDecoder sharing this model's prompt encoder and mask decoder (the same modules, not copies): with
+        image_encoder, what a Predictor takes (validation during training)."""
+        dec = SamDecoder.__new__(SamDecoder)
+        nn.Module.__init__(dec)
+        dec.config, dec.prompt_encoder, dec.mask_decoder = self.decoder_config, self.prompt_encoder, self.mask_decoder
+        return dec
+
     # ---- training hooks (used by samvit.train.loop) ----
 
     def set_grad_checkpointing(self, enable: bool = True) -> "Sam":

@@ -31,15 +31,15 @@ log = logging.getLogger("samvit.train")
 class ImageFiles:
     """The image files under a folder (recursive, stable order), decoded by samvit.load_image."""
 
-    def __init__(self, root: Union[str, os.PathLike]) -> None:
+    def __init__(self, root: Union[str, os.PathLike], flag: str = "--data") -> None:
         root = os.fspath(root)
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data {root!r}: no such directory (expected a folder of images, "
-                                    "searched recursively, or 'synthetic')")
+            raise FileNotFoundError(f"{flag} {root!r}: no such directory (expected a folder of images, "
+                                    "searched recursively" + (", or 'synthetic')" if flag == "--data" else ")"))
         self.root = root
         self.paths = [p for p, _ in collect_inputs([root])]
         if not self.paths:
-            raise ValueError(f"--data {root!r}: no images found (searched recursively for "
+            raise ValueError(f"{flag} {root!r}: no images found (searched recursively for "
                              ".jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp/.gif/.ppm/.pgm)")
 
     def __len__(self) -> int:
@@ -99,6 +99,20 @@ def mae_augment(rgb: np.ndarray, size: int, g: torch.Generator) -> torch.Tensor:
     img = Image.fromarray(rgb).crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     if torch.rand(1, generator=g).item() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def centre_crop(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """The evaluation transform (no randomness): shorter side resized to size (bicubic), the centre size x size
+    crop, to 0-1 floats, ImageNet mean/std. (H,W,3) uint8 -> (3,size,size) float32."""
+    h, w = rgb.shape[:2]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    img = Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC).crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

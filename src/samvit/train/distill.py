@@ -5,6 +5,9 @@ RUN_DIR/teacher_store by the embed pipeline), never per step or epoch. So the st
 teacher saw, preprocessed as SAM does: no augmentation (a crop or flip would make the stored embedding wrong).
 Outputs: RUN_DIR/student.safetensors (samvit.load_encoder) and RUN_DIR/sam_student.pth, a full SAM checkpoint in
 the official layout (the student's image_encoder.* with the teacher's prompt_encoder.* and mask_decoder.*).
+With cfg.val_data: the held-out MSE and cosine to the teacher's embeddings of those images (read from the
+--teacher-store when it holds them, else computed once into RUN_DIR/val_teacher_store), and the best student (lowest
+MSE) as RUN_DIR/best_student.safetensors and best_sam_student.pth.
 """
 from __future__ import annotations
 
@@ -33,8 +36,11 @@ from ..runtime import is_main_process
 from .ckpt import latest_checkpoint
 from .loop import CONFIG_FILE, TrainConfig, train
 from .shapes import SyntheticShapes
+from .validate import Validation, check_val_data, held_out_means
 
 STORE_DIR = "teacher_store"
+VAL_STORE_DIR = "val_teacher_store"  # the teacher's embeddings of --val-data, when --teacher-store lacks them
+BEST_PREFIX = "best_"  # best_student.safetensors, best_sam_student.pth
 IMAGES_DIR = "images"  # --data synthetic: the pictures, written once as PNG (the store's inputs)
 STUDENT_FILE = "student.safetensors"
 SAM_FILE = "sam_student.pth"
@@ -103,14 +109,15 @@ def distill_loss(cosine_weight: float = 0.0):
 
 
 def teacher_store(teacher_path: str, teacher_sha: str, items: List[Tuple[str, str]], store_path: Optional[str],
-                  run_dir: str, batch_size: int, quiet: bool) -> EmbeddingStore:
+                  run_dir: str, batch_size: int, quiet: bool, name: str = STORE_DIR) -> EmbeddingStore:
     """The store of the teacher's embeddings: `store_path` as given (checked: same teacher, every image there with
-    the same content), else RUN_DIR/teacher_store, filled once by the embed pipeline (a resumed run reuses it)."""
+    the same content), else RUN_DIR/<name>, filled once by the embed pipeline (a resumed run reuses it)."""
     if store_path is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("under torchrun pass --teacher-store STORE, made beforehand with `samvit embed DIR "
+            what = "the teacher's embeddings of --data and --val-data" if name == VAL_STORE_DIR else "STORE"
+            raise ValueError(f"under torchrun pass --teacher-store {what}, made beforehand with `samvit embed DIR "
                              "--store STORE --checkpoint TEACHER` (the processes would each compute it)")
-        store_path = os.path.join(run_dir, STORE_DIR)
+        store_path = os.path.join(run_dir, name)
         teacher = load_encoder(checkpoint=teacher_path, dtype=torch.float32)
         report = embed(teacher, items, StoreSink(store_path, teacher_sha, dtype="float32"), batch_size=batch_size,
                        workers=0, progress=False if quiet else None)
@@ -133,27 +140,59 @@ def teacher_store(teacher_path: str, teacher_sha: str, items: List[Tuple[str, st
     return store
 
 
-def write_outputs(run_dir: str, cfg: AnyEncoderConfig, teacher_path: str, teacher_sha: str) -> List[str]:
-    """student.safetensors and (when the teacher is a full SAM checkpoint) sam_student.pth from the run's newest
-    checkpoint; returns the paths written."""
-    state = latest_checkpoint(run_dir)
+def write_outputs(run_dir: str, cfg: AnyEncoderConfig, teacher_path: str, teacher_sha: str,
+                  state: Optional[Dict[str, torch.Tensor]] = None, prefix: str = "") -> List[str]:
+    """<prefix>student.safetensors and (when the teacher is a full SAM checkpoint) <prefix>sam_student.pth from the
+    student's state dict (default: the run's newest checkpoint's); returns the paths written."""
     student = build_encoder(cfg)
-    student.load_state_dict(state["model"], strict=True)
-    path = os.path.join(run_dir, STUDENT_FILE)
+    student.load_state_dict(state if state is not None else latest_checkpoint(run_dir)["model"], strict=True)
+    path = os.path.join(run_dir, prefix + STUDENT_FILE)
     save_encoder(student, path, {"distilled_from_sha256": teacher_sha})
     written = [path]
     sd = to_official(read_checkpoint(teacher_path)[0])
     decoder = {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
     if not decoder:
         log.warning("the teacher %s holds no prompt_encoder.* / mask_decoder.*: no %s written", teacher_path,
-                    SAM_FILE)
+                    prefix + SAM_FILE)
         return written
     full = {ENCODER_PREFIX + k: v.detach().clone() for k, v in student.state_dict().items()}
     full.update({k: v.clone() for k, v in decoder.items()})
-    out = os.path.join(run_dir, SAM_FILE)
+    out = os.path.join(run_dir, prefix + SAM_FILE)
     with atomic_write(out) as tmp:
         torch.save(full, tmp)
     return written + [out]
+
+
+def distill_validation(cfg: TrainConfig, scfg: AnyEncoderConfig, teacher_path: str, teacher_sha: str,
+                       items: List[Tuple[str, str]], store: EmbeddingStore) -> Validation:
+    """The held-out MSE and cosine of the student to the teacher's embeddings of `items` (in `store`); best: the
+    lowest MSE; best_student.safetensors and best_sam_student.pth."""
+    def metrics(model: nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out = distill_loss()(model, batch)
+        return {"mse": out["mse"], "cosine": out["cosine"]}
+
+    images = DistillImages(items, store, scfg.img_size)
+
+    def run(model: nn.Module) -> Dict[str, float]:
+        return held_out_means(model, images, cfg.batch_size, cfg.val_limit, cfg.precision, metrics)
+
+    def save_best(model: nn.Module) -> List[str]:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return write_outputs(cfg.out, scfg, teacher_path, teacher_sha, state, BEST_PREFIX)
+
+    return Validation(run, "mse", False, save_best, {"val_data": os.path.abspath(cfg.val_data),
+                                                     "val_limit": cfg.val_limit})
+
+
+def val_store(items: List[Tuple[str, str]], teacher_path: str, teacher_sha: str, given_store: Optional[str],
+              run_dir: str, batch_size: int, quiet: bool) -> EmbeddingStore:
+    """The teacher's embeddings of the --val-data images: the --teacher-store when it holds every one of them
+    unchanged, else RUN_DIR/val_teacher_store (computed once)."""
+    if given_store is not None:
+        store = EmbeddingStore.open(given_store)
+        if all(k in store and store.record(k)["sha256"] == sha256_file(p) for p, k in items):
+            return store
+    return teacher_store(teacher_path, teacher_sha, items, None, run_dir, batch_size, quiet, VAL_STORE_DIR)
 
 
 def distill(cfg: TrainConfig, teacher: str, student: Union[str, AnyEncoderConfig] = "vit_t", data: str = "synthetic",
@@ -187,17 +226,29 @@ def distill(cfg: TrainConfig, teacher: str, student: Union[str, AnyEncoderConfig
         items = collect_inputs([data])
         if not items:
             raise ValueError(f"--data {data}: no images found")
+    held_out: List[Tuple[str, str]] = []
+    if cfg.val_data:  # checked before the teacher embeds anything
+        held_out = collect_inputs([check_val_data(cfg.val_data, (data,), out)])[:cfg.val_limit or None]
+        if not held_out:
+            raise ValueError(f"--val-data {cfg.val_data}: no images found")
     store = teacher_store(teacher_path, teacher_sha, items, teacher_store_path, out, embed_batch_size, cfg.quiet)
     items = [(p, k) for p, k in items if k in store]
+    validation = None
+    if held_out:
+        v_store = val_store(held_out, teacher_path, teacher_sha, teacher_store_path, out, embed_batch_size, cfg.quiet)
+        held_out = [(p, k) for p, k in held_out if k in v_store]
+        if not held_out:
+            raise ValueError(f"--val-data {cfg.val_data}: the teacher embedded none of its images")
+        validation = distill_validation(cfg, scfg, teacher_path, teacher_sha, held_out, v_store)
     task = {"task": "distill", "teacher_sha256": teacher_sha, "student": scfg.to_dict(),
             "data": os.path.abspath(data) if data != "synthetic" else data, "cosine_weight": cosine_weight,
             "teacher_store": os.path.abspath(store.path)}
     if data == "synthetic":
         task["synthetic_size"] = synthetic_size
-    made = tuple(n for n in (IMAGES_DIR, STORE_DIR) if os.path.exists(os.path.join(out, n)))
+    made = tuple(n for n in (IMAGES_DIR, STORE_DIR, VAL_STORE_DIR) if os.path.exists(os.path.join(out, n)))
     cfg = dataclasses.replace(cfg, task=task, inputs=made)
     result = train(cfg, lambda: build_encoder(scfg), DistillImages(items, store, scfg.img_size),
-                   distill_loss(cosine_weight))
+                   distill_loss(cosine_weight), validation=validation)
     if is_main_process():  # the loop's process group is gone once train() returns
         result["outputs"] = write_outputs(out, scfg, teacher_path, teacher_sha)
         if not cfg.quiet:

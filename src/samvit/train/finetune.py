@@ -27,16 +27,19 @@ from ..checkpoints.load import load_sam
 from ..masks.automatic import mask_iou
 from ..modeling.lora import LORA_TARGETS, add_lora, merge_lora
 from ..modeling.sam import Sam
+from ..errors import ParameterError
 from ..runtime import is_main_process
 from .launch import barrier, setup, teardown
 from .loop import TrainConfig, train
 from .losses import iou_loss, mask_loss
-from .masks_data import MaskSamples, open_masks
+from .masks_data import MaskFolder, MaskSamples, open_masks
+from .validate import Validation, check_val_data
 
 TRAIN_PARTS = {"encoder": "image_encoder", "prompt": "prompt_encoder", "decoder": "mask_decoder"}
 SKIPPED_FILE = "skipped.jsonl"  # images and annotations skipped during the run
 SKIPPED_ON_OPEN_FILE = "skipped_on_open.jsonl"  # those skipped when --data was opened
 FINAL_PTH, FINAL_SAFETENSORS = "final.pth", "final.safetensors"
+BEST_METRIC = "point1_miou"  # the validation metric that picks RUN_DIR/best.pth and best.safetensors
 # Masks decoded (and backpropagated) together in a training step's rounds: the step's graph holds this many masks
 # x one round (a ViT-B decoder pass over 8 masks keeps about 1 GB for its backward at 1024).
 MASKS_PER_PASS = 8
@@ -256,21 +259,54 @@ def ensure_store(store: str, source, checkpoint: str, model=None, device: Option
 
 # ---- export ----
 
-def export_model(sam: Sam, run_dir: str) -> Tuple[str, str]:
+def export_model(sam: Sam, run_dir: str, name: str = "final") -> Tuple[str, str]:
     """Write RUN_DIR/final.pth (the official segment-anything state dict: LoRA merged, float32) and
-    RUN_DIR/final.safetensors (the same tensors, with the encoder and decoder configs as metadata)."""
+    RUN_DIR/final.safetensors (the same tensors, with the encoder and decoder configs as metadata); `name`
+    replaces 'final' (best: the best validation's)."""
     from ..checkpoints.files import atomic_write
 
     merge_lora(sam)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in sam.state_dict().items()}
-    pth = os.path.join(run_dir, FINAL_PTH)
+    pth = os.path.join(run_dir, name + ".pth")
     with atomic_write(pth) as tmp:
         torch.save(sd, tmp)
-    st = os.path.join(run_dir, FINAL_SAFETENSORS)
+    st = os.path.join(run_dir, name + ".safetensors")
     meta = {CONFIG_METADATA_KEY: sam.config.to_json(), "format": "samvit",
             DECODER_CONFIG_METADATA_KEY: sam.decoder_config.to_json()}
     write_tensors(st, sd, meta)
     return pth, st
+
+
+# ---- validation ----
+
+def sam_validation(cfg: TrainConfig, build, data_inputs: Tuple[Optional[str], ...]) -> Validation:
+    """`samvit evaluate`'s metrics (samvit.train.evaluate: 1 point, 1 box, 1/3/5 correction clicks) on the mask
+    folder cfg.val_data (the first cfg.val_limit images), the model in float32; best: the highest point1_miou;
+    best.pth and best.safetensors as export_model writes final.*."""
+    from .evaluate import DEFAULT_CLICKS, evaluate
+
+    folder = check_val_data(cfg.val_data, data_inputs, cfg.out)
+    source = MaskFolder(folder, "--val-data")
+
+    def run(sam: Sam) -> Dict[str, float]:
+        from ..masks.predictor import Predictor
+
+        try:
+            result = evaluate(Predictor(sam.image_encoder, sam.as_decoder()), {"val": source}, DEFAULT_CLICKS,
+                              cfg.val_limit)
+        finally:
+            sam.image_encoder.release_workspace()  # the inference path's buffers: not kept beside training's
+        if not result["n_objects"]:
+            why = ", ".join(f"{n} x {r}" for r, n in result["skipped"].items()) or "every mask is empty"
+            raise ParameterError(f"--val-data {cfg.val_data}: no usable object to validate on ({why})")
+        return {k: v for k, v in result.items() if k.endswith("_miou") or k in ("n_objects", "n_images")}
+
+    def save_best(sam: Sam) -> List[str]:
+        copy = build()  # on the CPU; the LoRA adapters are merged into the copy, not into the model that trains
+        copy.load_state_dict(sam.state_dict())
+        return list(export_model(copy, cfg.out, "best"))
+
+    return Validation(run, BEST_METRIC, True, save_best, {"val_data": folder, "val_limit": cfg.val_limit})
 
 
 # ---- the task ----
@@ -299,6 +335,7 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
     img_size, low_res = probe.img_size, probe.low_res_size
     del probe
     source = open_masks(data, images, synthetic_size, synthetic_px=img_size, seed=cfg.seed)
+    validation = sam_validation(cfg, build, (data, images)) if cfg.val_data else None
     if isinstance(checkpoint, (str, os.PathLike)):
         ck = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else str(checkpoint)  # a file, or a name
     else:
@@ -318,7 +355,7 @@ def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", ima
     if source.problems and not cfg.quiet and is_main_process():
         print(f"samvit train: skipped while reading --data: {dict(source.problems)}")
     hooks = [_ReportProblems(source, cfg.out)] if source.missing else []
-    result = train(cfg, build, dataset, sam_loss(iterations, img_size), hooks)
+    result = train(cfg, build, dataset, sam_loss(iterations, img_size), hooks, validation)
     if is_main_process():
         from .ckpt import latest_checkpoint
 

@@ -1,5 +1,6 @@
 """Training logs: RUN_DIR/log.jsonl (one JSON object per logged step), a progress bar with ETA on a terminal,
-and TensorBoard scalars when tensorboard is installed. Only the main process writes."""
+and TensorBoard scalars when tensorboard is installed (train/<name>; val/<metric> for the val_<metric> values of
+a validation). Only the main process writes."""
 from __future__ import annotations
 
 import json
@@ -80,7 +81,7 @@ class Logger:
         self.file.flush()
         if self.tb is not None:
             for k, v in values.items():
-                self.tb.add_scalar(f"train/{k}", float(v), step)
+                self.tb.add_scalar(f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}", float(v), step)
         if self.bar is not None:
             shown = {k: values[k] for k in ("loss", "lr", "grad_norm", "images_per_s") if k in values}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
@@ -91,6 +92,10 @@ class Logger:
         rate = (step - self.last_step) * images_per_step / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
         return rate
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (spent on something else: a validation) out of the next throughput."""
+        self.last_time += seconds
 
     def close(self) -> None:
         for h in (self.bar, self.tb, self.file):

@@ -3,7 +3,8 @@
 train(cfg, build_model, dataset, loss_fn) runs as a plain process or under torchrun (DDP, or FSDP2 with
 cfg.fsdp), with activation checkpointing, bf16/fp16 autocast, gradient accumulation and clipping, AdamW on the
 warmup + cosine schedule, checkpoints that resume bit for bit, and logs. The task supplies the model, the data
-and loss_fn(model, batch) -> loss tensor (or a dict with "loss" and other scalars to log).
+and loss_fn(model, batch) -> loss tensor (or a dict with "loss" and other scalars to log), and optionally its
+validation (samvit.train.validate: held-out metrics every cfg.val_every steps and at the end, the best kept).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .launch import (Processes, all_gather, autocast, barrier, check_fsdp, check
                      mean_over_processes, seed_everything, setup, teardown, unwrap, wrap)
 from .log import LOG_FILE, Logger, peak_memory_mib, truncate_log
 from .optim import LRSchedule, build_optimizer, scaled_lr
+from .validate import Validation, load_best, validate
 
 # loss_fn(model, batch) -> loss, or a dict with "loss" and other scalars to log. A loss_fn with the attribute
 # `backward_inside = True` is called as loss_fn(model, batch, grad_scale=s) and may run backward on parts of its
@@ -71,6 +73,11 @@ class TrainConfig:
     quiet: bool = False
     task: Dict = field(default_factory=dict)
     inputs: Tuple[str, ...] = ()  # RUN_DIR entries the task wrote before the loop (distill's teacher store)
+    # validation (not part of the identity: a resumed run may add or change it): the task's held-out data, every
+    # val_every steps (default: at every checkpoint) and at the end, on the first val_limit items (default: all)
+    val_data: Optional[str] = None
+    val_every: Optional[int] = None
+    val_limit: Optional[int] = None
 
     # the fields that must match when a run is resumed (the others only say how far and how it is watched)
     IDENTITY = ("batch_size", "accum", "lr", "blr", "lr_floor", "min_lr", "warmup_steps", "decay_steps",
@@ -90,6 +97,10 @@ class TrainConfig:
         positive("steps", self.steps, True)
         positive("epochs", self.epochs, True)
         positive("decay_steps", self.decay_steps, True)
+        positive("val_every", self.val_every, True)
+        positive("val_limit", self.val_limit, True)
+        if self.val_data is None and (self.val_every is not None or self.val_limit is not None):
+            raise ValueError("--val-every and --val-limit need --val-data DIR (the held-out data to validate on)")
         for name in ("lr", "clip_grad"):
             positive(name, getattr(self, name), True, (int, float))
         if self.lr_floor is not None and (not isinstance(self.lr_floor, (int, float)) or self.lr_floor < 0):
@@ -159,9 +170,14 @@ def prepare_run_dir(cfg: TrainConfig, procs: Processes) -> None:
 
 
 def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Dataset, loss_fn: LossFn,
-          hooks: Sequence[Hook] = ()) -> Dict:
-    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'run_dir'} (loss of the last logged step)."""
+          hooks: Sequence[Hook] = (), validation: Optional[Validation] = None) -> Dict:
+    """Train until cfg.steps (or cfg.epochs); returns {'step', 'loss', 'run_dir', 'best'} (loss of the last logged
+    step; best: the best validation so far, see samvit.train.validate, or None)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if (cfg.val_data is None) != (validation is None):
+        raise ValueError("--val-data: the task gives no validation" if validation is None else
+                         "train(validation=...) needs cfg.val_data (what it validates on)")
 
     # -- processes and the run directory
     procs = setup(cfg.device)
@@ -225,6 +241,10 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
         if step >= total and procs.main and not cfg.quiet:
             print(f"samvit train: {cfg.out} is at step {step} already (asked for {total}); nothing to do")
 
+        # -- validation: the best so far of a resumed run (RUN_DIR/best.json) is kept until a better one
+        val_every = cfg.val_every or cfg.ckpt_every
+        best = load_best(cfg.out, validation) if validation is not None and cfg.resume and procs.main else None
+
         logger = Logger(cfg.out, total, step, enabled=procs.main, quiet=cfg.quiet)
         if procs.main and not cfg.quiet:
             mode = "FSDP2" if cfg.fsdp else ("DDP" if procs.distributed else "1 process")
@@ -252,7 +272,8 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum
             step += 1
-            logging_now = step % cfg.log_every == 0 or step == total
+            validating_now = validation is not None and (step % val_every == 0 or step == total)
+            logging_now = step % cfg.log_every == 0 or step == total or validating_now
             grad_norm = None
             if cfg.clip_grad is not None or logging_now:
                 scaler.unscale_(optimizer)
@@ -269,10 +290,16 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
                           "peak_mem_mib": peak_memory_mib(device)}
                 if cfg.precision == "fp16":
                     values["grad_scale"] = scaler.get_scale()
-                logger.log(step, values)
             logger.step(step)
             for hook in hooks:
                 hook(step, unwrap(model))
+            if validating_now:
+                measured, best = validate(validation, model, procs, step, best, cfg.out,
+                                          rebuild=build_model if cfg.fsdp else None)
+                values.update(measured)
+                logger.exclude(measured.get("val_seconds", 0.0))  # from the next images_per_s
+            if logging_now:
+                logger.log(step, values)
             if step % cfg.ckpt_every == 0 or step == total:
                 msd, osd = get_state_dict(model, optimizer,
                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -288,7 +315,10 @@ def train(cfg: TrainConfig, build_model: Callable[[], nn.Module], dataset: Datas
         logger.close()
         if procs.main and not cfg.quiet and values:
             print(f"samvit train: step {step}, loss {values['loss']:.4f}; checkpoint {cfg.out} (step {saved_at})")
-        return {"step": step, "loss": values.get("loss"), "run_dir": cfg.out}
+        if procs.main and not cfg.quiet and best is not None:
+            print(f"samvit train: best {best['metric']} {best['value']:.4f} at step {best['step']}: "
+                  + ", ".join(os.path.join(cfg.out, f) for f in best["files"]))
+        return {"step": step, "loss": values.get("loss"), "run_dir": cfg.out, "best": best}
     finally:
         unlock_run_dir(lock)
         teardown(procs)

@@ -24,11 +24,13 @@ from ..data.preprocess import PIXEL_MEAN, PIXEL_STD
 from ..modeling.encoder import ImageEncoder
 from ..modeling.mae import MaskedAutoencoder
 from ..runtime import is_main_process
-from .data import IMAGENET_MEAN, IMAGENET_STD, TrainImages, open_source
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, TrainImages, centre_crop, open_source
 from .launch import autocast, check_precision
 from .loop import TrainConfig, train
+from .validate import Validation, check_val_data, held_out_means
 
 BAD_IMAGES_FILE = "bad_images.jsonl"
+BEST_FILE = "best.pt"  # the best validation's MaskedAutoencoder state dict (samvit train export-encoder reads it)
 TARGETS = ("pixels", "teacher-features")
 
 
@@ -44,6 +46,34 @@ class MAEImages(TrainImages):
         sample = super().make_sample(rgb, g, index)
         sample["noise"] = torch.rand(self.num_patches, generator=g)
         return sample
+
+
+class HeldOutImages(MAEImages):
+    """Validation images: no augmentation (centre crop), and the masking noise of the image's own generator, so
+    every validation masks the same patches."""
+
+    def make_sample(self, rgb: np.ndarray, g: torch.Generator, index: int) -> Dict[str, torch.Tensor]:
+        return {"image": centre_crop(rgb, self.img_size), "noise": torch.rand(self.num_patches, generator=g),
+                "index": torch.tensor(index)}
+
+
+def mae_validation(cfg: TrainConfig, loss_fn, img_size: int, num_patches: int) -> Validation:
+    """The held-out loss (the training loss, same mask ratio, on HeldOutImages of cfg.val_data); best: the lowest;
+    best.pt: the model's state dict."""
+    data = check_val_data(cfg.val_data, (cfg.task.get("data"),), cfg.out)
+    images = HeldOutImages(ImageFiles(data, "--val-data"), img_size, num_patches, cfg.seed)
+
+    def run(model: nn.Module) -> Dict[str, float]:
+        return held_out_means(model, images, cfg.batch_size, cfg.val_limit, cfg.precision,
+                              lambda m, batch: {"loss": loss_fn(m, batch)})
+
+    def save_best(model: nn.Module) -> List[str]:
+        path = os.path.join(cfg.out, BEST_FILE)
+        with atomic_write(path) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        return [path]
+
+    return Validation(run, "loss", False, save_best, {"val_data": data, "val_limit": cfg.val_limit})
 
 
 def mae_loss(mask_ratio: Optional[float] = None):
@@ -185,8 +215,11 @@ def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthet
         hooks.append(ReconstructionPictures(dataset, cfg.out, vis_every, mask_ratio=mask_ratio,
                                             precision=cfg.precision))
     if teacher_model is None:
-        return train(cfg, lambda: MaskedAutoencoder(mae_cfg), dataset, mae_loss(mask_ratio), hooks)
-    tc = teacher_model.config
-    width = tc.out_chans or tc.embed_dim
-    return train(cfg, lambda: MaskedAutoencoder(mae_cfg, target_dim=width), dataset,
-                 sami_loss(teacher_model, mae_cfg.grid_size, mask_ratio), hooks)
+        build, loss_fn = (lambda: MaskedAutoencoder(mae_cfg)), mae_loss(mask_ratio)
+    else:
+        tc = teacher_model.config
+        width = tc.out_chans or tc.embed_dim
+        build = lambda: MaskedAutoencoder(mae_cfg, target_dim=width)  # noqa: E731
+        loss_fn = sami_loss(teacher_model, mae_cfg.grid_size, mask_ratio)
+    validation = mae_validation(cfg, loss_fn, mae_cfg.img_size, mae_cfg.num_patches) if cfg.val_data else None
+    return train(cfg, build, dataset, loss_fn, hooks, validation)

@@ -78,12 +78,13 @@ def read_label_png(path: str) -> np.ndarray:
 class MaskFolder:
     """DIR/images/NAME.ext with DIR/masks/NAME.png (0 background, each other value one instance)."""
 
-    def __init__(self, root: Union[str, os.PathLike]) -> None:
+    def __init__(self, root: Union[str, os.PathLike], flag: str = "--data") -> None:
         root = os.fspath(root)
         images, masks = os.path.join(root, "images"), os.path.join(root, "masks")
         if not os.path.isdir(images) or not os.path.isdir(masks):
-            raise FileNotFoundError(f"--data {root}: expected a folder with images/ and masks/ subfolders "
-                                    "(images/NAME.png|jpg and masks/NAME.png), or a COCO annotations .json")
+            raise FileNotFoundError(f"{flag} {root}: expected a folder with images/ and masks/ subfolders "
+                                    "(images/NAME.png|jpg and masks/NAME.png)"
+                                    + (", or a COCO annotations .json" if flag == "--data" else ""))
         self.root, self.problems = root, Counter()
         self.items: List[Tuple[str, str, str]] = []  # (key, image path, mask path)
         self.missing: Problems = []
@@ -97,7 +98,7 @@ class MaskFolder:
                 self.problems["image without mask"] += 1
                 self.missing.append((os.path.join(images, f), f"no mask file {mask}"))
         if not self.items:
-            raise ParameterError(f"--data {root}: no image in images/ has a mask masks/NAME.png")
+            raise ParameterError(f"{flag} {root}: no image in images/ has a mask masks/NAME.png")
 
     def __len__(self) -> int:
         return len(self.items)
