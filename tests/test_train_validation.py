@@ -28,11 +28,11 @@ MAE = ["train", "mae", "--data", "synthetic", "--model", "mae_tiny", "--syntheti
        "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--keep-last", "20", "--quiet"]
 
 
-def image_folder(path, n: int, size: int = 96, seed: int = 5) -> str:
+def image_folder(path, n: int, size: int = 96, seed: int = 5, prefix: str = "held") -> str:
     os.makedirs(path, exist_ok=True)
     shapes = SyntheticShapes(n, size=size, seed=seed)
     for i in range(n):
-        Image.fromarray(shapes.load(i)).save(os.path.join(path, f"held_{i}.png"))
+        Image.fromarray(shapes.load(i)).save(os.path.join(path, f"{prefix}_{i}.png"))
     return str(path)
 
 
@@ -192,6 +192,15 @@ def test_distill_validation(tmp_path):
     assert all(torch.equal(saved[k], at_step[k]) for k in saved)
     full = torch.load(os.path.join(run, "best_sam_student.pth"), weights_only=True)
     assert all(torch.equal(full["image_encoder." + k], v) for k, v in at_step.items())
+
+    # a --teacher-store that holds the validation images too: read from it, nothing computed into the run
+    data, store, again = image_folder(tmp_path / "data", 2, size=64, seed=9, prefix="train"), str(tmp_path / "s"), \
+        str(tmp_path / "again")
+    for folder in (data, val):
+        assert main(["embed", folder, "--store", store, "--checkpoint", teacher, "--dtype", "float32", "--quiet"]) == 0
+    assert main(["train", "distill", "--teacher", teacher, "--student", student, "--data", data, "--teacher-store",
+                 store, "--batch-size", "2", "--steps", "2", "--quiet", "--out", again, "--val-data", val]) == 0
+    assert not os.path.exists(os.path.join(again, "val_teacher_store")) and val_steps(again, "val_mse") == [2]
 
 
 def test_bad_flags_are_usage_errors(tmp_path, val_images, tiny_sam, capsys):

@@ -168,10 +168,11 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
                    f"synthetic (default {synthetic_size})")
     v = m.add_argument_group("validation (not part of the run's identity: --resume may add or change it)")
     v.add_argument("--val-data", default=None, metavar="DIR", help="held-out data, validated on the main process "
-                   "(train sam: a mask folder DIR/images + DIR/masks, `samvit evaluate`'s mIoUs; train mae: a folder "
-                   "of images, the masked-patch loss; train distill: a folder of images, MSE and cosine to the "
-                   "teacher); val_<metric> goes to log.jsonl and TensorBoard, the best model to RUN_DIR/best.* and "
-                   "best.json. Not --data nor inside it, not inside --out")
+                   "(train sam: a mask folder DIR/images + DIR/masks, `samvit evaluate`'s mIoUs, best: the highest "
+                   "1-point mIoU; train mae: a folder of images, the masked-patch loss, best: the lowest; train "
+                   "distill: a folder of images, MSE and cosine to the teacher, best: the lowest MSE); "
+                   "val_<metric> goes to log.jsonl and TensorBoard, the best model so far to RUN_DIR/best.* with "
+                   "best.json (docs/training.md). Not --data nor inside it, not inside --out")
     v.add_argument("--val-every", type=int, default=None, metavar="N", help="validate every N steps and at the end "
                    "(default: at every checkpoint, --ckpt-every, and at the end); needs --val-data")
     v.add_argument("--val-limit", type=int, default=None, metavar="N", help="validate on the first N images of "
