@@ -12,34 +12,44 @@ import os
 from typing import Tuple
 
 from ..config import MAE_PRESETS
-from .options import (ENCODER_PRESETS, RELEASED, SAM_FILE, VIT_PRESETS, add_checkpoint, add_device,
-                      add_model, add_quiet, encoder_spec)
+from ..train.settings import TARGETS, DistillTask, MAETask, SamTask, default
+from .options import (ENCODER_PRESETS, REGISTRY, RELEASED, SAM_FILE, VIT_PRESETS, add_device, add_model, add_quiet,
+                      encoder_spec)
 
 MAE_MODELS = tuple(MAE_PRESETS)
 
 HELP = "MAE pre-training, distillation, fine-tuning SAM on masks (one process or torchrun); export to SAM"
 
 
+def _default(cls, name: str) -> str:
+    """A settings dataclass field's default, as the help prints it."""
+    value = default(cls, name)
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # The task options default to None, "not given": the defaults are the fields' of MAETask, SamTask and
+    # DistillTask (samvit.train.settings) and TrainConfig's, applied by run_settings after a --config file.
     sub = p.add_subparsers(dest="train_command", metavar="TASK")
     m = sub.add_parser("mae", help="MAE pre-training of the ViT encoder on a folder of images (or synthetic shapes)",
                        description="MAE pre-training (He et al. 2022) of the ViT encoder: 75% of each image's "
                        "patches masked, the visible ones encoded, the pixels of the masked ones reconstructed. Runs "
                        "as one process or under torchrun (DDP; --fsdp for FSDP2). Writes RUN_DIR/log.jsonl, "
                        "checkpoints (ckpt_<step>.pt, the last --keep-last kept) and reconstruction pictures.")
-    m.add_argument("--data", required=True, metavar="DIR|synthetic",
-                   help="folder of training images (searched recursively), or 'synthetic' for a generated set of "
-                   "shapes (tests and demos)")
-    m.add_argument("--model", required=True, choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos)")
-    o, r, g = add_loop_arguments(m, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="mae_vit_h", synthetic_size=1024)
-    o.add_argument("--mask-ratio", type=float, default=None, help="fraction of patches masked (default 0.75)")
-    o.add_argument("--target", choices=("pixels", "teacher-features"), default="pixels",
-                   help="what the decoder reconstructs for the masked patches: their pixels (MAE, default) or "
-                   "--teacher's embedding after its neck, pooled to the token grid (SAMI, EfficientSAM)")
-    o.add_argument("--teacher", default=None, metavar="vit_h|PATH", help="with --target teacher-features: the "
-                   "teacher SAM encoder (registry name or checkpoint file)")
-    g.add_argument("--vis-every", type=int, default=0, metavar="K", help="write RUN_DIR/recon_<step>.png every K "
-                   "steps (default: off)")
+    m.add_argument("--data", metavar="DIR|synthetic", help="folder of training images (searched recursively), or "
+                   "'synthetic' for a generated set of shapes (tests and demos); required, here or in --config")
+    m.add_argument("--model", choices=MAE_MODELS, help="MAE preset (mae_tiny: width 64, for demos); required, here "
+                   "or in --config")
+    o, r, g = add_loop_arguments(m, blr=MAETask.BLR, blr_note="MAE's", fp16_refused="mae_vit_h",
+                                 synthetic_size=default(MAETask, "synthetic_size"))
+    o.add_argument("--mask-ratio", type=float, help="fraction of patches masked (default: the preset's, 0.75)")
+    o.add_argument("--target", choices=TARGETS, help="what the decoder reconstructs for the masked patches: their "
+                   "pixels (MAE) or --teacher's embedding after its neck, pooled to the token grid (SAMI, "
+                   f"EfficientSAM) (default {_default(MAETask, 'target')})")
+    o.add_argument("--teacher", metavar="vit_h|PATH", help="with --target teacher-features: the teacher SAM encoder "
+                   "(registry name or checkpoint file)")
+    g.add_argument("--vis-every", type=int, metavar="K", help="write RUN_DIR/recon_<step>.png every K steps "
+                   f"(default {_default(MAETask, 'vis_every')}: off)")
 
     f = sub.add_parser("sam", help="fine-tune SAM on masks (full, frozen parts, LoRA, or decoder-only from an "
                        "embedding store)",
@@ -48,34 +58,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "prompt; 20 x focal + dice + IoU MSE). Runs as one process or under torchrun (DDP; --fsdp "
                        "for FSDP2). Writes RUN_DIR/log.jsonl, checkpoints, and at the end RUN_DIR/final.pth (the "
                        "official segment-anything layout, LoRA merged) and RUN_DIR/final.safetensors.")
-    f.add_argument("--data", required=True, metavar="DIR|ANN.json|synthetic",
+    f.add_argument("--data", metavar="DIR|ANN.json|synthetic",
                    help="a folder with images/NAME.(png|jpg) and masks/NAME.png (0 background, each other value one "
-                   "instance), a COCO annotations .json (with --images), or 'synthetic' (generated shapes)")
-    f.add_argument("--images", default=None, metavar="DIR", help="the image folder of a COCO --data .json")
-    add_checkpoint(f, SAM_FILE, required=True, note=": the SAM model to start from")
+                   "instance), a COCO annotations .json (with --images), or 'synthetic' (generated shapes); "
+                   "required, here or in --config")
+    f.add_argument("--images", metavar="DIR", help="the image folder of a COCO --data .json")
+    f.add_argument("--checkpoint", metavar="CK", help=f"{SAM_FILE} or {REGISTRY}: the SAM model to start from; "
+                   "required, here or in --config")
     add_model(f, presets=None)
-    o, r, g = add_loop_arguments(f, blr=8e-4, blr_note="8e-4, SAM's at batch 256", fp16_refused="vit_h",
-                                 synthetic_size=256)
+    o, r, g = add_loop_arguments(f, blr=SamTask.BLR, blr_note="SAM's at batch 256", fp16_refused="vit_h",
+                                 synthetic_size=default(SamTask, "synthetic_size"))
     t = f.add_argument_group("what trains, and the prompts")
-    t.add_argument("--train", default="encoder,prompt,decoder", metavar="PARTS",
-                   help="comma-separated parts that train: encoder, prompt, decoder (default: all three)")
-    t.add_argument("--lora-rank", type=int, default=0, metavar="R", help="LoRA adapters of rank R on the encoder "
-                   "instead of training its weights (merged into plain weights on export; default 0: off)")
-    t.add_argument("--lora-targets", default="qkv", metavar="LIST", help="the encoder layers that get adapters: "
-                   "qkv, proj, mlp (comma-separated; default qkv)")
-    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (update x alpha / R; default R)")
-    t.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay of the encoder: block i "
-                   "gets lr x decay^(depth - i) (default 1: none)")
-    t.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the encoder's last block "
-                   "(linear from 0 in the first; default 0)")
-    t.add_argument("--iterations", type=int, default=8, metavar="N", help="correction clicks after the first "
-                   "prompt, each from the error region of the previous prediction (default 8, SAM's; 0: the first "
-                   "prompt only)")
-    t.add_argument("--masks-per-image", type=int, default=8, metavar="K", help="instances sampled per image per step "
-                   "(default 8)")
-    t.add_argument("--store", default=None, metavar="STORE", help="decoder-only training: read the image "
-                   "embeddings from this `samvit embed --store` store (computed into it where missing) instead of "
-                   "running the frozen encoder")
+    t.add_argument("--train", metavar="PARTS", help="comma-separated parts that train: encoder, prompt, decoder "
+                   f"(default {_default(SamTask, 'train')})")
+    t.add_argument("--lora-rank", type=int, metavar="R", help="LoRA adapters of rank R on the encoder instead of "
+                   "training its weights (merged into plain weights on export; default "
+                   f"{_default(SamTask, 'lora_rank')}: off)")
+    t.add_argument("--lora-targets", metavar="LIST", help="the encoder layers that get adapters: qkv, proj, mlp "
+                   f"(comma-separated; default {_default(SamTask, 'lora_targets')})")
+    t.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha (update x alpha / R; default R)")
+    t.add_argument("--layer-decay", type=float, help="layer-wise lr decay of the encoder: block i gets lr x "
+                   f"decay^(depth - i) (default {_default(SamTask, 'layer_decay')}: none)")
+    t.add_argument("--drop-path", type=float, help="stochastic depth rate of the encoder's last block (linear from 0 "
+                   f"in the first; default {_default(SamTask, 'drop_path')})")
+    t.add_argument("--iterations", type=int, metavar="N", help="correction clicks after the first prompt, each from "
+                   f"the error region of the previous prediction (default {_default(SamTask, 'iterations')}, SAM's; "
+                   "0: the first prompt only)")
+    t.add_argument("--masks-per-image", type=int, metavar="K", help="instances sampled per image per step (default "
+                   f"{_default(SamTask, 'masks_per_image')})")
+    t.add_argument("--store", metavar="STORE", help="decoder-only training: read the image embeddings from this "
+                   "`samvit embed --store` store (computed into it where missing) instead of running the frozen "
+                   "encoder")
 
     d = sub.add_parser("distill", help="distil a SAM encoder into a small student (MobileSAM-style)",
                        description="Decoupled distillation: the student encoder learns the teacher's image embeddings "
@@ -84,22 +97,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "no augmentation (it would invalidate them). Writes RUN_DIR/student.safetensors (loads with "
                        "samvit.load_encoder) and RUN_DIR/sam_student.pth (the student with the teacher's prompt "
                        "encoder and mask decoder, official layout), besides the loop's log.jsonl and checkpoints.")
-    d.add_argument("--teacher", required=True, metavar="vit_h|PATH", help="the teacher: a registry name "
+    d.add_argument("--teacher", metavar="vit_h|PATH", help="the teacher: a registry name "
                    f"({', '.join(RELEASED)}) or a full SAM checkpoint file (an encoder-only file gives no "
-                   "sam_student.pth)")
-    d.add_argument("--student", default="vit_t", metavar="PRESET|JSON", help=f"student preset ({ENCODER_PRESETS}; "
-                   "tinyvit: tinyvit_5m, MobileSAM's) or a JSON file of EncoderConfig or TinyViTConfig fields "
-                   "(default vit_t); its input size is the teacher's")
-    d.add_argument("--data", required=True, metavar="DIR|synthetic", help="folder of training images (searched "
-                   "recursively), or 'synthetic' (shapes, written once to RUN_DIR/images)")
-    d.add_argument("--teacher-store", default=None, metavar="STORE", help="the teacher's embeddings of --data, made "
-                   "by `samvit embed DIR --store STORE --checkpoint TEACHER` (default: computed once into "
-                   "RUN_DIR/teacher_store)")
-    o, r, g = add_loop_arguments(d, blr=1.5e-4, blr_note="1.5e-4, MAE's", fp16_refused="vit_h", synthetic_size=256)
-    o.add_argument("--cosine-weight", type=float, default=0.0, metavar="W", help="loss = MSE + W x (1 - cosine "
-                   "per embedding position) (default 0: MSE alone)")
-    g.add_argument("--embed-batch-size", type=int, default=1, metavar="B", help="batch of the teacher when it "
-                   "computes the store (default 1)")
+                   "sam_student.pth); required, here or in --config")
+    d.add_argument("--student", metavar="PRESET|JSON", help=f"student preset ({ENCODER_PRESETS}; tinyvit: "
+                   "tinyvit_5m, MobileSAM's) or a JSON file of EncoderConfig or TinyViTConfig fields (default "
+                   f"{_default(DistillTask, 'student')}); its input size is the teacher's")
+    d.add_argument("--data", metavar="DIR|synthetic", help="folder of training images (searched recursively), or "
+                   "'synthetic' (shapes, written once to RUN_DIR/images); required, here or in --config")
+    d.add_argument("--teacher-store", metavar="STORE", help="the teacher's embeddings of --data, made by `samvit "
+                   "embed DIR --store STORE --checkpoint TEACHER` (default: computed once into RUN_DIR/teacher_store)")
+    o, r, g = add_loop_arguments(d, blr=DistillTask.BLR, blr_note="MAE's", fp16_refused="vit_h",
+                                 synthetic_size=default(DistillTask, "synthetic_size"))
+    o.add_argument("--cosine-weight", type=float, metavar="W", help="loss = MSE + W x (1 - cosine per embedding "
+                   f"position) (default {_default(DistillTask, 'cosine_weight')}: MSE alone)")
+    g.add_argument("--embed-batch-size", type=int, metavar="B", help="batch of the teacher when it computes the "
+                   f"store (default {_default(DistillTask, 'embed_batch_size')})")
 
     e = sub.add_parser("export-encoder", help="turn an MAE encoder into a SAM ImageEncoder (.safetensors)",
                        description="Build a SAM ImageEncoder from an MAE-trained ViT (what SAM did): patch embedding "
@@ -117,55 +130,61 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp16_refused: str, synthetic_size: int
                        ) -> Tuple[argparse._ArgumentGroup, argparse._ArgumentGroup, argparse._ArgumentGroup]:
-    """The shared loop's options (run directory and batch, length, optimisation, memory/precision/processes, logs,
-    --data synthetic's size); returns the three option groups for the task's own options."""
-    m.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created; must be new unless "
-                   "--resume)")
-    m.add_argument("--batch-size", type=int, required=True, metavar="B", help="images per process per micro-batch")
-    length = m.add_mutually_exclusive_group(required=True)
+    """The shared loop's options (a --config file, run directory and batch, length, optimisation,
+    memory/precision/processes, logs, --data synthetic's size); returns the three option groups for the task's own
+    options. None is "not given" (see run_settings); the help names TrainConfig's defaults."""
+    m.add_argument("--config", metavar="FILE", help="start from the settings in FILE: YAML (.yaml, .yml) or JSON, "
+                   "TrainConfig's fields (out, batch_size, steps, lr, ...) and the task's (data, model, ...), or a "
+                   "run's RUN_DIR/config.json; the flags given override it (docs/training.md)")
+    m.add_argument("--out", metavar="RUN_DIR", help="run directory (created; must be new unless --resume); "
+                   "required, here or in --config")
+    m.add_argument("--batch-size", type=int, metavar="B", help="images per process per micro-batch; required, here "
+                   "or in --config")
+    length = m.add_mutually_exclusive_group()  # one of them, here or in --config
     length.add_argument("--steps", type=int, metavar="N", help="train up to optimizer step N")
     length.add_argument("--epochs", type=int, metavar="E", help="train E passes over the data")
     o = m.add_argument_group("optimisation (AdamW 0.9/0.95, warmup + half-cycle cosine per step)")
-    o.add_argument("--accum", type=int, default=1, metavar="K", help="gradient accumulation: micro-batches per "
-                   "optimizer step (default 1); global batch = B x K x processes")
-    o.add_argument("--blr", type=float, default=blr, help=f"base lr: peak lr = blr x global batch / 256 "
-                   f"(default {blr_note})")
-    o.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr and --lr-floor)")
-    o.add_argument("--lr-floor", type=float, default=None, metavar="LR", help="the least peak lr the --blr rule "
-                   "gives, for small batches (default: the task's, printed at the start and listed in "
-                   "docs/training.md; 0: the rule alone)")
-    o.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine (default 0)")
-    o.add_argument("--warmup-steps", type=int, default=None, metavar="W", help="linear warmup steps (default: "
-                   "10%% of the cosine's length, 0 when there is none)")
-    o.add_argument("--decay-steps", type=int, default=None, metavar="D",
+    o.add_argument("--accum", type=int, metavar="K", help="gradient accumulation: micro-batches per optimizer step "
+                   "(default 1); global batch = B x K x processes")
+    o.add_argument("--blr", type=float, help=f"base lr: peak lr = blr x global batch / 256 (default {blr:g}, "
+                   f"{blr_note})")
+    o.add_argument("--lr", type=float, help="absolute peak lr (overrides --blr and --lr-floor)")
+    o.add_argument("--lr-floor", type=float, metavar="LR", help="the least peak lr the --blr rule gives, for small "
+                   "batches (default: the task's, printed at the start and listed in docs/training.md; 0: the rule "
+                   "alone)")
+    o.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default 0)")
+    o.add_argument("--warmup-steps", type=int, metavar="W", help="linear warmup steps (default: 10%% of the cosine's "
+                   "length, 0 when there is none)")
+    o.add_argument("--decay-steps", type=int, metavar="D",
                    help="the cosine reaches --min-lr at step D (default: the full run with --epochs; with --steps no "
                    "decay unless D is given, so that --steps can be raised on --resume)")
-    o.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms, biases, "
-                   "position embeddings and tokens (default 0.05)")
-    o.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the gradient norm to NORM")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay, not on norms, biases, position embeddings "
+                   "and tokens (default 0.05)")
+    o.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM")
     r = m.add_argument_group("memory, precision and processes")
-    r.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block: less memory, "
-                   "about one more forward pass of compute")
-    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    r.add_argument("--checkpointing", action="store_true", default=None, help="activation checkpointing per block: "
+                   "less memory, about one more forward pass of compute")
+    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help=f"fp32 (default), bf16 autocast, or fp16 autocast with a gradient scaler (refused for "
                    f"{fp16_refused})")
-    r.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
-                   "processes (FSDP2, per block) instead of DDP; needs torchrun")
+    r.add_argument("--fsdp", action="store_true", default=None, help="shard parameters, gradients and optimizer "
+                   "state over the processes (FSDP2, per block) instead of DDP; needs torchrun")
     add_device(r, torchrun=True)
-    r.add_argument("--num-workers", type=int, default=None, metavar="N", help="DataLoader processes (default: 0 "
-                   "for synthetic data and for train sam --store, else up to 8 per process; persistent, forked before "
-                   "the model is built); the data is the same for any N")
+    r.add_argument("--num-workers", type=int, metavar="N", help="DataLoader processes (default: 0 for synthetic data "
+                   "and for train sam --store, else up to 8 per process; persistent, forked before the model is "
+                   "built); the data is the same for any N")
     g = m.add_argument_group("run directory and logs")
-    g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its newest checkpoint "
-                   "(starts at step 0 if it has none)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order, augmentation and masks")
-    g.add_argument("--log-every", type=int, default=10, metavar="K", help="log every K steps (default 10)")
-    g.add_argument("--ckpt-every", type=int, default=500, metavar="K", help="checkpoint every K steps and at the "
-                   "end (default 500)")
-    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default 3)")
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run in RUN_DIR from its newest "
+                   "checkpoint (starts at step 0 if it has none)")
+    g.add_argument("--seed", type=int, help="seed of the weights, the data order, augmentation and masks (default 0)")
+    g.add_argument("--log-every", type=int, metavar="K", help="log every K steps (default 10)")
+    g.add_argument("--ckpt-every", type=int, metavar="K", help="checkpoint every K steps and at the end (default "
+                   "500)")
+    g.add_argument("--keep-last", type=int, metavar="N", help="checkpoints kept (default 3)")
     add_quiet(g, "no progress bar and no summary lines")
-    g.add_argument("--synthetic-size", type=int, default=synthetic_size, metavar="N", help="images in --data "
-                   f"synthetic (default {synthetic_size})")
+    m.set_defaults(quiet=None)
+    g.add_argument("--synthetic-size", type=int, metavar="N", help="images in --data synthetic (default "
+                   f"{synthetic_size})")
     v = m.add_argument_group("validation (not part of the run's identity: --resume may add or change it)")
     v.add_argument("--val-data", default=None, metavar="DIR", help="held-out data, validated on the main process "
                    "(train sam: a mask folder DIR/images + DIR/masks, `samvit evaluate`'s mIoUs, best: the highest "
@@ -180,30 +199,55 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
     return o, r, g
 
 
-def loop_config(args: argparse.Namespace):
-    """The TrainConfig of the shared loop's options."""
+def run_settings(args: argparse.Namespace):
+    """(TrainConfig, the task's settings) of a run: the flags given, over the --config file's settings, over the
+    defaults (the dataclasses' fields; the task's --blr, --lr-floor and --num-workers). The merged values are also
+    set on args."""
+    import dataclasses
+
+    from ..errors import ParameterError
     from ..train.loop import TrainConfig
-
-    workers = args.num_workers
-    if workers is None:  # none where a sample is cheap: synthetic data, or embeddings read from a store (train sam)
-        cheap = args.data == "synthetic" or getattr(args, "store", None) is not None
-        workers = 0 if cheap else min(8, max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     from ..train.optim import LR_FLOOR
+    from ..train.settings import LOOP_INTERNAL, TASKS, read_settings, required
+    from . import UserError
 
-    floor = args.lr_floor
-    if floor is None:
-        task = args.train_command
-        if task == "sam" and "encoder" in [p.strip() for p in args.train.split(",")]:
-            task = "sam_encoder"
-        floor = LR_FLOOR.get(task)
-    return TrainConfig(out=args.out, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
-                       accum=args.accum, lr=args.lr, blr=args.blr, lr_floor=floor, min_lr=args.min_lr,
-                       warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, weight_decay=args.weight_decay,
-                       clip_grad=args.clip_grad, precision=args.precision, checkpointing=args.checkpointing,
-                       fsdp=args.fsdp, seed=args.seed, resume=args.resume, log_every=args.log_every,
-                       ckpt_every=args.ckpt_every, keep_last=args.keep_last, num_workers=workers,
-                       device=args.device, quiet=args.quiet, val_data=args.val_data, val_every=args.val_every,
-                       val_limit=args.val_limit)
+    cls = TASKS[args.train_command]
+    loop_names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in LOOP_INTERNAL]
+    task_names = [f.name for f in dataclasses.fields(cls)]
+    given = {k: getattr(args, k) for k in loop_names + task_names if getattr(args, k, None) is not None}
+    from_file = read_settings(args.config, cls) if args.config else {}
+    if "steps" in given or "epochs" in given:  # the run's length is one setting: a flag for it replaces the file's
+        from_file = {k: v for k, v in from_file.items() if k not in ("steps", "epochs")}
+    values = {**from_file, **given}
+    missing = [f"--{k.replace('_', '-')}" for k in ("out", "batch_size", *required(cls)) if values.get(k) is None]
+    if values.get("steps") is None and values.get("epochs") is None:
+        missing.append("--steps or --epochs")
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}: give them as flags or in a --config file")
+    if cls.NAME == "sam" and isinstance(values.get("model"), str):
+        values["model"] = encoder_spec(values["model"])  # a JSON file of EncoderConfig fields is read here
+    vars(args).update(values)
+    try:
+        task = cls(**{k: v for k, v in values.items() if k in task_names})
+    except ParameterError as e:
+        if e.param in from_file and e.param not in given:  # name the file's setting, not a flag
+            raise UserError(f"--config {args.config}: {e}") from None
+        raise
+    loop = {k: v for k, v in values.items() if k in loop_names and v is not None}
+    loop.setdefault("blr", cls.BLR)
+    if "num_workers" not in loop:  # none where a sample is cheap: synthetic data, or embeddings read from a store
+        cheap = values["data"] == "synthetic" or values.get("store") is not None
+        loop["num_workers"] = 0 if cheap else min(8, max(1, (os.cpu_count() or 2) //
+                                                         int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if "lr_floor" not in loop:
+        loop["lr_floor"] = LR_FLOOR.get("sam_encoder" if cls.NAME == "sam" and "encoder" in task.train else cls.NAME)
+    try:
+        cfg = TrainConfig(**loop)
+    except ValueError as e:
+        if from_file:
+            raise UserError(f"{e} (the settings of --config {args.config} and the flags)") from None
+        raise
+    return cfg, task
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,50 +259,39 @@ def run(args: argparse.Namespace) -> int:
     if args.train_command == "export-encoder":
         _run_export(args)
         return 0
+    cfg, task = run_settings(args)
     check_run_dir_not_in_inputs(args)
     folder = args.train_command != "sam"  # sam also reads a COCO .json
     if args.data != "synthetic" and not (os.path.isdir if folder else os.path.exists)(args.data):
         raise UserError(f"--data {args.data}: no such " + ("directory (expected a folder of images or 'synthetic')"
                                                            if folder else "file or directory"))
-    task = {"mae": _run_mae, "sam": _run_sam, "distill": _run_distill}[args.train_command]
-    task(loop_config(args), args)  # the task's own checks, then the run
+    run_task = {"mae": _run_mae, "sam": _run_sam, "distill": _run_distill}[args.train_command]
+    run_task(cfg, task)  # the task's own checks, then the run
     return 0
 
 
-def _run_mae(cfg, args: argparse.Namespace) -> None:
+def _run_mae(cfg, task) -> None:
     from ..train.mae import pretrain_mae
-    from . import UserError
 
-    if args.vis_every < 0:
-        raise UserError(f"--vis-every must not be negative, got {args.vis_every}")
-    pretrain_mae(cfg, model=args.model, data=args.data, mask_ratio=args.mask_ratio, synthetic_size=args.synthetic_size,
-                 vis_every=args.vis_every, target=args.target, teacher=args.teacher)
+    pretrain_mae(cfg, task)
 
 
-def _run_sam(cfg, args: argparse.Namespace) -> None:
+def _run_sam(cfg, task) -> None:
     from ..train.finetune import finetune_sam
     from . import UserError
 
-    if args.store is not None and os.path.abspath(args.store) == os.path.abspath(args.out):
+    if task.store is not None and os.path.abspath(task.store) == os.path.abspath(cfg.out):
         raise UserError("--store and --out must be different paths")
-    finetune_sam(cfg, args.checkpoint, data=args.data, images=args.images, model=encoder_spec(args.model),
-                 train_parts=args.train, lora_rank=args.lora_rank,
-                 lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
-                 lora_alpha=args.lora_alpha, layer_decay=args.layer_decay, drop_path=args.drop_path,
-                 iterations=args.iterations, masks_per_image=args.masks_per_image, store=args.store,
-                 synthetic_size=args.synthetic_size)
+    finetune_sam(cfg, task)
 
 
-def _run_distill(cfg, args: argparse.Namespace) -> None:
+def _run_distill(cfg, task) -> None:
     from ..train.distill import distill
     from . import UserError
 
-    if args.student.endswith(".json") and not os.path.isfile(args.student):
-        raise UserError(f"--student {args.student}: no such file")
-    if args.embed_batch_size < 1:
-        raise UserError(f"--embed-batch-size must be at least 1, got {args.embed_batch_size}")
-    distill(cfg, args.teacher, args.student, args.data, args.teacher_store, args.cosine_weight, args.synthetic_size,
-            args.embed_batch_size)
+    if isinstance(task.student, str) and task.student.endswith(".json") and not os.path.isfile(task.student):
+        raise UserError(f"--student {task.student}: no such file")
+    distill(cfg, task)
 
 
 def check_run_dir_not_in_inputs(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ from ..embeddings.store import EmbeddingStore
 from ..runtime import is_main_process
 from .ckpt import latest_checkpoint
 from .loop import CONFIG_FILE, TrainConfig, train
+from .settings import DistillTask, task_record
 from .shapes import SyntheticShapes
 from .validate import Validation, check_val_data, held_out_means
 
@@ -195,18 +196,13 @@ def val_store(items: List[Tuple[str, str]], teacher_path: str, teacher_sha: str,
     return teacher_store(teacher_path, teacher_sha, items, None, run_dir, batch_size, quiet, VAL_STORE_DIR)
 
 
-def distill(cfg: TrainConfig, teacher: str, student: Union[str, AnyEncoderConfig] = "vit_t", data: str = "synthetic",
-            teacher_store_path: Optional[str] = None, cosine_weight: float = 0.0, synthetic_size: int = 256,
-            embed_batch_size: int = 1) -> Dict:
-    """Distil `teacher` (registry name or checkpoint file) into `student` on `data` (folder or 'synthetic'); see
-    TrainConfig for the rest. Returns the loop's summary plus 'outputs'."""
-    if cosine_weight < 0:
-        raise ValueError(f"--cosine-weight must not be negative, got {cosine_weight}")
-    if synthetic_size < 1:
-        raise ValueError(f"--synthetic-size must be at least 1, got {synthetic_size}")
-    teacher_path = resolve_checkpoint(teacher)
+def distill(cfg: TrainConfig, task: Optional[DistillTask] = None, **settings) -> Dict:
+    """Distil a teacher into a student with `task`'s settings (or DistillTask(**settings); settings also replace
+    fields of task); see TrainConfig for the rest. Returns the loop's summary plus 'outputs'."""
+    task = DistillTask(**settings) if task is None else dataclasses.replace(task, **settings)
+    teacher_path = resolve_checkpoint(task.teacher)
     teacher_cfg = checkpoint_info(teacher_path)["config"]
-    scfg = student_config(student, teacher_cfg)
+    scfg = student_config(task.student, teacher_cfg)
     if scfg.out_chans is None:
         raise ValueError(f"--student {scfg.name}: has no neck; distillation matches the (C,H,W) embedding")
     teacher_sha = checkpoint_sha256(teacher_path)
@@ -215,40 +211,41 @@ def distill(cfg: TrainConfig, teacher: str, student: Union[str, AnyEncoderConfig
         raise ValueError(f"--out {out}: exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, CONFIG_FILE)):
         raise ValueError(f"--out {out}: exists, is not empty and holds no run ({CONFIG_FILE}); choose another --out")
-    if teacher_store_path is not None and not os.path.isdir(teacher_store_path):
-        raise ValueError(f"--teacher-store {teacher_store_path}: no such store (make it with `samvit embed DIR "
+    if task.teacher_store is not None and not os.path.isdir(task.teacher_store):
+        raise ValueError(f"--teacher-store {task.teacher_store}: no such store (make it with `samvit embed DIR "
                          "--store STORE --checkpoint TEACHER`)")
-    if data == "synthetic":
+    if task.data == "synthetic":
         folder = os.path.join(out, IMAGES_DIR)
-        synthetic_images(folder, synthetic_size, teacher_cfg.img_size, cfg.seed)
+        synthetic_images(folder, task.synthetic_size, teacher_cfg.img_size, cfg.seed)
         items = collect_inputs([folder])
     else:
-        items = collect_inputs([data])
+        items = collect_inputs([task.data])
         if not items:
-            raise ValueError(f"--data {data}: no images found")
+            raise ValueError(f"--data {task.data}: no images found")
     held_out: List[Tuple[str, str]] = []
     if cfg.val_data:  # checked before the teacher embeds anything
-        held_out = collect_inputs([check_val_data(cfg.val_data, (data,), out)])[:cfg.val_limit or None]
+        held_out = collect_inputs([check_val_data(cfg.val_data, (task.data,), out)])[:cfg.val_limit or None]
         if not held_out:
             raise ValueError(f"--val-data {cfg.val_data}: no images found")
-    store = teacher_store(teacher_path, teacher_sha, items, teacher_store_path, out, embed_batch_size, cfg.quiet)
+    store = teacher_store(teacher_path, teacher_sha, items, task.teacher_store, out, task.embed_batch_size, cfg.quiet)
     items = [(p, k) for p, k in items if k in store]
     validation = None
     if held_out:
-        v_store = val_store(held_out, teacher_path, teacher_sha, teacher_store_path, out, embed_batch_size, cfg.quiet)
+        v_store = val_store(held_out, teacher_path, teacher_sha, task.teacher_store, out, task.embed_batch_size,
+                            cfg.quiet)
         held_out = [(p, k) for p, k in held_out if k in v_store]
         if not held_out:
             raise ValueError(f"--val-data {cfg.val_data}: the teacher embedded none of its images")
         validation = distill_validation(cfg, scfg, teacher_path, teacher_sha, held_out, v_store)
-    task = {"task": "distill", "teacher_sha256": teacher_sha, "student": scfg.to_dict(),
-            "data": os.path.abspath(data) if data != "synthetic" else data, "cosine_weight": cosine_weight,
-            "teacher_store": os.path.abspath(store.path)}
-    if data == "synthetic":
-        task["synthetic_size"] = synthetic_size
+    task = dataclasses.replace(  # as the run's identity records it: absolute paths, the student's config
+        task, student=scfg, data=os.path.abspath(task.data) if task.data != "synthetic" else task.data,
+        teacher=os.path.abspath(task.teacher) if os.path.exists(task.teacher) else task.teacher,
+        teacher_store=os.path.abspath(task.teacher_store) if task.teacher_store else None)  # None: RUN_DIR's
+    identity, extra = task_record(task, teacher_sha256=teacher_sha)
     made = tuple(n for n in (IMAGES_DIR, STORE_DIR, VAL_STORE_DIR) if os.path.exists(os.path.join(out, n)))
-    cfg = dataclasses.replace(cfg, task=task, inputs=made)
+    cfg = dataclasses.replace(cfg, task=identity, task_extra=extra, inputs=made)
     result = train(cfg, lambda: build_encoder(scfg), DistillImages(items, store, scfg.img_size),
-                   distill_loss(cosine_weight), validation=validation)
+                   distill_loss(task.cosine_weight), validation=validation)
     if is_main_process():  # the loop's process group is gone once train() returns
         result["outputs"] = write_outputs(out, scfg, teacher_path, teacher_sha)
         if not cfg.quiet:

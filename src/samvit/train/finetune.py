@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoints.files import CONFIG_METADATA_KEY, DECODER_CONFIG_METADATA_KEY, write_tensors
 from ..checkpoints.load import load_sam
 from ..masks.automatic import mask_iou
-from ..modeling.lora import LORA_TARGETS, add_lora, merge_lora
+from ..modeling.lora import add_lora, merge_lora
 from ..modeling.sam import Sam
 from ..errors import ParameterError
 from ..runtime import is_main_process
@@ -33,9 +33,9 @@ from .launch import barrier, setup, teardown
 from .loop import TrainConfig, train
 from .losses import iou_loss, mask_loss
 from .masks_data import MaskFolder, MaskSamples, open_masks
+from .settings import TRAIN_PARTS, SamTask, check_trainable, parse_parts, task_record
 from .validate import Validation, check_val_data
 
-TRAIN_PARTS = {"encoder": "image_encoder", "prompt": "prompt_encoder", "decoder": "mask_decoder"}
 SKIPPED_FILE = "skipped.jsonl"  # images and annotations skipped during the run
 SKIPPED_ON_OPEN_FILE = "skipped_on_open.jsonl"  # those skipped when --data was opened
 FINAL_PTH, FINAL_SAFETENSORS = "final.pth", "final.safetensors"
@@ -47,15 +47,6 @@ MASKS_PER_PASS = 8
 
 # ---- the model ----
 
-def parse_parts(spec: Sequence[str] | str) -> Tuple[str, ...]:
-    """--train encoder,prompt,decoder (any non-empty subset) -> the parts in that canonical order."""
-    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    bad = [p for p in parts if p not in TRAIN_PARTS]
-    if bad or not parts:
-        raise ValueError(f"--train {spec!r}: expected a comma-separated subset of {', '.join(TRAIN_PARTS)}")
-    return tuple(p for p in TRAIN_PARTS if p in parts)
-
-
 def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "decoder"), lora_rank: int = 0,
               lora_targets: Sequence[str] = ("qkv",), lora_alpha: Optional[float] = None, layer_decay: float = 1.0,
               drop_path: float = 0.0, kernel: str = "sdpa_chunked") -> Sam:
@@ -63,15 +54,7 @@ def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "d
     not in train_parts frozen, LoRA adapters (rank lora_rank > 0) on the encoder's lora_targets, layer-wise lr
     decay and drop path (stochastic depth) in the encoder."""
     parts = parse_parts(train_parts)
-    if lora_rank and "encoder" in parts:
-        raise ValueError("--lora-rank trains low-rank adapters instead of the encoder's weights: drop 'encoder' from "
-                         "--train (e.g. --train prompt,decoder --lora-rank 8)")
-    if lora_rank < 0:
-        raise ValueError(f"--lora-rank must be 0 (off) or more, got {lora_rank}")
-    if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"--layer-decay must be in (0, 1], got {layer_decay}")
-    if not 0.0 <= drop_path < 1.0:
-        raise ValueError(f"--drop-path must be in [0, 1), got {drop_path}")
+    check_trainable(parts, lora_rank, layer_decay, drop_path)
     encoder, decoder = load_sam(checkpoint, model=model, kernel=kernel, dtype=torch.float32)  # trained: float32
     sam = Sam(encoder, decoder)
     sam.requires_grad_(False)
@@ -311,51 +294,39 @@ def sam_validation(cfg: TrainConfig, build, data_inputs: Tuple[Optional[str], ..
 
 # ---- the task ----
 
-def finetune_sam(cfg: TrainConfig, checkpoint: str, data: str = "synthetic", images: Optional[str] = None,
-                 model=None, train_parts: Sequence[str] = ("prompt", "decoder"), lora_rank: int = 0,
-                 lora_targets: Sequence[str] = ("qkv",), lora_alpha: Optional[float] = None,
-                 layer_decay: float = 1.0, drop_path: float = 0.0, iterations: int = 8, masks_per_image: int = 8,
-                 store: Optional[str] = None, synthetic_size: int = 256) -> Dict:
-    """Fine-tune a SAM checkpoint on masks (see the module docstring and TrainConfig); writes RUN_DIR/final.pth and
-    RUN_DIR/final.safetensors at the end. Returns the loop's summary with their paths."""
-    parts = parse_parts(train_parts)
-    for t in lora_targets:
-        if t not in LORA_TARGETS:
-            raise ValueError(f"--lora-targets: unknown target {t!r}; expected some of {', '.join(LORA_TARGETS)}")
-    if store is not None and ("encoder" in parts or lora_rank):
-        raise ValueError("--store reads the encoder's embeddings instead of running it: it needs a frozen encoder "
-                         "(no 'encoder' in --train, no --lora-rank)")
-    if store is not None and drop_path:
-        raise ValueError("--drop-path acts in the encoder, which --store does not run")
+def finetune_sam(cfg: TrainConfig, task: Optional[SamTask] = None, **settings) -> Dict:
+    """Fine-tune a SAM checkpoint on masks with `task`'s settings (or SamTask(**settings); settings also replace
+    fields of task); see the module docstring and TrainConfig. Writes RUN_DIR/final.pth and
+    RUN_DIR/final.safetensors at the end; returns the loop's summary with their paths."""
+    task = SamTask(**settings) if task is None else dataclasses.replace(task, **settings)
+
+    def absolute(path: Optional[str]) -> Optional[str]:
+        return os.path.abspath(path) if path else path
+
+    ck = task.checkpoint
+    task = dataclasses.replace(  # as the run's identity records it: absolute paths (a registry name stays a name)
+        task, data=task.data if task.data == "synthetic" else absolute(task.data), images=absolute(task.images),
+        store=absolute(task.store), checkpoint=absolute(ck) if isinstance(ck, str) and os.path.exists(ck) else ck)
 
     def build() -> Sam:
-        return build_sam(checkpoint, model, parts, lora_rank, lora_targets, lora_alpha, layer_decay, drop_path)
+        return build_sam(task.checkpoint, task.model, task.train, task.lora_rank, task.lora_targets, task.lora_alpha,
+                         task.layer_decay, task.drop_path)
 
     probe = build()  # checks the checkpoint and the options before the run directory is written
     img_size, low_res = probe.img_size, probe.low_res_size
     del probe
-    source = open_masks(data, images, synthetic_size, synthetic_px=img_size, seed=cfg.seed)
-    validation = sam_validation(cfg, build, (data, images)) if cfg.val_data else None
-    if isinstance(checkpoint, (str, os.PathLike)):
-        ck = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else str(checkpoint)  # a file, or a name
-    else:
-        ck = "state dict"
-    task = {"task": "sam", "checkpoint": ck, "model": model if model is None or isinstance(model, str)
-            else model.to_dict(), "data": data if data == "synthetic" else os.path.abspath(data),
-            "images": os.path.abspath(images) if images else None, "train": list(parts), "lora_rank": lora_rank,
-            "lora_targets": list(lora_targets) if lora_rank else [], "lora_alpha": lora_alpha,
-            "layer_decay": layer_decay, "drop_path": drop_path, "iterations": iterations,
-            "masks_per_image": masks_per_image, "store": os.path.abspath(store) if store else None}
-    if data == "synthetic":
-        task["synthetic_size"] = synthetic_size
-    cfg = dataclasses.replace(cfg, task=task)
-    opened = ensure_store(store, source, checkpoint, model, cfg.device, quiet=cfg.quiet) if store else None
-    dataset = MaskSamples(source, img_size, low_res, masks_per_image, cfg.seed, opened,
+    source = open_masks(task.data, task.images, task.synthetic_size, synthetic_px=img_size, seed=cfg.seed)
+    identity, extra = task_record(task if isinstance(ck, str) else dataclasses.replace(task, checkpoint="state dict"))
+    cfg = dataclasses.replace(cfg, task=identity, task_extra=extra)
+    validation = sam_validation(cfg, build, (task.data, task.images)) if cfg.val_data else None
+    opened = ensure_store(task.store, source, task.checkpoint, task.model, cfg.device, quiet=cfg.quiet) \
+        if task.store else None
+    dataset = MaskSamples(source, img_size, low_res, task.masks_per_image, cfg.seed, opened,
                           report=os.path.join(cfg.out, SKIPPED_FILE))
     if source.problems and not cfg.quiet and is_main_process():
         print(f"samvit train: skipped while reading --data: {dict(source.problems)}")
     hooks = [_ReportProblems(source, cfg.out)] if source.missing else []
-    result = train(cfg, build, dataset, sam_loss(iterations, img_size), hooks, validation)
+    result = train(cfg, build, dataset, sam_loss(task.iterations, img_size), hooks, validation)
     if is_main_process():
         from .ckpt import latest_checkpoint
 

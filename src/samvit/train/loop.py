@@ -44,7 +44,8 @@ log = logging.getLogger("samvit.train")
 @dataclass
 class TrainConfig:
     """Everything the loop needs besides the model, the data and the loss. `task` holds the task's own settings
-    (model preset, data, ...); with the optimisation fields it is the run's identity, checked on --resume."""
+    (model preset, data, ...: samvit.train.settings); with the optimisation fields it is the run's identity, checked
+    on --resume."""
 
     out: str
     batch_size: int  # per process; the global batch is batch_size x accum x processes
@@ -72,6 +73,7 @@ class TrainConfig:
     device: Optional[str] = None
     quiet: bool = False
     task: Dict = field(default_factory=dict)
+    task_extra: Dict = field(default_factory=dict)  # the task's settings outside its identity (vis_every, ...)
     inputs: Tuple[str, ...] = ()  # RUN_DIR entries the task wrote before the loop (distill's teacher store)
     # validation (not part of the identity: a resumed run may add or change it): the task's held-out data, every
     # val_every steps (default: at every checkpoint) and at the end, on the first val_limit items (default: all)

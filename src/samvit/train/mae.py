@@ -27,11 +27,11 @@ from ..runtime import is_main_process
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, TrainImages, centre_crop, open_source
 from .launch import autocast, check_precision
 from .loop import TrainConfig, train
+from .settings import MAETask, task_record
 from .validate import Validation, check_val_data, held_out_means
 
 BAD_IMAGES_FILE = "bad_images.jsonl"
 BEST_FILE = "best.pt"  # the best validation's MaskedAutoencoder state dict (samvit train export-encoder reads it)
-TARGETS = ("pixels", "teacher-features")
 
 
 class MAEImages(TrainImages):
@@ -177,49 +177,40 @@ class ReconstructionPictures:
                 picture.save(tmp, format="PNG")
 
 
-def pretrain_mae(cfg: TrainConfig, model: str = "mae_tiny", data: str = "synthetic",
-                 mask_ratio: Optional[float] = None, synthetic_size: int = 1024, vis_every: int = 0,
-                 target: str = "pixels", teacher: Optional[str] = None) -> Dict:
-    """MAE pre-training of preset `model` on `data` (a folder of images, or 'synthetic'); see TrainConfig.
-    target 'teacher-features' with teacher (a registry name or checkpoint file) is SAMI: see the module doc."""
-    mae_cfg = mae_preset(model)
-    if target not in TARGETS:
-        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if (target == "teacher-features") != (teacher is not None):
-        raise ValueError("--target teacher-features needs --teacher CHECKPOINT, and --teacher needs it")
-    if teacher is not None and vis_every > 0:
-        raise ValueError("--vis-every draws pixel reconstructions; with --target teacher-features there are none")
-    if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
-    if synthetic_size < 1:
-        raise ValueError(f"--synthetic-size must be at least 1, got {synthetic_size}")
-    task = {"task": "mae", "model": model, "data": os.path.abspath(data) if data != "synthetic" else data,
-            "mask_ratio": mask_ratio if mask_ratio is not None else mae_cfg.mask_ratio}
-    if data == "synthetic":
-        task["synthetic_size"] = synthetic_size
+def pretrain_mae(cfg: TrainConfig, task: Optional[MAETask] = None, **settings) -> Dict:
+    """MAE pre-training with `task`'s settings (or MAETask(**settings); settings also replace fields of task); see
+    TrainConfig. target 'teacher-features' with a teacher is SAMI: see the module doc."""
+    task = MAETask(**settings) if task is None else dataclasses.replace(task, **settings)
+    mae_cfg = mae_preset(task.model)
+    task = dataclasses.replace(  # as the run's identity records it: absolute paths, the preset's mask ratio
+        task, data=os.path.abspath(task.data) if task.data != "synthetic" else task.data,
+        mask_ratio=task.mask_ratio if task.mask_ratio is not None else mae_cfg.mask_ratio,
+        teacher=os.path.abspath(task.teacher) if task.teacher and os.path.exists(task.teacher) else task.teacher)
+    derived = {}
     teacher_model = None
-    if teacher is not None:
+    if task.teacher is not None:
         from ..checkpoints.load import load_encoder
         from ..checkpoints.registry import checkpoint_sha256, resolve_checkpoint
 
-        path = resolve_checkpoint(teacher)
+        path = resolve_checkpoint(task.teacher)
         teacher_model = load_encoder(checkpoint=path, dtype=torch.float32).requires_grad_(False)
-        task.update(target=target, teacher_sha256=checkpoint_sha256(path))
-    cfg = dataclasses.replace(cfg, task=task)  # the task's settings are part of the run's identity
+        derived["teacher_sha256"] = checkpoint_sha256(path)
+    identity, extra = task_record(task, **derived)
+    cfg = dataclasses.replace(cfg, task=identity, task_extra=extra)  # the task's settings: the run's identity
     check_precision(cfg.precision, mae_cfg, cfg.fsdp)  # before building a model that may be refused
-    source = open_source(data, mae_cfg.img_size, synthetic_size)
+    source = open_source(task.data, mae_cfg.img_size, task.synthetic_size)
     report = os.path.join(cfg.out, BAD_IMAGES_FILE)
     dataset = MAEImages(source, mae_cfg.img_size, mae_cfg.num_patches, cfg.seed, report)
     hooks: List = []
-    if vis_every > 0:
-        hooks.append(ReconstructionPictures(dataset, cfg.out, vis_every, mask_ratio=mask_ratio,
+    if task.vis_every > 0:
+        hooks.append(ReconstructionPictures(dataset, cfg.out, task.vis_every, mask_ratio=task.mask_ratio,
                                             precision=cfg.precision))
     if teacher_model is None:
-        build, loss_fn = (lambda: MaskedAutoencoder(mae_cfg)), mae_loss(mask_ratio)
+        build, loss_fn = (lambda: MaskedAutoencoder(mae_cfg)), mae_loss(task.mask_ratio)
     else:
         tc = teacher_model.config
         width = tc.out_chans or tc.embed_dim
         build = lambda: MaskedAutoencoder(mae_cfg, target_dim=width)  # noqa: E731
-        loss_fn = sami_loss(teacher_model, mae_cfg.grid_size, mask_ratio)
+        loss_fn = sami_loss(teacher_model, mae_cfg.grid_size, task.mask_ratio)
     validation = mae_validation(cfg, loss_fn, mae_cfg.img_size, mae_cfg.num_patches) if cfg.val_data else None
     return train(cfg, build, dataset, loss_fn, hooks, validation)
