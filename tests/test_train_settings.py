@@ -71,6 +71,16 @@ def test_cli_defaults_are_the_dataclass_defaults(tmp_path):
                           "--batch-size", "2", "--steps", "1"])
     assert task == DistillTask(teacher="t.pth", data="synthetic") and task.student == "vit_t"
     assert cfg.lr_floor == LR_FLOOR["distill"]
+    # DataLoader workers: none for distill on the CPU (each costs a few hundred MiB; issue 21's 3 GB), some for
+    # a folder of pictures elsewhere (MAE augments each one)
+    (tmp_path / "pics").mkdir()
+    pics = str(tmp_path / "pics")
+    cfg, _ = settings(["train", "distill", "--data", pics, "--teacher", "t.pth", "--out", out, "--batch-size", "2",
+                       "--steps", "1", "--device", "cpu"])
+    assert cfg.num_workers == 0
+    cfg, _ = settings(["train", "mae", "--data", pics, "--model", "mae_tiny", "--out", out, "--batch-size", "2",
+                       "--steps", "1", "--device", "cpu"])
+    assert cfg.num_workers >= 1
     # argparse holds no default of its own for a setting: None is "not given"
     for name in TASKS:
         for action in subparser("train", name)._actions:

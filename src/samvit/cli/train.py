@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 from ..config import MAE_PRESETS
 from ..train.settings import TARGETS, DistillTask, MAETask, SamTask, default
@@ -170,9 +170,9 @@ def add_loop_arguments(m: argparse.ArgumentParser, blr: float, blr_note: str, fp
     r.add_argument("--fsdp", action="store_true", default=None, help="shard parameters, gradients and optimizer "
                    "state over the processes (FSDP2, per block) instead of DDP; needs torchrun")
     add_device(r, torchrun=True)
-    r.add_argument("--num-workers", type=int, metavar="N", help="DataLoader processes (default: 0 for synthetic data "
-                   "and for train sam --store, else up to 8 per process; persistent, forked before the model is "
-                   "built); the data is the same for any N")
+    r.add_argument("--num-workers", type=int, metavar="N", help="DataLoader processes (default: 0 for synthetic data, "
+                   "for train sam --store and for train distill on the CPU, else up to 8 per process; persistent, "
+                   "forked before the model is built); the data is the same for any N")
     g = m.add_argument_group("run directory and logs")
     g.add_argument("--resume", action="store_true", default=None, help="continue the run in RUN_DIR from its newest "
                    "checkpoint (starts at step 0 if it has none)")
@@ -236,7 +236,10 @@ def run_settings(args: argparse.Namespace):
     loop = {k: v for k, v in values.items() if k in loop_names and v is not None}
     loop.setdefault("blr", cls.BLR)
     if "num_workers" not in loop:  # none where a sample is cheap: synthetic data, or embeddings read from a store
-        cheap = values["data"] == "synthetic" or values.get("store") is not None
+        # and distill on the CPU: a picture's decode is a sliver of the student's step there, and each worker costs
+        # a few hundred MiB (docs/training.md, memory)
+        cheap = values["data"] == "synthetic" or values.get("store") is not None or (
+            cls.NAME == "distill" and not on_cuda(values.get("device")))
         loop["num_workers"] = 0 if cheap else min(8, max(1, (os.cpu_count() or 2) //
                                                          int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if "lr_floor" not in loop:
@@ -248,6 +251,15 @@ def run_settings(args: argparse.Namespace):
             raise UserError(f"{e} (the settings of --config {args.config} and the flags)") from None
         raise
     return cfg, task
+
+
+def on_cuda(device: Optional[str]) -> bool:
+    """Whether a run with --device `device` trains on a GPU (no --device: CUDA when there is one)."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.cuda.is_available()
+    return str(device).startswith("cuda")
 
 
 def run(args: argparse.Namespace) -> int:
