@@ -17,12 +17,14 @@ Prints markdown tables and writes OUT/results.json.
     python benchmarks/ablation_mae_init.py --out /tmp/abl --seeds 0,1
 
 The low-label regime (docs/experiments.md, "(a) again"): few labelled pictures, two fine-tuning budgets, and
-evaluation also on distributions neither the pre-training nor the fine-tuning saw: `--shifted-images N` (the
+evaluation also on distributions neither the pre-training nor the fine-tuning saw. Several budgets (--ft-steps
+400,1000) are one run per start with a constant lr after the warmup, evaluated at each budget and continued with
+`--resume`. `--shifted-images N` (the
 shifted synthetic style of samvit.train.shapes: stars, rings, blobs over stripes or checks, seed 300) and
 `--coins` (scikit-image's coins photograph, 24 coins, masks from a watershed; see write_coins):
 
     python benchmarks/ablation_mae_init.py --out /tmp/abl-low --seeds 0,1,2,3,4 --mae-images 4096 \
-        --train-images 16 --ft-steps 200,50 --shifted-images 64 --coins --clicks 1
+        --train-images 16 --ft-steps 400,1000 --shifted-images 64 --coins --clicks 1
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def write_coins(out: str, min_area: int = 50) -> str:
 
 
 def warmup_for(steps: int, warmup: int) -> int:
-    """The warmup of a fine-tuning run: --ft-warmup, at most a tenth of the run (50 of 1500 stays 50)."""
+    """The warmup of a fine-tuning run: --ft-warmup, at most a tenth of the (first) budget (50 of 1500 stays 50)."""
     return min(warmup, steps // 10)
 
 
@@ -165,8 +167,8 @@ def main() -> None:
     p.add_argument("--mae-lr", type=float, default=1.5e-3)
     p.add_argument("--mae-run", help="reuse this finished `samvit train mae` run (e.g. OUT/mae of an earlier call, "
                    "for more fine-tuning seeds) instead of pre-training again")
-    p.add_argument("--ft-steps", default="1500", help="fine-tuning steps; several (comma-separated): one run per "
-                   "budget, each with its own schedule")
+    p.add_argument("--ft-steps", default="1500", help="fine-tuning steps (warmup, cosine to 0); several, ascending "
+                   "(comma-separated): warmup and a constant lr, one run evaluated at each budget (resumed in between)")
     p.add_argument("--ft-batch", type=int, default=4)
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--ft-warmup", type=int, default=50, help="warmup steps (at most a tenth of the run)")
@@ -182,6 +184,8 @@ def main() -> None:
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     budgets = [int(s) for s in a.ft_steps.split(",")]
+    if budgets != sorted(set(budgets)):
+        p.error(f"--ft-steps {a.ft_steps}: expected ascending budgets, e.g. 400,1000")
     metrics = metrics_of(a.clicks)
     os.makedirs(a.out, exist_ok=False)
     out = os.path.abspath(a.out)
@@ -215,16 +219,19 @@ def main() -> None:
     rows = []
     for seed in seeds:
         starts = make_starts(out, enc_mae, seed)
-        for steps in budgets:
-            runs, ft_s = {}, {}
+        runs = {init: os.path.join(out, f"ft_{init}_s{seed}") for init in ("mae", "random")}
+        ft_s = {"mae": 0.0, "random": 0.0}
+        for k, steps in enumerate(budgets):
+            # one budget: warmup + cosine to 0 at its end; several: warmup + constant lr, each budget the same run
+            # continued (--resume, bit for bit), so the shorter budgets are the longer run's first steps
+            schedule = ["--decay-steps", str(steps)] if len(budgets) == 1 else (["--resume"] if k else [])
             for init in ("mae", "random"):
-                runs[init] = os.path.join(out, f"ft_{init}_s{seed}_n{steps}")
-                ft_s[init] = samvit("train", "sam", "--data", train_dir, "--checkpoint", starts[init], "--out",
-                                    runs[init], "--train", "encoder,prompt,decoder", "--batch-size", str(a.ft_batch),
-                                    "--steps", str(steps), "--lr", str(a.ft_lr), "--decay-steps", str(steps),
-                                    "--warmup-steps", str(warmup_for(steps, a.ft_warmup)), "--seed", str(seed),
-                                    "--masks-per-image", str(a.masks_per_image), "--iterations", str(a.iterations),
-                                    "--log-every", "20", "--ckpt-every", str(steps), "--quiet")
+                ft_s[init] += samvit("train", "sam", "--data", train_dir, "--checkpoint", starts[init], "--out",
+                                     runs[init], "--train", "encoder,prompt,decoder", "--batch-size",
+                                     str(a.ft_batch), "--steps", str(steps), "--lr", str(a.ft_lr), *schedule,
+                                     "--warmup-steps", str(warmup_for(budgets[0], a.ft_warmup)), "--seed", str(seed),
+                                     "--masks-per-image", str(a.masks_per_image), "--iterations", str(a.iterations),
+                                     "--log-every", "20", "--ckpt-every", str(steps), "--quiet")
             ev_json = os.path.join(out, f"eval_s{seed}_n{steps}.json")  # both starts, the same prompts
             data_args = [x for d in eval_dirs for x in ("--data", d)]
             ev_s = samvit("evaluate", *data_args, "--checkpoint", os.path.join(runs["mae"], "final.safetensors"),
@@ -236,6 +243,7 @@ def main() -> None:
                 for ds, d in res["per_dataset"].items():
                     rows.append({"init": init, "seed": seed, "dataset": ds, **{m: d[m] for m in metrics},
                                  "n_objects": d["n_objects"], "ft_steps": steps, "ft_s": ft_s[init],
+                                 "schedule": "cosine" if len(budgets) == 1 else "constant",
                                  "eval_s_both": ev_s})
                     print(json.dumps(rows[-1]), flush=True)
 

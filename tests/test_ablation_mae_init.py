@@ -43,3 +43,27 @@ def test_warmup_and_summary_over_seeds():
     assert point["seeds"] == [0, 1, 2] and point["mae_wins"] == 2 and box["mae_wins"] == 0
     assert np.allclose(point["mae_mean_sd"], (np.mean([0.6, 0.3, 0.5]), np.std([0.6, 0.3, 0.5], ddof=1)))
     assert np.allclose(point["diff_mean_sd"], (np.mean([0.2, -0.2, 0.1]), np.std([0.2, -0.2, 0.1], ddof=1)))
+
+
+@pytest.mark.slow
+def test_low_label_regime_end_to_end(tmp_path):
+    """The whole script at toy size: a 2-step MAE run, two budgets (the second resumed), three evaluation sets."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("skimage")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "ablation_mae_init.py")
+    out = tmp_path / "abl"
+    args = ["--out", str(out), "--seeds", "0", "--mae-steps", "2", "--mae-images", "8", "--mae-batch", "4",
+            "--train-images", "2", "--ft-batch", "2", "--val-images", "1", "--shifted-images", "1", "--coins",
+            "--ft-steps", "2,3", "--clicks", "1"]
+    done = subprocess.run([sys.executable, path, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 3 and {r["dataset"] for r in rows} == {"val", "shifted", "coins"}
+    assert {r["ft_steps"] for r in rows} == {2, 3} and {r["schedule"] for r in rows} == {"constant"}
+    assert next(r for r in rows if r["dataset"] == "coins")["n_objects"] == 24
+    assert {"ckpt_00000002.pt", "ckpt_00000003.pt"} <= set(os.listdir(out / "ft_mae_s0"))  # 2 steps, resumed to 3
+    assert len(result["summary"]) == 3 * 2 * 3 and all(x["seeds"] == [0] for x in result["summary"])
