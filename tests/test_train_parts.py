@@ -13,11 +13,13 @@ from PIL import Image
 
 from samvit.cli import main
 from samvit.config import mae_preset
+from samvit.errors import ParameterError
 from samvit.modeling.mae import MaskedAutoencoder
 from samvit.train.data import IMAGENET_MEAN, IMAGENET_STD, Batches, TrainImages, mae_augment, sample_generator
 from samvit.train.log import Logger
 from samvit.train.optim import LRSchedule, build_optimizer, param_groups, scaled_lr
-from samvit.train.shapes import SHAPE_KINDS, SyntheticShapes, render_shapes
+from samvit.train.masks_data import ShapeMasks
+from samvit.train.shapes import SHAPE_KINDS, SHIFTED_KINDS, SyntheticShapes, render_shapes, render_shifted
 
 TINY_RUN = ["train", "mae", "--data", "synthetic", "--model", "mae_tiny", "--synthetic-size", "8", "--batch-size", "2",
             "--quiet"]
@@ -123,6 +125,32 @@ def test_synthetic_shapes_are_deterministic_with_instance_masks():
     with pytest.raises(IndexError):
         ds[5]
 
+
+
+def test_shifted_shapes_are_another_deterministic_distribution():
+    from scipy import ndimage
+
+    a, b = render_shifted(5, seed=3, size=128), render_shifted(5, seed=3, size=128)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.image, render_shapes(5, seed=3, size=128).image)
+    kinds, holes = [], 0
+    for i in range(20):
+        s = render_shifted(i, size=128)
+        masks = s.masks
+        assert 2 <= len(s.kinds) <= 6 and set(s.kinds) <= set(SHIFTED_KINDS)
+        assert masks.shape[1:] == (128, 128) and masks.sum(0).max() <= 1
+        assert np.array_equal(masks.any(0), s.labels > 0)
+        kinds += s.kinds
+        for k, kind in enumerate(s.kinds, 1):  # a ring has a hole: filling it adds background pixels
+            m = s.labels == k
+            holes += kind == "ring" and m.any() and ndimage.binary_fill_holes(m).sum() > m.sum()
+    assert set(kinds) == set(SHIFTED_KINDS) and holes > 0
+    src = ShapeMasks(3, size=64, seed=4, style="shifted")
+    rgb, masks, _ = src.load(2)
+    assert np.array_equal(rgb, render_shifted(2, 4, 64).image) and len(masks) >= 1
+    assert src.key(2) == "shifted_000002.png" and src.name(2) == "shifted:4:2"
+    with pytest.raises(ParameterError, match="style 'blobs'"):
+        SyntheticShapes(3, style="blobs")
 
 def test_batches_split_over_processes_and_resume_mid_epoch():
     ds = TrainImages(SyntheticShapes(12, size=32), 32)

@@ -5,7 +5,7 @@ Sources (each: len, load(i) -> (rgb, masks, problems), name(i), key(i), path(i),
   other value (grey level, palette index, 16-bit label, or RGB colour) is one instance;
 - CocoMasks: a COCO-style annotations JSON (polygons, RLE, uncompressed RLE; decoded by pycocotools) with an
   images folder; crowd regions are not instances;
-- ShapeMasks: the synthetic shapes of samvit.train.shapes.
+- ShapeMasks: the synthetic shapes of samvit.train.shapes (the default style, or the shifted one).
 
 A problem (an image that cannot be decoded, a mask of another size, an annotation that is malformed or empty)
 skips the image or the annotation, is counted under its reason, and never stops a run.
@@ -234,10 +234,11 @@ def _check_annotation(ann) -> Optional[str]:
 
 
 class ShapeMasks:
-    """Synthetic shapes with instance masks (samvit.train.shapes), n pictures of size px."""
+    """Synthetic shapes with instance masks (samvit.train.shapes), n pictures of size px; style 'shifted': the
+    other distribution (stars, rings, blobs over stripes or checks), for transfer tests."""
 
-    def __init__(self, n: int, size: int = 256, seed: int = 0) -> None:
-        self.shapes = SyntheticShapes(n, size=size, seed=seed)
+    def __init__(self, n: int, size: int = 256, seed: int = 0, style: str = "shapes") -> None:
+        self.shapes = SyntheticShapes(n, size=size, seed=seed, style=style)
         self.problems, self.missing = Counter(), []
 
     def __len__(self) -> int:
@@ -247,7 +248,7 @@ class ShapeMasks:
         return self.shapes.name(i)
 
     def key(self, i: int) -> str:
-        return f"shape_{i:06d}.png"
+        return f"shape_{i:06d}.png" if self.shapes.style == "shapes" else f"shifted_{i:06d}.png"
 
     def path(self, i: int) -> Optional[str]:
         return None
