@@ -9,8 +9,9 @@ Rows:
 - encoder PRESET SIZE BATCH: a SAM image encoder with random weights in train mode, fp32, no checkpointing: forward,
   mean-square of the embedding as the loss, backward, AdamW step (1 warm-up step, the median of --reps steps);
   under autograd the attention is each tree's own (before: SDPA with a float bias mask; after: memeff);
-- decoder: `samvit train sam --train decoder --store STORE --batch-size 4` with the default masks per image and
-  correction rounds, --steps 3, one log line per step: the seconds of steps 2 and 3 (from log.jsonl's images_per_s).
+- decoder: `samvit train sam --train decoder --store STORE --batch-size B` (--decoder-batch, default 4) with the
+  default masks per image and correction rounds, --steps 3, one log line per step: the median seconds of steps 2
+  and 3 (from log.jsonl's images_per_s).
 Inputs: `python benchmarks/train_memory.py --prepare IN 8 8` and `samvit embed IN/data/images --checkpoint
 IN/sam_vit_b_random.pth --store STORE` (the store must be readable by both trees).
 """
@@ -67,12 +68,12 @@ def decoder_step(python: str, tree: str, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         run = os.path.join(tmp, "run")
         subprocess.run([python, "-m", "samvit", "train", "sam", "--data", args.data, "--checkpoint", args.checkpoint,
-                        "--train", "decoder", "--store", args.store, "--batch-size", "4", "--steps", "3",
+                        "--train", "decoder", "--store", args.store, "--batch-size", str(args.decoder_batch), "--steps", "3",
                         "--log-every", "1", "--num-workers", "0", "--quiet", "--out", run],
                        env=env_for(tree, args.threads), check=True, capture_output=True, text=True)
         with open(os.path.join(run, "log.jsonl"), encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
-    return statistics.median(4 / r["images_per_s"] for r in rows if r["step"] >= 2)
+    return statistics.median(args.decoder_batch / r["images_per_s"] for r in rows if r["step"] >= 2)
 
 
 def main() -> None:
@@ -85,11 +86,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--encoders", default="vit_t:1024:2,vit_b:512:1", help="PRESET:SIZE:BATCH,...")
+    p.add_argument("--encoders", default="vit_t:1024:2,vit_b:512:1", help="PRESET:SIZE:BATCH,... ('' for none)")
+    p.add_argument("--decoder-batch", type=int, default=4, help="--batch-size of the decoder row (0: no such row)")
     p.add_argument("--jsonl", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "train_step_time.jsonl"))
     args = p.parse_args()
-    rows = [("encoder", *e.split(":")) for e in args.encoders.split(",") if e] + [("decoder",)]
+    rows = [("encoder", *e.split(":")) for e in args.encoders.split(",") if e]
+    rows += [("decoder", f"batch {args.decoder_batch}")] if args.decoder_batch else []
     flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f in
                     ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")})
     for row in rows:
