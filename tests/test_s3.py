@@ -20,6 +20,7 @@ from samvit.embeddings.pipeline import StoreSink, embed
 
 from tests._torchrun_utils import one_thread_env
 from tests.helpers import TINY
+from tests.helpers.tolerance import assert_close_scaled
 from tests.helpers.s3 import moto_s3
 
 pytest.importorskip("s3fs")
@@ -100,7 +101,9 @@ def test_embed_from_and_to_s3_equals_local(tmp_path, images, ckpt, capsys):
     from samvit.embeddings.files import load_embedding
 
     emb, meta = load_embedding(str(out / "sub" / "coffee.safetensors"))
-    assert torch.equal(emb.to(torch.float16), s.get("sub/coffee.jpg"))
+    # the same picture, the same weights: equal but for one float16 rounding of float32 values that the other run's
+    # batch (2 here, 1 there) may round differently on some CPUs (seen on an AVX2-only AMD)
+    assert_close_scaled(s.get("sub/coffee.jpg").float(), emb, k=2, dtype=torch.float16, msg="s3 store vs files")
 
 
 def _committed(url: str) -> int:
