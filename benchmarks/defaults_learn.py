@@ -9,8 +9,8 @@ the loss of the last 10 steps against the first 5.
   embeddings computed once into the run folder);
 - sam: `samvit train sam --train decoder --store STORE --batch-size 4` (8 masks per image, 8 correction rounds: the
   defaults) on a mask folder of 8 pictures (benchmarks/train_memory.py --prepare). --sam-batch-size 1 keeps the
-  default lr (the floor, 1e-4, at batch 1 and 4 alike) at a quarter of the time: a batch-4 step is 288 decoder
-  passes per image x 4, about 60 s on 2 AVX2 cores.
+  default lr (the floor, 1e-4, at batch 1 and 4 alike) at a quarter of the time: a batch-4 step is 8 masks x 9
+  decoder passes x 4 pictures, forward and backward, about 60 s on 2 AVX2 cores.
 The teacher / SAM checkpoint is SAM ViT-B with random weights in the official layout (no weights can be downloaded
 here): its embeddings are a fixed function of the picture, which is what the student has to learn. The photos are
 scikit-image's. Appends one JSON line per task to --jsonl (first, last, ratio, lr, wall time, CPU flags).
