@@ -7,6 +7,7 @@ Candidates: samvit's registered kernels (sdpa_chunked, matmul_blocked) with and 
 chunking (8 Mi-entry bias chunks allocated per chunk); SDPA without any bias (the floor for a fused kernel); the
 bias folded into augmented q/k (q' = [q*scale, rel_h, rel_w], k' = [k, onehot(row), onehot(col)]) so that SDPA
 runs without a mask (v of head dim 64, and v zero-padded to q's 192); FlexAttention with a score_mod (compiled);
+with --chunk-elems, matmul_blocked under other chunk budgets (L2-sized chunks against the default);
 the official arithmetic (full scores). Each is timed on the same q, k, v; errors are against the official
 arithmetic in float32.
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from samvit.bench.runner import machine_info
 from samvit.modeling import attention as A
 from samvit.modeling import kernels as K
+from samvit.modeling.bias_softmax import bias_softmax
 from samvit.modeling.workspace import Workspace
 
 B, NH, H, W, HD = 1, 12, 64, 64, 64
@@ -47,7 +49,7 @@ def _inputs(attn, qkv) -> K.AttnInputs:
     return A.attention_inputs(qkv.reshape(B, N, -1), (H, W), NH, attn.scale, (attn.rel_pos_h, attn.rel_pos_w))
 
 
-def candidates(attn, qkv, dtype, flex: bool):
+def candidates(attn, qkv, dtype, flex: bool, chunk_elems=()):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     rel_h, rel_w = A.rel_pos_terms(q.float(), attn.rel_pos_h, attn.rel_pos_w, (H, W))  # (B,nh,H,W,H), (..,W)
     ws = Workspace()
@@ -59,6 +61,16 @@ def candidates(attn, qkv, dtype, flex: bool):
         kern = K.KERNELS[name]
         return lambda: kern(inp, out=out, workspace=ws if workspace else None)
 
+    def chunked(elems: int):  # matmul_blocked with another chunk budget (and min queries scaled with it)
+        def run():
+            saved = K.MASK_CHUNK_ELEMS, K.MIN_CHUNK_QUERIES
+            K.MASK_CHUNK_ELEMS, K.MIN_CHUNK_QUERIES = elems, max(1, min(saved[1], elems // N))
+            try:
+                return K.KERNELS["matmul_blocked"](inp, out=out, workspace=ws)
+            finally:
+                K.MASK_CHUNK_ELEMS, K.MIN_CHUNK_QUERIES = saved
+        return run
+
     def former():  # the chunking before round 2: 8 Mi-entry chunks, each bias chunk a fresh tensor
         saved = K.MASK_CHUNK_ELEMS
         K.MASK_CHUNK_ELEMS = 1 << 23
@@ -66,6 +78,26 @@ def candidates(attn, qkv, dtype, flex: bool):
             return K.KERNELS["sdpa_chunked"](inp)
         finally:
             K.MASK_CHUNK_ELEMS = saved
+
+    def fused(compiled: bool):  # the blocked kernel with bias + softmax in one pass (bias_softmax) after a plain GEMM
+        def run():
+            Hk, Wk = inp.key_hw
+            rh, rw = inp.rel_h.view(B, NH, N, Hk), inp.rel_w.view(B, NH, N, Wk)
+            o4 = out.view(B, N, NH, HD)
+            for b0, b1, h0, h1, i0, i1 in K._chunks(B, NH, N, N, q.device):
+                g, nq = (b1 - b0) * (h1 - h0), i1 - i0
+                qc = inp.q.view(B, NH, N, HD)[b0:b1, h0:h1, i0:i1].reshape(g, nq, HD)
+                kt = inp.k.view(B, NH, N, HD)[b0:b1, h0:h1].reshape(g, N, HD).transpose(1, 2)
+                vc = inp.v.view(B, NH, N, HD)[b0:b1, h0:h1].reshape(g, N, HD)
+                scores = ws.get("f_scores", (g, nq, N), dtype, q.device)
+                probs = ws.get("f_probs", (g, nq, N), dtype, q.device)
+                torch.bmm(qc, kt, out=scores)
+                bias_softmax(scores, rh[b0:b1, h0:h1, i0:i1].reshape(g, nq, Hk),
+                             rw[b0:b1, h0:h1, i0:i1].reshape(g, nq, Wk), inp.scale, out=probs, compiled=compiled)
+                o = torch.bmm(probs, vc, out=ws.get("f_out", (g, nq, HD), dtype, q.device))
+                o4[b0:b1, i0:i1, h0:h1].copy_(o.view(b1 - b0, h1 - h0, nq, HD).transpose(1, 2))
+            return out
+        return run
 
     onehot = torch.zeros(N, H + W, dtype=dtype)
     idx = torch.arange(N)
@@ -86,11 +118,15 @@ def candidates(attn, qkv, dtype, flex: bool):
         "former sdpa_chunked (8 Mi chunks)": former,
         "matmul_blocked (workspace)": kernel("matmul_blocked", True),
         "matmul_blocked (no workspace)": kernel("matmul_blocked", False),
+        "blocked, bias + softmax fused (bias_softmax, inductor)": fused(True),
         "SDPA, no bias (floor, wrong result)": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2),
         "folded bias into q/k, v head dim 64": folded(False),
         "folded bias into q/k, v padded to 192": folded(True),
         "official arithmetic (full scores)": lambda: K.KERNELS["reference"](inp),
     }
+    for elems in chunk_elems:
+        cands[f"matmul_blocked (workspace), chunks of {elems // N} queries ({elems / 2 ** 20:g} Mi entries)"] = \
+            chunked(elems)
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -117,6 +153,8 @@ def main() -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a minute)")
+    p.add_argument("--chunk-elems", default="", help="also matmul_blocked with these chunk budgets (entries, "
+                   "comma-separated; the default is %d)" % K.MASK_CHUNK_ELEMS)
     p.add_argument("--out", default=None, help="folder for attention_<time>.json/.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,7 +167,8 @@ def main() -> int:
         if ref is None:
             ref = K.KERNELS["reference"](_inputs(attn, setup(torch.float32)[1])).float()
         a, b = (torch.randn(4096, 4096, dtype=dtype) for _ in range(2))
-        cands = candidates(attn, qkv, dtype, not args.no_flex)
+        cands = candidates(attn, qkv, dtype, not args.no_flex,
+                           [int(e) for e in args.chunk_elems.split(",") if e.strip()])
         times = {name: [] for name in cands}
         peaks, errs = [], {}
         with torch.inference_mode():

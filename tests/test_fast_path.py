@@ -7,7 +7,8 @@ import torch
 from tests.helpers import assert_close_scaled, official_tiny_sam
 
 import samvit
-from samvit.modeling.attention import Attention, from_windows, to_windows, window_partition, window_unpartition
+from samvit.modeling.attention import (Attention, attention_inputs, from_windows, to_window_heads, to_windows,
+                                      window_partition, window_unpartition)
 from samvit.modeling.kernels import _chunking
 from samvit.modeling.encoder import check_float16
 
@@ -80,6 +81,19 @@ def test_window_helpers_equal_partition(hw, ws):
     assert torch.equal(ours.reshape(windows.shape), windows)
     assert torch.equal(from_windows(ours, hw), window_unpartition(windows, ws, pad_hw, hw))
     assert from_windows(ours, hw).is_contiguous()
+
+
+@pytest.mark.parametrize("hw,ws", [((14, 14), 14), ((10, 17), 4), ((3, 5), 7)])
+def test_window_heads_is_windows_then_head_major(hw, ws):
+    """to_window_heads (the one copy of the inference path) = to_windows, then attention_inputs' head-major copy."""
+    heads, d = 2, 3
+    qkv = torch.randn(2, *hw, 3 * heads * d)
+    fill = torch.randn(3 * heads * d)
+    windows = to_windows(qkv, ws, fill).view(-1, ws * ws, 3 * heads * d)
+    two = attention_inputs(windows, (ws, ws), heads, 1.0)
+    one = to_window_heads(qkv, ws, heads, fill).view(3, -1, ws * ws, d)
+    for a, b in zip((two.q, two.k, two.v), one.unbind(0)):
+        assert torch.equal(a, b)
 
 
 def test_windowed_attention_skips_padding_exactly():

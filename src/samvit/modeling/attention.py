@@ -52,6 +52,22 @@ def _axis_parts(n: int, ws: int) -> List[Tuple[int, int, int]]:
     return parts
 
 
+def _fill_grid(x: torch.Tensor, grid: torch.Tensor, window_size: int, fill: torch.Tensor) -> None:
+    """Copy x (B,H,W,*F) into grid, a (B, nWh, ws, nWw, ws, *F) view of a windowed buffer, and set the padding
+    bottom/right to `fill` (F): one pass over x."""
+    B, H, W = x.shape[:3]
+    feat = x.shape[3:]
+    ws = window_size
+    if H % ws:
+        grid[:, -1, H % ws:] = fill
+    if W % ws:
+        grid[:, :, :, -1, W % ws:] = fill
+    for i0, i1, hs in _axis_parts(H, ws):
+        for j0, j1, wd in _axis_parts(W, ws):
+            src = x[:, i0 * ws:i0 * ws + (i1 - i0) * hs, j0 * ws:j0 * ws + (j1 - j0) * wd]
+            grid[:, i0:i1, :hs, j0:j1, :wd].copy_(src.view(B, i1 - i0, hs, j1 - j0, wd, *feat))
+
+
 def to_windows(x: torch.Tensor, window_size: int, fill: torch.Tensor, out: Optional[torch.Tensor] = None
                ) -> torch.Tensor:
     """(B,H,W,D) -> (B, nWh, nWw, ws, ws, D) windows in one copy; the padding bottom/right is set to `fill` (D,).
@@ -63,15 +79,20 @@ def to_windows(x: torch.Tensor, window_size: int, fill: torch.Tensor, out: Optio
     ws = window_size
     nwh, nww = -(-H // ws), -(-W // ws)
     out = x.new_empty(B, nwh, nww, ws, ws, D) if out is None else out
-    grid = out.permute(0, 1, 3, 2, 4, 5)  # (B, nWh, ws, nWw, ws, D): the padded grid, window-major in memory
-    if H % ws:
-        grid[:, -1, H % ws:] = fill
-    if W % ws:
-        grid[:, :, :, -1, W % ws:] = fill
-    for i0, i1, hs in _axis_parts(H, ws):
-        for j0, j1, wd in _axis_parts(W, ws):
-            src = x[:, i0 * ws:i0 * ws + (i1 - i0) * hs, j0 * ws:j0 * ws + (j1 - j0) * wd]
-            grid[:, i0:i1, :hs, j0:j1, :wd].copy_(src.view(B, i1 - i0, hs, j1 - j0, wd, D))
+    _fill_grid(x, out.permute(0, 1, 3, 2, 4, 5), ws, fill)  # the padded grid (B, nWh, ws, nWw, ws, D)
+    return out
+
+
+def to_window_heads(qkv: torch.Tensor, window_size: int, heads: int, fill: torch.Tensor,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Packed projections (B,H,W,3*heads*d) -> q, k, v per window and head, (3, B*nW, heads, ws*ws, d), in one copy
+    (to_windows then the head-major copy of attention_inputs, without the intermediate); padding set to `fill`."""
+    B, H, W, C3 = qkv.shape
+    ws, d = window_size, C3 // (3 * heads)
+    nwh, nww = -(-H // ws), -(-W // ws)
+    out = qkv.new_empty(3, B * nwh * nww, heads, ws * ws, d) if out is None else out
+    grid = out.view(3, B, nwh, nww, heads, ws, ws, d).permute(1, 2, 5, 3, 6, 0, 4, 7)  # (B, nWh, ws, nWw, ws, 3, h, d)
+    _fill_grid(qkv.view(B, H, W, 3, heads, d), grid, ws, fill.view(3, heads, d))
     return out
 
 
@@ -129,8 +150,16 @@ def attention_inputs(qkv: torch.Tensor, key_hw: Tuple[int, int], heads: int, sca
     B, N, C3 = qkv.shape
     d = C3 // (3 * heads)
     src = qkv.view(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)
-    packed = src.reshape(3, B * heads, N, d) if buffer is None else buffer.copy_(src).view(3, B * heads, N, d)
-    q, k, v = packed.unbind(0)
+    packed = src.reshape(3, B, heads, N, d) if buffer is None else buffer.copy_(src)
+    return head_major_inputs(packed, key_hw, scale, rel_pos, float32_bias)
+
+
+def head_major_inputs(packed: torch.Tensor, key_hw: Tuple[int, int], scale: float,
+                      rel_pos: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                      float32_bias: bool = True) -> AttnInputs:
+    """The kernel's record from q, k, v already head-major, packed (3, B, heads, N, d) (see attention_inputs)."""
+    _, B, heads, N, d = packed.shape
+    q, k, v = packed.reshape(3, B * heads, N, d).unbind(0)  # a view where packed is one (a buffer)
     rel_h = rel_w = None
     if rel_pos is not None:
         rel_h, rel_w = rel_pos_terms(q.float() if float32_bias else q, rel_pos[0], rel_pos[1], key_hw)
@@ -177,27 +206,22 @@ class Attention(nn.Module):
         kernel = choose_kernel(self.kernel, x.device, dtype, torch.is_grad_enabled(), is_tracing())
         return self.proj(self.tokens(kernel(inp), qkv.shape))
 
-    def inputs(self, qkv: torch.Tensor, buffers: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-               ) -> AttnInputs:
+    def inputs(self, qkv: torch.Tensor, buffer: Optional[torch.Tensor] = None) -> AttnInputs:
         """The kernel's record from the packed projections of x: (B,H,W,3C) cut into windows (a window's padding
-        is filled with the qkv bias: the projection of the zero-padded token), or (B,N,3C). buffers: (windows,
-        head-major copy) buffers of the inference path."""
+        is filled with the qkv bias: the projection of the zero-padded token), or (B,N,3C). buffer: where the
+        head-major q, k, v go, (3, B', heads, N', d) (the inference path's; windows are cut in the same copy)."""
+        rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else None
         if qkv.ndim == 3:
             if self.use_rel_pos:
                 raise ParameterError("attention: relative positions need a (B,H,W,C) grid, got a (B,N,C) sequence")
-            return attention_inputs(qkv, (1, qkv.shape[1]), self.num_heads, self.scale,
-                                    buffer=None if buffers is None else buffers[1])
+            return attention_inputs(qkv, (1, qkv.shape[1]), self.num_heads, self.scale, buffer=buffer)
         B, H, W, C3 = qkv.shape
         ws = self.window_size
         if ws > 0:
             fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(C3)
-            qkv = to_windows(qkv, ws, fill, None if buffers is None else buffers[0])  # (B, nWh, nWw, ws, ws, 3C)
-            qkv, hw = qkv.view(-1, ws * ws, C3), (ws, ws)
-        else:
-            qkv, hw = qkv.view(B, H * W, C3), (H, W)
-        rel_pos = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else None
-        return attention_inputs(qkv, hw, self.num_heads, self.scale, rel_pos,
-                                None if buffers is None else buffers[1])
+            packed = to_window_heads(qkv, ws, self.num_heads, fill.to(qkv.dtype), buffer)
+            return head_major_inputs(packed, (ws, ws), self.scale, rel_pos)
+        return attention_inputs(qkv.view(B, H * W, C3), (H, W), self.num_heads, self.scale, rel_pos, buffer)
 
     def tokens(self, out: torch.Tensor, shape: torch.Size, into: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A kernel's token-major output (B', N, C) back on x's layout (`shape`: that of x's projections), the

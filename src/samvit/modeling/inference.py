@@ -98,13 +98,8 @@ class InferenceRunner:
         qkv = linear_into(x.reshape(-1, C), attn.qkv, ws.get("qkv", (B * H * W, 3 * C), dtype, dev))
         qkv = qkv.view(B, H, W, 3 * C)
         w = attn.window_size
-        if w > 0:
-            nwh, nww = -(-H // w), -(-W // w)
-            windows = ws.get("windows", (B, nwh, nww, w, w, 3 * C), dtype, dev)
-            nb, n = B * nwh * nww, w * w
-        else:
-            windows, nb, n = None, B, H * W
-        inp = attn.inputs(qkv, (windows, ws.get("qkv_heads", (3, nb, nh, n, hd), dtype, dev)))
+        nb, n = (B * -(-H // w) * -(-W // w), w * w) if w > 0 else (B, H * W)
+        inp = attn.inputs(qkv, ws.get("qkv_heads", (3, nb, nh, n, hd), dtype, dev))  # windows cut in the same copy
         kernel = choose_kernel(attn.kernel, dev, dtype, grad=False, tracing=False)
         out = kernel(inp, ws.get("attn_out", (nb, n, C), dtype, dev), ws)
         if w > 0:
