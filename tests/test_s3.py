@@ -21,7 +21,7 @@ from samvit.embeddings.pipeline import StoreSink, embed
 from tests._torchrun_utils import one_thread_env
 from tests.helpers import TINY
 from tests.helpers.tolerance import assert_close_scaled
-from tests.helpers.s3 import moto_s3
+from tests.helpers.s3 import forget_s3_clients, moto_s3
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -261,3 +261,27 @@ def test_hq_store_keeps_early_features_on_s3(s3):
     fs.pipe_file(chunk, bytes(len(fs.cat_file(chunk))))
     rep = EmbeddingStore.open(url).verify()
     assert not rep.ok and any("k" in e and "early-feature checksum" in e for e in rep.errors), rep.errors
+
+
+def test_unreachable_endpoint_is_a_clear_error_not_a_bug(tmp_path, ckpt, monkeypatch, capsys):
+    """An S3 endpoint that does not answer (a closed loopback port) ends the command with exit 2 and the storage
+    error in one line, not 'a bug in samvit'; nothing is written."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                 ("AWS_DEFAULT_REGION", "us-east-1"),
+                 ("SAMVIT_STORAGE_OPTIONS", '{"config_kwargs": {"retries": {"max_attempts": 1}}}')):  # no retries
+        monkeypatch.setenv(k, v)
+    forget_s3_clients()
+    try:
+        code = main(["embed", f"s3://{BUCKET}/photos/", "--checkpoint", ckpt, "--store", str(tmp_path / "s.zarr")])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "object storage: EndpointConnectionError" in err and "bug in samvit" not in err, err
+        assert not (tmp_path / "s.zarr").exists()
+    finally:
+        forget_s3_clients()

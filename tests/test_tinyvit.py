@@ -372,3 +372,58 @@ def test_inspect_refuses_a_tinyvit_in_one_line(what, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "'small' (TinyViT)" in err and "ViT checkpoint" in err, err
     assert not os.path.exists(out)
+
+
+def _small_sam_checkpoint(path: str) -> str:
+    """A full SAM checkpoint with the SMALL TinyViT (config in the metadata) and TINY's decoder."""
+    sam = official_tiny_sam(TINY)
+    enc = randomize_tinyvit_(build_encoder(SMALL), 3).eval()
+    sd = {k: v for k, v in sam.state_dict().items() if not k.startswith(("image_encoder.", "pixel_"))}
+    sd.update({"image_encoder." + k: v for k, v in enc.state_dict().items()})
+    write_tensors(path, sd, {CONFIG_METADATA_KEY: SMALL.to_json()})
+    return path
+
+
+def test_train_sam_setup_on_a_tinyvit(tmp_path):
+    """The fine-tuning model's encoder hooks work for TinyViT's stages: LoRA on the attention blocks (qkv, proj and
+    the MLP's fc1/fc2), layer-wise lr decay over all blocks (a stage's downsampling with its last block, as the
+    official set_layer_lr_decay), no weight decay on the attention biases, one FSDP unit per block."""
+    from samvit.modeling.lora import LoRALinear
+    from samvit.train.finetune import build_sam
+    from samvit.train.optim import param_groups
+
+    ck = _small_sam_checkpoint(str(tmp_path / "small_sam.safetensors"))
+    sam = build_sam(ck, train_parts="encoder,prompt,decoder", layer_decay=0.5, drop_path=0.1)
+    depth = sum(SMALL.depths)
+    assert len(sam.fsdp_units()) == depth
+    scale = {n: g.get("lr_scale", 1.0) for g in param_groups(sam, 0.05) for n in g["param_names"]}
+    assert scale["image_encoder.patch_embed.seq.0.c.weight"] == 0.5 ** (depth + 1)
+    assert scale["image_encoder.layers.0.blocks.0.conv1.c.weight"] == 0.5 ** depth  # block 0
+    assert scale["image_encoder.layers.2.blocks.1.attn.qkv.weight"] == 0.5 ** (depth - 3)  # block 3 of 5
+    assert scale["image_encoder.layers.0.downsample.conv1.c.weight"] == 0.5 ** depth  # with block 0
+    assert scale["image_encoder.neck.0.weight"] == 1.0 and scale["mask_decoder.iou_token.weight"] == 1.0
+    nd = {n for g in param_groups(sam, 0.05) if g["weight_decay"] == 0 for n in g["param_names"]}
+    assert "image_encoder.layers.1.blocks.0.attn.attention_biases" in nd
+    assert "image_encoder.layers.1.blocks.0.attn.qkv.weight" not in nd
+    blocks = [b for b in sam.image_encoder.block_list() if hasattr(b, "attn")]
+    lora = build_sam(ck, train_parts="prompt,decoder", lora_rank=2, lora_targets=("qkv", "proj", "mlp"))
+    wrapped = [n for n, m in lora.named_modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 4 * len(blocks) and any(n.endswith("mlp.fc1") for n in wrapped)
+
+
+def test_train_sam_runs_on_a_tinyvit_and_its_output_loads(tmp_path):
+    """`samvit train sam` on a TinyViT checkpoint (LoRA, layer decay, drop path, checkpointing): it trains, and
+    final.pth / final.safetensors load back as a TinyViT SAM (BatchNorm counters kept as integers)."""
+    ck = _small_sam_checkpoint(str(tmp_path / "small_sam.safetensors"))
+    out = tmp_path / "run"
+    assert main(["train", "sam", "--data", "synthetic", "--synthetic-size", "4", "--masks-per-image", "2",
+                 "--iterations", "1", "--checkpoint", ck, "--out", str(out), "--batch-size", "1", "--steps", "2",
+                 "--train", "prompt,decoder", "--lora-rank", "2", "--lora-targets", "qkv,mlp", "--layer-decay", "0.8",
+                 "--drop-path", "0.1", "--checkpointing", "--device", "cpu", "--quiet"]) == 0
+    encoder, _ = load_sam(str(out / "final.safetensors"), dtype=torch.float32)  # the config in its metadata
+    assert type(encoder).__name__ == "TinyViT" and encoder.config == SMALL
+    encoder, _ = load_sam(str(out / "final.pth"), dtype=torch.float32)  # official layout: shapes give the widths
+    assert type(encoder).__name__ == "TinyViT" and encoder.config.embed_dims == SMALL.embed_dims
+    sd = torch.load(out / "final.pth", weights_only=True)
+    counters = [k for k in sd if k.endswith("num_batches_tracked")]
+    assert counters and all(sd[k].dtype == torch.int64 for k in counters)

@@ -21,12 +21,25 @@ def moto_s3() -> Iterator[Dict[str, str]]:
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    forget_s3_clients()
     try:
         yield env
     finally:
         server.stop()
+        forget_s3_clients()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def forget_s3_clients() -> None:
+    """Drop fsspec's cached S3 filesystems: one made while another server ran keeps that server's endpoint (the
+    environment is read when a client is made, and the cache key does not hold it), so a later test in the same
+    process would talk to a stopped server."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()

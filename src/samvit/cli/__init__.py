@@ -76,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def describe_error(e: BaseException) -> "tuple[str, int]":
     """(one-line message, exit code) of an exception that reached the command's boundary, by its kind: samvit's
-    typed errors (bad input) and OS errors (a file, a full disk) are the user's or the machine's (exit 2, or the
+    typed errors (bad input), OS errors (a file, a full disk) and object-storage errors (an endpoint, credentials)
+    are the user's or the machine's (exit 2, or the
     error's own exit_code); an unexpected ValueError or RuntimeError (a bug, or one raised inside torch) is
     samvit's (exit 3)."""
     text = worker_message(e)
@@ -88,6 +89,9 @@ def describe_error(e: BaseException) -> "tuple[str, int]":
         where = " -> ".join(os.fspath(f) for f in (e.filename, e.filename2) if f is not None)
         what = e.strerror or text or type(e).__name__
         return (f"{where}: {what}" if where else what), EXIT_USAGE
+    if any(c.__module__.split(".")[0] in ("botocore", "aiobotocore") for c in type(e).__mro__):
+        # S3 through s3fs: an endpoint that does not answer, missing or refused credentials, a bucket denied
+        return f"object storage: {type(e).__name__}: {text}", EXIT_USAGE
     if type(e).__name__ == "SafetensorError":  # safetensors' own type, without importing it here
         return f"safetensors: {text}", EXIT_USAGE
     if isinstance(e, MemoryError):

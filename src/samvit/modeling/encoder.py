@@ -226,6 +226,23 @@ class ImageEncoder(nn.Module):
         """Former name of `kernel`: "fast" for auto (the default)."""
         return {v: k for k, v in KERNEL_ALIASES.items()}.get(self.kernel, self.kernel)
 
+    def block_list(self) -> List[nn.Module]:
+        """The blocks in order (drop path, FSDP units, layer-wise lr decay)."""
+        return list(self.blocks)
+
+    def attention_blocks(self) -> List[nn.Module]:
+        """The blocks with attention and an MLP (where LoRA adapters go): every block."""
+        return list(self.blocks)
+
+    def layer_id(self, name: str) -> int:
+        """Depth of the parameter `name` (relative to the encoder) for layer-wise lr decay: 0 the patch and position
+        embeddings, i + 1 block i, depth + 1 the neck."""
+        if name.startswith(("patch_embed.", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
     def set_drop_path(self, rate: float) -> "ImageEncoder":
         """Stochastic depth for training: block i drops its branches with probability rate * i / (depth - 1)
         (0 in the first block, `rate` in the last, as timm's linear rule); 0 turns it off."""

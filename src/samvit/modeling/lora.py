@@ -7,14 +7,16 @@ so that a model with fresh adapters computes exactly what it computed before.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import Iterable, List, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ParameterError
 
-LORA_TARGETS = {"qkv": ("attn.qkv",), "proj": ("attn.proj",), "mlp": ("mlp.lin1", "mlp.lin2")}
+# target -> the Linears it names in a block, one tuple per encoder family (the ViT's MLP, then TinyViT's)
+LORA_TARGETS = {"qkv": (("attn.qkv",),), "proj": (("attn.proj",),),
+                "mlp": (("mlp.lin1", "mlp.lin2"), ("mlp.fc1", "mlp.fc2"))}
 
 
 class LoRALinear(nn.Module):
@@ -69,21 +71,34 @@ class LoRALinear(nn.Module):
 
 
 def _targets(targets: Iterable[str]) -> List[str]:
-    paths = []
     for t in targets:
         if t not in LORA_TARGETS:
             raise ParameterError(f"unknown LoRA target {t!r}; expected some of {', '.join(LORA_TARGETS)}")
-        paths.extend(LORA_TARGETS[t])
-    return paths
+    return list(targets)
 
 
-def add_lora(blocks: nn.ModuleList, rank: int, targets: Iterable[str] = ("qkv",), alpha: float | None = None
+def _paths(block: nn.Module, target: str) -> Tuple[str, ...]:
+    """The Linears `target` names in this block (the first family whose layers it has)."""
+    for paths in LORA_TARGETS[target]:
+        try:
+            for path in paths:
+                block.get_submodule(path)
+        except AttributeError:
+            continue
+        return paths
+    raise ParameterError(f"LoRA target {target!r}: {type(block).__name__} has none of "
+                         f"{', '.join(p for paths in LORA_TARGETS[target] for p in paths)}")
+
+
+def add_lora(blocks: Iterable[nn.Module], rank: int, targets: Iterable[str] = ("qkv",), alpha: float | None = None
              ) -> int:
-    """Replace the target Linears of every encoder block by LoRALinear(rank); returns how many were wrapped.
-    Targets: qkv (attention input projection), proj (attention output), mlp (both MLP layers)."""
+    """Replace the target Linears of every given encoder block (encoder.attention_blocks()) by LoRALinear(rank);
+    returns how many were wrapped. Targets: qkv (attention input projection), proj (attention output), mlp (both
+    MLP layers)."""
     n = 0
+    targets = _targets(targets)
     for block in blocks:
-        for path in _targets(targets):
+        for path in (p for t in targets for p in _paths(block, t)):
             parent_path, _, leaf = path.rpartition(".")
             parent = block.get_submodule(parent_path)
             layer = getattr(parent, leaf)

@@ -154,7 +154,7 @@ class Sam(nn.Module):
 
     def fsdp_units(self) -> List[nn.Module]:
         """What FSDP2 shards one by one: each encoder block, then the rest with the root."""
-        return list(self.image_encoder.blocks)
+        return self.image_encoder.block_list()
 
     def no_weight_decay(self) -> Set[str]:
         """Parameters without weight decay besides norms and biases: position tables and learned tokens."""
@@ -163,20 +163,17 @@ class Sam(nn.Module):
                  "mask_decoder.mask_tokens.weight"}
         names |= {f"prompt_encoder.point_embeddings.{i}.weight"
                   for i in range(len(self.prompt_encoder.point_embeddings))}
-        names |= {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_h", "rel_pos_w"))}
+        names |= {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_h", "rel_pos_w", "attention_biases"))}
         return names
 
     def layer_id(self, name: str) -> int:
-        """Depth of a parameter for layer-wise lr decay: 0 patch/position embedding, i + 1 encoder block i,
-        depth + 1 the neck and everything after it (prompt encoder, mask decoder)."""
-        depth = len(self.image_encoder.blocks)
-        if name.startswith(("image_encoder.patch_embed.", "image_encoder.pos_embed")):
-            return 0
-        if name.startswith("image_encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        return depth + 1
+        """Depth of a parameter for layer-wise lr decay: the encoder's layer_id for its own (0 the patch embedding,
+        i + 1 encoder block i), depth + 1 everything after the encoder (prompt encoder, mask decoder)."""
+        if name.startswith("image_encoder."):
+            return self.image_encoder.layer_id(name[len("image_encoder."):])
+        return len(self.image_encoder.block_list()) + 1
 
     def lr_scales(self) -> Dict[str, float]:
         """name -> lr multiplier: layer_decay ** (depth + 1 - layer_id), as BEiT/MAE fine-tuning (1: no decay)."""
-        top = len(self.image_encoder.blocks) + 1
+        top = len(self.image_encoder.block_list()) + 1
         return {n: self.layer_decay ** (top - self.layer_id(n)) for n, _ in self.named_parameters()}

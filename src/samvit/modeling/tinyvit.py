@@ -256,11 +256,34 @@ class TinyViT(nn.Module):
         self.grad_checkpointing = enable
         return self
 
+    def block_list(self) -> List[nn.Module]:
+        """Every block in order over the stages, MBConv and TinyViT blocks (drop path, FSDP units, lr decay)."""
+        return [b for layer in self.layers for b in layer.blocks]
+
+    def attention_blocks(self) -> List[nn.Module]:
+        """The blocks with attention and an MLP (where LoRA adapters go): the TinyViT blocks of stages 1-3."""
+        return [b for b in self.block_list() if isinstance(b, TinyViTBlock)]
+
+    def layer_id(self, name: str) -> int:
+        """Depth of the parameter `name` (relative to the encoder) for layer-wise lr decay: 0 the patch embedding,
+        i + 1 block i over all stages, a stage's downsampling that of its last block (as the official
+        set_layer_lr_decay), depth + 1 the neck."""
+        parts = name.split(".")
+        if parts[0] == "patch_embed":
+            return 0
+        if parts[0] == "layers":
+            stage = int(parts[1])
+            before = sum(len(layer.blocks) for layer in self.layers[:stage])
+            if parts[2] == "blocks":
+                return before + int(parts[3]) + 1
+            return before + len(self.layers[stage].blocks)
+        return len(self.block_list()) + 1
+
     def set_drop_path(self, rate: float) -> "TinyViT":
         """Stochastic depth for training: rate * i / (blocks - 1) for block i over all stages (official rule)."""
         if not 0.0 <= rate < 1.0:
             raise ParameterError(f"drop path rate must be in [0, 1), got {rate}")
-        blocks = [b for layer in self.layers for b in layer.blocks]
+        blocks = self.block_list()
         for i, b in enumerate(blocks):
             b.drop_path = rate * i / (len(blocks) - 1) if len(blocks) > 1 else rate
         return self

@@ -61,7 +61,7 @@ def build_sam(checkpoint, model=None, train_parts: Sequence[str] = ("prompt", "d
     for part in parts:
         getattr(sam, TRAIN_PARTS[part]).requires_grad_(True)
     if lora_rank:
-        add_lora(sam.image_encoder.blocks, lora_rank, lora_targets, lora_alpha)
+        add_lora(sam.image_encoder.attention_blocks(), lora_rank, lora_targets, lora_alpha)
     sam.layer_decay = layer_decay
     if drop_path:
         sam.image_encoder.set_drop_path(drop_path)
@@ -243,13 +243,14 @@ def ensure_store(store: str, source, checkpoint: str, model=None, device: Option
 # ---- export ----
 
 def export_model(sam: Sam, run_dir: str, name: str = "final") -> Tuple[str, str]:
-    """Write RUN_DIR/final.pth (the official segment-anything state dict: LoRA merged, float32) and
-    RUN_DIR/final.safetensors (the same tensors, with the encoder and decoder configs as metadata); `name`
-    replaces 'final' (best: the best validation's)."""
+    """Write RUN_DIR/final.pth (the official segment-anything state dict: LoRA merged, float32, integer buffers
+    as they are) and RUN_DIR/final.safetensors (the same tensors, with the encoder and decoder configs as
+    metadata); `name` replaces 'final' (best: the best validation's)."""
     from ..checkpoints.files import atomic_write
 
     merge_lora(sam)
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in sam.state_dict().items()}
+    sd = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()  # counters stay
+          for k, v in sam.state_dict().items()}  # integers (TinyViT's BatchNorm num_batches_tracked)
     pth = os.path.join(run_dir, name + ".pth")
     with atomic_write(pth) as tmp:
         torch.save(sd, tmp)
