@@ -215,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             total = sum(c["us"] for c in cats.values())
             record["dtypes"][dt] = {"wall_s": wall, "categories": cats}
             lines += ["", f"Forward without the profiler: {wall:.2f} s (not a benchmark figure).", "",
-                      "| category | share of self CPU time | GFLOP (profiler; in-place GEMMs from shapes) | GFLOP/s (self time) |",
+                      "| category | share of self CPU time | GFLOP (profiler; in-place GEMMs from shapes) "
+                      "| GFLOP/s (self time) |",
                       "|---|---|---|---|"]
             for name, c in sorted(cats.items(), key=lambda kv: -kv[1]["us"]):
                 gf = c["flops"] / 1e9

@@ -8,7 +8,9 @@
 #    glibc's default allocator and tuned, 2 interleaved rounds (each run in a fresh process, in-run matmul peak);
 # 2. bfloat16 (what dtype="auto" picks on AMX / AVX512-BF16): samvit vs the peers' autocast, OpenVINO bf16;
 # 3. the profile per op category, float32 and bfloat16, and which GEMMs reach AMX (ONEDNN_VERBOSE / MKL_VERBOSE);
-# 4. every attention kernel on one global ViT-B attention (bench_attention.py), fp32 and bf16;
+# 4. every attention kernel on one global ViT-B attention (bench_attention.py), fp32 and bf16, with the fused
+#    bias_softmax candidate and other chunk sizes; the linear layers against oneDNN's packed linears with fused
+#    GELU / residual add and MKL's packed SGEMM (bench_linear.py);
 # 5. torch.compile of the whole encoder (samvit-compiled), fp32 and bf16;
 # 6. int8: time (bench_int8.py: onnxruntime int8/uint8 weights vs samvit fp32/bf16) and accuracy
 #    (int8_accuracy.py: cosine and mask IoU against float32 on the scikit-image photos; random weights unless
@@ -55,7 +57,9 @@ if step 3; then
 fi
 if step 4; then
     quiet 4
-    $PY benchmarks/bench_attention.py --threads 2 --dtypes float32,bfloat16 --rounds 3 --out "$OUT" | tee -a "$LOG"
+    $PY benchmarks/bench_attention.py --threads 2 --dtypes float32,bfloat16 --rounds 3 \
+        --chunk-elems 1048576,8388608 --out "$OUT" | tee -a "$LOG"
+    $PY benchmarks/bench_linear.py --threads 2 --rounds 5 --out "$OUT/linear_vit_b_$(date -u +%Y%m%d).md" | tee -a "$LOG"
 fi
 if step 5; then
     quiet 5

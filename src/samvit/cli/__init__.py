@@ -77,9 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def describe_error(e: BaseException) -> "tuple[str, int]":
     """(one-line message, exit code) of an exception that reached the command's boundary, by its kind: samvit's
     typed errors (bad input), OS errors (a file, a full disk) and object-storage errors (an endpoint, credentials)
-    are the user's or the machine's (exit 2, or the
-    error's own exit_code); an unexpected ValueError or RuntimeError (a bug, or one raised inside torch) is
-    samvit's (exit 3)."""
+    are the user's or the machine's (exit 2, or the error's own exit_code); an unexpected ValueError or
+    RuntimeError (a bug, or one raised inside torch) is samvit's (exit 3)."""
     text = worker_message(e)
     if isinstance(e, SamvitError):
         return flag_names(text, getattr(e, "param", "")), getattr(e, "exit_code", EXIT_USAGE)

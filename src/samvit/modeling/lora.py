@@ -71,10 +71,11 @@ class LoRALinear(nn.Module):
 
 
 def _targets(targets: Iterable[str]) -> List[str]:
+    targets = list(targets)
     for t in targets:
         if t not in LORA_TARGETS:
             raise ParameterError(f"unknown LoRA target {t!r}; expected some of {', '.join(LORA_TARGETS)}")
-    return list(targets)
+    return targets
 
 
 def _paths(block: nn.Module, target: str) -> Tuple[str, ...]:
