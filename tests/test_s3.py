@@ -264,8 +264,8 @@ def test_hq_store_keeps_early_features_on_s3(s3):
 
 
 def test_unreachable_endpoint_is_a_clear_error_not_a_bug(tmp_path, ckpt, monkeypatch, capsys):
-    """An S3 endpoint that does not answer (a closed loopback port) ends the command with exit 2 and the storage
-    error in one line, not 'a bug in samvit'; nothing is written."""
+    """An S3 endpoint that does not answer (a closed loopback port), or an option s3fs does not take, ends the
+    command with exit 2 and the error in one line, not 'a bug in samvit'; nothing is written."""
     import socket
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
@@ -283,5 +283,15 @@ def test_unreachable_endpoint_is_a_clear_error_not_a_bug(tmp_path, ckpt, monkeyp
         assert code == 2, err
         assert "object storage: EndpointConnectionError" in err and "bug in samvit" not in err, err
         assert not (tmp_path / "s.zarr").exists()
+        # an option s3fs does not take is the user's error too, named as theirs (s3fs would raise a TypeError at
+        # its first request)
+        for bad in ('{"no_such_option": 1}', '{"client_kwargs": {"bogus": 1}}'):
+            monkeypatch.setenv("SAMVIT_STORAGE_OPTIONS", bad)
+            assert main(["embed", f"s3://{BUCKET}/photos/", "--checkpoint", ckpt, "--store",
+                         str(tmp_path / "s.zarr")]) == 2, bad
+            err = capsys.readouterr().err
+            assert "SAMVIT_STORAGE_OPTIONS holds an option" in err and "bug in samvit" not in err, err
+        from samvit.data.remote import S3_RETRIES  # botocore rewrites the config it is given: never samvit's own
+        assert S3_RETRIES == {"retries": {"max_attempts": 10, "mode": "standard"}}
     finally:
         forget_s3_clients()

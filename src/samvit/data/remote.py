@@ -8,6 +8,7 @@ lost response is recognised (create_object).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import posixpath
@@ -33,7 +34,7 @@ def storage_options(url: str) -> Dict[str, Any]:
     opts: Dict[str, Any] = {}
     scheme = URL.match(url).group(1).lower() if URL.match(url) else ""
     if scheme in ("s3", "s3a"):
-        opts["config_kwargs"] = dict(S3_RETRIES)
+        opts["config_kwargs"] = copy.deepcopy(S3_RETRIES)  # botocore rewrites the retries dict it is given
     extra = os.environ.get("SAMVIT_STORAGE_OPTIONS")
     if extra:
         try:
@@ -60,7 +61,16 @@ def filesystem(url: str) -> Tuple[Any, str]:
                          "samvit[s3]") from None
     except ValueError as e:
         raise InputError(f"{url}: not a usable object-storage URL ({e})") from None
+    if os.environ.get("SAMVIT_STORAGE_OPTIONS") and "s3" in _protocols(fs):
+        try:  # s3fs makes its client at the first request: check the user's options now (no request is made)
+            fs.connect()
+        except TypeError as e:
+            raise InputError(f"{url}: SAMVIT_STORAGE_OPTIONS holds an option that s3fs does not take ({e})") from None
     return fs, path.rstrip("/")
+
+
+def _protocols(fs: Any) -> Tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def join(url: str, *parts: str) -> str:
