@@ -5,8 +5,8 @@ for float32 MKL's packed SGEMM; float32 and bfloat16, interleaved with the in-ru
     python benchmarks/bench_linear.py --threads 2 --rounds 5 --out benchmarks/results/linear_vit_b.md
     python benchmarks/bench_linear.py --dtypes float32 ...    # on a CPU without native bfloat16 (its peak: minutes)
 
-Per layer and dtype: "samvit" is what modeling/inference.py does today (addmm into a buffer, bias and all; fc1 then
-GELU in place; proj and fc2 added into the residual stream with addmm_ and the bias after), "onednn packed" is
+Per layer and dtype: "samvit" is modeling/inference.py's own linear_into / add_linear_ (addmm into a buffer, bias
+and all; fc1 then GELU in place; proj and fc2 added into the residual stream with addmm_ and the bias after), "onednn packed" is
 torch.ops.mkldnn._linear_pointwise on a weight packed by _reorder_linear_weight (GELU as its post-op for fc1; for
 proj/fc2 the binary "add" post-op onto the residual), "mkl packed" (float32 only) is torch.ops.mkl._mkl_linear on
 a weight packed by _mkl_reorder_linear_weight (what inductor's CPU freezing uses), with the same GELU/add after.
@@ -24,6 +24,8 @@ from typing import Callable, Dict
 import torch
 
 from samvit.bench.runner import machine_info
+from samvit.modeling.inference import add_linear_, linear_into
+from samvit.modeling.workspace import Workspace
 
 M, C, HID = 4096, 768, 3072
 LAYERS = {"qkv": (C, 3 * C, None), "proj": (C, C, "add"), "fc1": (C, HID, "gelu"), "fc2": (HID, C, "add")}
@@ -38,11 +40,17 @@ def variants(k: int, n: int, post, dtype: torch.dtype) -> Dict[str, Callable[[],
     out = torch.empty(M, n, dtype=dtype)
     work = resid.clone()
 
-    def samvit():
+    linear = torch.nn.Linear(k, n, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)
+    ws = Workspace()
+
+    def samvit():  # the inference runner's own functions
         if post == "add":
             work.copy_(resid)  # the residual stream it adds into (the copy is timed in every variant)
-            return work.addmm_(x, w.t()).add_(b)
-        y = torch.addmm(b, x, w.t(), out=out)
+            return add_linear_(work, x, linear, ws, "out")
+        y = linear_into(x, linear, out)
         return torch.ops.aten.gelu_(y) if post == "gelu" else y
 
     cands = {"samvit (addmm, then GELU / residual add)": samvit}
